@@ -1,0 +1,1 @@
+"""Aggregator peers: gather deltas, merge them into the next base, publish it."""

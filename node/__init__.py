@@ -1,0 +1,1 @@
+"""The volunteer node: joins a swarm, trains on local data, publishes deltas."""

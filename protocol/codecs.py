@@ -1,0 +1,177 @@
+"""Value codecs: how the kept float32 values of one tensor become bytes and back.
+
+Selected by name through ``CODECS``. Every codec is deterministic across
+machines (IEEE round-to-nearest-even, integer byte layouts, little-endian).
+
+Error bounds, for a value ``x`` and its decoded ``y``:
+
+* ``fp32``: exact, ``y == x``.
+* ``bf16``: ``|y - x| <= 2**-9 * |x|`` (8 significant bits, round to nearest even);
+  same exponent range as float32, so nothing overflows.
+* ``fp16``: ``|y - x| <= 2**-11 * |x| + 2**-25`` (11 significant bits; the
+  absolute term covers the subnormal range below 6.1e-5). Values with
+  ``|x| > 65504`` cannot be encoded and are refused.
+* ``int8``: blocks of ``block_size`` consecutive values share a float32 scale
+  ``s = absmax / 127``; ``y = s * rint(x / s)``, so ``|y - x| <= s / 2 * (1 + 2**-22)``,
+  i.e. at most ``absmax_of_block / 254`` plus float32 rounding.
+
+The float codecs store bytes plane by plane (all first bytes, then all second
+bytes, ...): exponent bytes of fine-tuning deltas repeat a lot, and zstd only
+sees that when they are adjacent.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+_F4 = np.dtype("<f4")
+_U2 = np.dtype("<u2")
+
+
+def _to_planes(raw: np.ndarray, width: int) -> bytes:
+    """(n * width,) little-endian bytes -> width planes of n bytes each."""
+    return raw.view(np.uint8).reshape(-1, width).T.tobytes()
+
+
+def _from_planes(buf: bytes, width: int) -> np.ndarray:
+    """Inverse of _to_planes: a (n * width,) uint8 array in element order."""
+    planes = np.frombuffer(buf, dtype=np.uint8).reshape(width, -1)
+    return np.ascontiguousarray(planes.T).reshape(-1)
+
+
+class ValueCodec(ABC):
+    """Encodes a flat float32 array; the encoded size depends only on the count."""
+
+    name: ClassVar[str]
+
+    def __init__(self, block_size: int = 0) -> None:
+        self.block_size = block_size
+
+    @abstractmethod
+    def encoded_size(self, count: int) -> int:
+        """Exact byte length of ``encode`` for ``count`` values."""
+
+    @abstractmethod
+    def encode(self, values: np.ndarray) -> bytes:
+        """Encode finite float32 values; raises ValueError for values out of range."""
+
+    @abstractmethod
+    def decode(self, buf: bytes, count: int) -> np.ndarray:
+        """Decode to a new float32 array; ``len(buf)`` must equal ``encoded_size(count)``."""
+
+    def _check_size(self, buf: bytes, count: int) -> None:
+        if len(buf) != self.encoded_size(count):
+            raise ValueError(
+                f"codec {self.name}: {len(buf)} bytes cannot hold {count} values "
+                f"(expected {self.encoded_size(count)})"
+            )
+
+
+class Fp32Codec(ValueCodec):
+    name = "fp32"
+
+    def encoded_size(self, count: int) -> int:
+        return 4 * count
+
+    def encode(self, values: np.ndarray) -> bytes:
+        return _to_planes(values.astype(_F4, copy=False), 4)
+
+    def decode(self, buf: bytes, count: int) -> np.ndarray:
+        self._check_size(buf, count)
+        return _from_planes(buf, 4).view(_F4).astype(np.float32)
+
+
+class Fp16Codec(ValueCodec):
+    name = "fp16"
+
+    def encoded_size(self, count: int) -> int:
+        return 2 * count
+
+    def encode(self, values: np.ndarray) -> bytes:
+        big = np.abs(values) > 65504.0
+        if big.any():
+            worst = float(np.abs(values[big]).max())
+            raise ValueError(f"codec fp16: |value| {worst:g} exceeds 65504; use bf16 or fp32")
+        return _to_planes(values.astype("<f2"), 2)
+
+    def decode(self, buf: bytes, count: int) -> np.ndarray:
+        self._check_size(buf, count)
+        return _from_planes(buf, 2).view("<f2").astype(np.float32)
+
+
+class Bf16Codec(ValueCodec):
+    name = "bf16"
+
+    def encoded_size(self, count: int) -> int:
+        return 2 * count
+
+    def encode(self, values: np.ndarray) -> bytes:
+        # Round to nearest even on the float32 bit pattern; inputs are finite.
+        bits = values.astype(_F4, copy=False).view("<u4")
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+        return _to_planes((rounded >> np.uint32(16)).astype(_U2), 2)
+
+    def decode(self, buf: bytes, count: int) -> np.ndarray:
+        self._check_size(buf, count)
+        high = _from_planes(buf, 2).view(_U2).astype("<u4")
+        return (high << np.uint32(16)).view(_F4).astype(np.float32)
+
+
+class Int8BlockCodec(ValueCodec):
+    """Layout: ``ceil(n / block)`` float32 scales, then ``n`` int8 codes."""
+
+    name = "int8"
+    DEFAULT_BLOCK = 128
+
+    def __init__(self, block_size: int = DEFAULT_BLOCK) -> None:
+        if not 8 <= block_size <= 1 << 16:
+            raise ValueError(f"codec int8: block size must be in [8, 65536], got {block_size}")
+        super().__init__(block_size)
+
+    def _blocks(self, count: int) -> int:
+        return -(-count // self.block_size)
+
+    def encoded_size(self, count: int) -> int:
+        return 4 * self._blocks(count) + count
+
+    def encode(self, values: np.ndarray) -> bytes:
+        x = values.astype(np.float32, copy=False)
+        n, b = x.size, self.block_size
+        padded = np.zeros(self._blocks(n) * b, np.float32)
+        padded[:n] = x
+        blocks = padded.reshape(-1, b)  # (nblocks, block)
+        scales = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+        safe = np.where(scales > 0, scales, np.float32(1))
+        codes = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
+        return scales.astype(_F4).tobytes() + codes.reshape(-1)[:n].tobytes()
+
+    def decode(self, buf: bytes, count: int) -> np.ndarray:
+        self._check_size(buf, count)
+        nblocks = self._blocks(count)
+        scales = np.frombuffer(buf, dtype=_F4, count=nblocks)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise ValueError("codec int8: a block scale is negative or not finite")
+        codes = np.frombuffer(buf, dtype=np.int8, offset=4 * nblocks)
+        padded = np.zeros(nblocks * self.block_size, np.float32)
+        padded[:count] = codes
+        blocks = padded.reshape(nblocks, self.block_size) * scales[:, None]
+        return blocks.reshape(-1)[:count].copy()
+
+
+CODECS: dict[str, type[ValueCodec]] = {
+    c.name: c for c in (Fp32Codec, Fp16Codec, Bf16Codec, Int8BlockCodec)
+}
+
+
+def get_codec(name: str, block_size: int | None = None) -> ValueCodec:
+    """The codec registered under ``name``; ``block_size`` only matters for int8."""
+    try:
+        cls = CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+    if cls is Int8BlockCodec:
+        return Int8BlockCodec(block_size or Int8BlockCodec.DEFAULT_BLOCK)
+    return cls()

@@ -1,0 +1,164 @@
+"""What a delta means: ``child = base + sum(decoded deltas)``, and how one is made.
+
+Both directions stream one tensor at a time. Only floating-point tensors
+travel in a delta; other tensors (integer buffers) must be unchanged by
+fine-tuning and are carried over from the base.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protocol import frames
+from protocol.container import DeltaHeader, DeltaReader, DeltaWriter
+from protocol.errors import BaseMismatchError
+from protocol.identity import Identity
+from protocol.ids import BaseHasher, base_id
+from protocol.model_dir import DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
+
+Progress = Callable[[int], None]
+
+
+def _tick(progress: Progress | None, nbytes: int) -> None:
+    if progress is not None:
+        progress(nbytes)
+
+
+def new_seed() -> int:
+    """A fresh DARE seed: 63 random bits (fits every signed 64-bit field on the way)."""
+    return secrets.randbits(63)
+
+
+def create_delta(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    identity: Identity,
+    drop_rate: float = 0.9,
+    seed: int | None = None,
+    codec: str = "bf16",
+    block_size: int | None = None,
+    zstd_level: int = frames.DEFAULT_LEVEL,
+    metadata: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> tuple[str, DeltaHeader]:
+    """Write ``finetuned - base`` as a DARE-sparsified, signed ``.msd``; return (id, header).
+
+    The base id is hashed in the same pass. ``progress`` receives base bytes processed.
+    """
+    base_md, ft_md = ModelDir(base), ModelDir(finetuned)
+    _check_same_tensors(base_md, ft_md)
+    hasher = BaseHasher()
+    placeholder = "0" * 64  # the real id is known once every base tensor is hashed
+    writer = DeltaWriter(
+        out,
+        base_id=placeholder,
+        identity=identity,
+        drop_rate=drop_rate,
+        seed=new_seed() if seed is None else seed,
+        codec=codec,
+        block_size=block_size,
+        zstd_level=zstd_level,
+        metadata=metadata,
+    )
+    with writer:
+        for name in base_md.names():
+            info = base_md.tensors[name]
+            b = base_md.tensor(name)
+            hasher.update(name, info.dtype, b)
+            f = ft_md.tensor(name)
+            if info.dtype in FLOAT_DTYPES:
+                writer.add(name, info.dtype, f.to(torch.float32) - b.to(torch.float32))
+            elif not torch.equal(b, f.to(b.dtype)):
+                raise BaseMismatchError(
+                    f"{finetuned}: non-float tensor {name!r} differs from the base; "
+                    "only floating-point weights can be trained into a delta"
+                )
+            _tick(progress, info.nbytes)
+        writer.set_base_id(hasher.hexdigest())
+        delta_id = writer.finish()
+    with DeltaReader(out) as reader:
+        return delta_id, reader.header
+
+
+def _check_same_tensors(base: ModelDir, finetuned: ModelDir) -> None:
+    missing = sorted(set(base.tensors) - set(finetuned.tensors))
+    extra = sorted(set(finetuned.tensors) - set(base.tensors))
+    if missing or extra:
+        which = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the base lacks"
+        raise BaseMismatchError(
+            f"{finetuned.path}: {which} ({len(missing)} missing, {len(extra)} extra tensors); "
+            "a fine-tune must keep the base's architecture"
+        )
+    for name, info in base.tensors.items():
+        other = finetuned.tensors[name]
+        if other.shape != info.shape:
+            raise BaseMismatchError(
+                f"{finetuned.path}: tensor {name!r} has shape {list(other.shape)}, "
+                f"the base has {list(info.shape)}"
+            )
+
+
+def check_fits(reader: DeltaReader, base: ModelDir, base_hex: str) -> None:
+    """Refuse a delta whose base id, tensor names, shapes or dtypes do not match ``base``."""
+    h = reader.header
+    if h.base_id != base_hex:
+        raise BaseMismatchError(
+            f"{reader.path}: made against base {h.base_id[:16]}…, but {base.path} is {base_hex[:16]}…"
+        )
+    for entry in h.tensors:
+        info = base.tensors.get(entry.name)
+        if info is None:
+            raise BaseMismatchError(f"{reader.path}: tensor {entry.name!r} is not in {base.path}")
+        if tuple(entry.shape) != info.shape or entry.dtype != info.dtype:
+            raise BaseMismatchError(
+                f"{reader.path}: tensor {entry.name!r} is {entry.dtype}{entry.shape}, "
+                f"the base has {info.dtype}{list(info.shape)}"
+            )
+
+
+def apply_deltas(
+    base: str | os.PathLike[str],
+    deltas: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``base + sum(deltas)`` as a model directory shaped like ``base``.
+
+    Every delta is authenticated and checked against the base (id, names,
+    shapes, dtypes) before anything is written. Sums accumulate in float32
+    and are cast to each tensor's base dtype. ``progress`` receives base
+    bytes: first while hashing the base, then while writing.
+    """
+    base_md = ModelDir(base)
+    base_hex = base_id(base_md, progress)
+    readers = [DeltaReader(p) for p in deltas]
+    try:
+        for reader in readers:
+            check_fits(reader, base_md, base_hex)
+
+        def merged() -> Iterator[tuple[str, torch.Tensor]]:
+            for name in base_md.names():
+                info = base_md.tensors[name]
+                tensor = base_md.tensor(name)
+                touching = [r for r in readers if name in r]
+                if touching:
+                    acc = tensor.to(torch.float32)
+                    for reader in touching:
+                        acc += reader.read_tensor(name)
+                    tensor = acc.to(DTYPES[info.dtype])
+                _tick(progress, info.nbytes)
+                yield name, tensor
+
+        return write_model_dir(out, base_md, merged())
+    finally:
+        for reader in readers:
+            reader.close()

@@ -1,0 +1,39 @@
+"""The exceptions protocol code raises; every message names the input and the problem."""
+
+from __future__ import annotations
+
+
+class MergeswarmError(Exception):
+    """Base of every error mergeswarm reports to a user instead of a traceback."""
+
+
+class ModelDirError(MergeswarmError):
+    """A model directory is missing, incomplete or not safetensors."""
+
+
+class IdentityError(MergeswarmError):
+    """A key file cannot be created, read or parsed."""
+
+
+class DeltaFormatError(MergeswarmError):
+    """A .msd file is malformed: bad magic, version, header, sizes or payload."""
+
+
+class UnsupportedVersionError(DeltaFormatError):
+    """The file declares a format version or codec this build does not know."""
+
+
+class SignatureError(DeltaFormatError):
+    """The header signature does not verify against the declared author."""
+
+
+class IntegrityError(DeltaFormatError):
+    """A payload frame does not match the hash or size its header declares."""
+
+
+class NonFiniteError(DeltaFormatError):
+    """Decoded or to-be-encoded values contain NaN or Inf."""
+
+
+class BaseMismatchError(MergeswarmError):
+    """A delta does not fit the base it is applied to (id, names, shapes or dtypes)."""

@@ -1,0 +1,259 @@
+"""Hugging Face model directories read and written one tensor at a time.
+
+Reading: a single ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``; only headers are parsed up front and each
+tensor is loaded on demand. Writing: safetensors headers are computed from the
+planned names, dtypes and shapes, then tensor bytes are streamed in, so peak
+memory is one tensor, never a shard or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from protocol.errors import ModelDirError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# Files that hold weights in some format; never carried over to an output directory.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msd", ".h5", ".msgpack")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+class ModelDir:
+    """Read-only view of the safetensors weights of a model directory.
+
+    :param path: a directory with ``model.safetensors`` or a sharded index.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelDirError(f"{self.path}: not a directory")
+        self.tensors: dict[str, TensorInfo] = {}
+        shards, expected = self._shard_files()
+        for shard in shards:
+            self._read_header(shard)
+        if expected is not None and expected != set(self.tensors):
+            odd = sorted(expected.symmetric_difference(self.tensors))[0]
+            raise ModelDirError(f"{self.path / INDEX_FILE}: index and shards disagree on {odd!r}")
+        self._handles: dict[Path, object] = {}
+
+    def _shard_files(self) -> tuple[list[Path], set[str] | None]:
+        """The weight files, and the tensor names the index promises (None without an index)."""
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelDirError(f"{index}: not a safetensors index ({exc})") from None
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise ModelDirError(f"{index}: shard {missing[0]} is missing")
+            return [self.path / f for f in files], set(weight_map)
+        if (self.path / SINGLE_FILE).is_file():
+            return [self.path / SINGLE_FILE], None
+        raise ModelDirError(
+            f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} "
+            "(only safetensors weights are read; convert .bin checkpoints first)"
+        )
+
+    def _read_header(self, shard: Path) -> None:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    sl = f.get_slice(name)
+                    dtype = sl.get_dtype()
+                    if dtype not in DTYPES:
+                        raise ModelDirError(
+                            f"{shard}: tensor {name!r} has unsupported dtype {dtype}"
+                        )
+                    if name in self.tensors:
+                        raise ModelDirError(
+                            f"{shard}: tensor {name!r} also appears in another shard"
+                        )
+                    self.tensors[name] = TensorInfo(name, dtype, tuple(sl.get_shape()), shard)
+        except SafetensorError as exc:
+            raise ModelDirError(f"{shard}: not a valid safetensors file ({exc})") from None
+
+    def names(self) -> list[str]:
+        """Tensor names in the canonical order (sorted by code point)."""
+        return sorted(self.tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor (a fresh CPU tensor; the file is memory-mapped)."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(info.file, framework="pt")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> ModelDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _header_bytes(shard: list[TensorInfo]) -> bytes:
+    """The safetensors header of a file holding ``shard`` in order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in shard:
+        end = offset + info.nbytes
+        header[info.name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def write_model_dir(
+    out: str | os.PathLike[str],
+    template: ModelDir,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a model directory shaped like ``template`` with new tensor values.
+
+    ``tensors`` must yield every tensor of ``template`` exactly once, in
+    ``template.names()`` order, with the template's dtype and shape. Config,
+    tokenizer and other non-weight files are copied from the template. The
+    directory appears atomically: it is built beside ``out`` and renamed.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ModelDirError(f"{out}: already exists; choose another output or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        infos = [template.tensors[n] for n in template.names()]
+        shards = plan_shards(infos, max_shard_bytes)
+        names = (
+            [SINGLE_FILE]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        stream = iter(tensors)
+        for shard, fname in zip(shards, names, strict=True):
+            _write_shard(work / fname, shard, stream)
+        if next(stream, None) is not None:
+            raise ModelDirError(f"{out}: more tensors supplied than the template has")
+        if len(shards) > 1:
+            weight_map = {
+                info.name: fname
+                for shard, fname in zip(shards, names, strict=True)
+                for info in shard
+            }
+            index = {
+                "metadata": {"total_size": sum(i.nbytes for i in infos)},
+                "weight_map": weight_map,
+            }
+            _fsync_write(work / INDEX_FILE, json.dumps(index, indent=2).encode())
+        for src in sorted(template.path.iterdir()):
+            if src.is_file() and src.name != INDEX_FILE and not src.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(src, work / src.name)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_shard(
+    path: Path, shard: list[TensorInfo], stream: Iterator[tuple[str, torch.Tensor]]
+) -> None:
+    with open(path, "wb") as f:
+        f.write(_header_bytes(shard))
+        for info in shard:
+            item = next(stream, None)
+            if item is None:
+                raise ModelDirError(f"{path}: tensor {info.name!r} was never supplied")
+            name, t = item
+            if (
+                name != info.name
+                or DTYPE_NAMES.get(t.dtype) != info.dtype
+                or tuple(t.shape) != info.shape
+            ):
+                raise ModelDirError(
+                    f"{path}: expected {info.name} {info.dtype}{list(info.shape)}, got "
+                    f"{name} {DTYPE_NAMES.get(t.dtype, t.dtype)}{list(t.shape)}"
+                )
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        f.flush()
+        os.fsync(f.fileno())
