@@ -33,7 +33,7 @@ def quick_finetune(
     texts: Sequence[str],
     *,
     steps: int = 20,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     seed: int = 0,
 ) -> FinetuneResult:
     """Full fine-tune of ``base_dir`` on ``texts`` for ``steps`` AdamW steps on the CPU."""

@@ -6,14 +6,17 @@ machines (IEEE round-to-nearest-even, integer byte layouts, little-endian).
 Error bounds, for a value ``x`` and its decoded ``y``:
 
 * ``fp32``: exact, ``y == x``.
-* ``bf16``: ``|y - x| <= 2**-9 * |x|`` (8 significant bits, round to nearest even);
-  same exponent range as float32, so nothing overflows.
+* ``bf16``: ``|y - x| <= 2**-8 * |x| + 2**-134`` (8 significant bits, round to
+  nearest even; the absolute term covers subnormals); same exponent range as
+  float32, so nothing overflows.
 * ``fp16``: ``|y - x| <= 2**-11 * |x| + 2**-25`` (11 significant bits; the
   absolute term covers the subnormal range below 6.1e-5). Values with
   ``|x| > 65504`` cannot be encoded and are refused.
 * ``int8``: blocks of ``block_size`` consecutive values share a float32 scale
   ``s = absmax / 127``; ``y = s * rint(x / s)``, so ``|y - x| <= s / 2 * (1 + 2**-22)``,
-  i.e. at most ``absmax_of_block / 254`` plus float32 rounding.
+  i.e. at most ``absmax_of_block / 254`` plus float32 rounding. A block whose
+  absmax is below ``TINY_BLOCK`` (where the scale would be subnormal) decodes
+  as zeros, so its error is at most its absmax (< 1.5e-36).
 
 The float codecs store bytes plane by plane (all first bytes, then all second
 bytes, ...): exponent bytes of fine-tuning deltas repeat a lot, and zstd only
@@ -28,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 _F4 = np.dtype("<f4")
+TINY_BLOCK = 127 * 2.0**-126  # int8 blocks below this absmax are stored as zeros
 _U2 = np.dtype("<u2")
 
 
@@ -143,7 +147,9 @@ class Int8BlockCodec(ValueCodec):
         padded = np.zeros(self._blocks(n) * b, np.float32)
         padded[:n] = x
         blocks = padded.reshape(-1, b)  # (nblocks, block)
-        scales = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+        absmax = np.abs(blocks).max(axis=1)
+        scales = np.where(absmax < TINY_BLOCK, np.float32(0), absmax / np.float32(127))
+        scales = scales.astype(np.float32)
         safe = np.where(scales > 0, scales, np.float32(1))
         codes = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
         return scales.astype(_F4).tobytes() + codes.reshape(-1)[:n].tobytes()

@@ -1,0 +1,42 @@
+"""The ``mergeswarm`` console script: parse, dispatch, report errors in one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from protocol.errors import MergeswarmError
+
+from . import delta, demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergeswarm",
+        description="Decentralized merge-training: fine-tune locally, share sparse deltas, merge.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    delta.register(sub)
+    demo.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args) or 0)
+    except MergeswarmError as exc:
+        print(f"mergeswarm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mergeswarm: interrupted", file=sys.stderr)
+        return 130

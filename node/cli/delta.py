@@ -1,0 +1,206 @@
+"""``mergeswarm base-id`` and ``mergeswarm delta create|inspect|apply``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from protocol.codecs import CODECS
+from protocol.container import DeltaReader
+from protocol.delta import apply_deltas, create_delta
+from protocol.identity import Identity
+from protocol.ids import base_id, file_id
+from protocol.model_dir import ModelDir
+
+from . import common
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("base-id", help="print the content id of a model directory")
+    p.add_argument("model_dir", type=Path, metavar="DIR", help="Hugging Face model directory")
+    p.set_defaults(run=run_base_id)
+
+    delta = sub.add_parser("delta", help="create, inspect and apply .msd deltas")
+    dsub = delta.add_subparsers(dest="delta_command", required=True, metavar="ACTION")
+
+    p = dsub.add_parser(
+        "create",
+        help="write finetuned - base as a DARE-sparse, signed .msd",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--base", type=Path, required=True, metavar="DIR", help="the base model directory"
+    )
+    p.add_argument(
+        "--finetuned",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the fine-tuned model directory",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT.msd", help="file to write"
+    )
+    p.add_argument(
+        "--drop-rate", type=common.drop_rate, default=0.9, help="DARE drop rate p in [0, 1)"
+    )
+    p.add_argument("--seed", type=common.seed, default=None, help="DARE seed (default: random)")
+    p.add_argument("--codec", choices=sorted(CODECS), default="bf16", help="value codec")
+    p.add_argument(
+        "--block-size", type=int, default=None, help="int8 codec: values per scale (default 128)"
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        default=None,
+        help=f"Ed25519 key file, created if absent (default: $MERGESWARM_DATA_DIR/identity.pem, now {common.default_key_path()})",
+    )
+    p.add_argument(
+        "--meta",
+        action="append",
+        type=common.key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="training metadata to record (repeatable)",
+    )
+    p.set_defaults(run=run_create)
+
+    p = dsub.add_parser("inspect", help="show a delta's ids, parameters and tensors")
+    p.add_argument("file", type=Path, metavar="FILE", help="a .msd file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also decode every tensor (hashes, sizes, finiteness, mask counts)",
+    )
+    p.set_defaults(run=run_inspect)
+
+    p = dsub.add_parser("apply", help="write base + deltas as a new model directory")
+    p.add_argument(
+        "--base", type=Path, required=True, metavar="DIR", help="the base model directory"
+    )
+    p.add_argument(
+        "files", type=Path, nargs="+", metavar="FILE", help=".msd deltas made against the base"
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="DIR", help="directory to create"
+    )
+    p.set_defaults(run=run_apply)
+
+
+def _total_bytes(model_dir: Path) -> int:
+    return sum(info.nbytes for info in ModelDir(model_dir).tensors.values())
+
+
+def run_base_id(args: argparse.Namespace) -> int:
+    md = ModelDir(args.model_dir)
+    with common.byte_progress("hashing") as bar:
+        bar.total = sum(i.nbytes for i in md.tensors.values())
+        print(base_id(md, bar.update))
+    return 0
+
+
+def run_create(args: argparse.Namespace) -> int:
+    identity = Identity.load_or_create(args.key or common.default_key_path())
+    with common.byte_progress("delta") as bar:
+        bar.total = _total_bytes(args.base)
+        delta_id, header = create_delta(
+            args.base,
+            args.finetuned,
+            args.output,
+            identity=identity,
+            drop_rate=args.drop_rate,
+            seed=args.seed,
+            codec=args.codec,
+            block_size=args.block_size,
+            metadata=dict(args.meta),
+            progress=bar.update,
+        )
+    size = os.path.getsize(args.output)
+    print(
+        f"wrote {args.output}: delta {delta_id}, {header.kept:,} of {header.params:,} values kept, "
+        f"{size:,} bytes ({size / max(header.params, 1):.4f} bytes/param)"
+    )
+    return 0
+
+
+def describe(reader: DeltaReader) -> dict[str, Any]:
+    """The facts ``delta inspect`` shows, as plain JSON-able data."""
+    h = reader.header
+    size = reader.path.stat().st_size
+    return {
+        "delta_id": file_id(reader.path),
+        "kind": h.kind,
+        "base_id": h.base_id,
+        "author": h.author,
+        "drop_rate": h.sparsifier.drop_rate,
+        "seed": h.sparsifier.seed,
+        "prf": h.sparsifier.prf,
+        "codec": h.codec.name,
+        "block_size": h.codec.block_size,
+        "params": h.params,
+        "kept": h.kept,
+        "kept_fraction": h.kept / h.params if h.params else 0.0,
+        "bytes": size,
+        "bytes_per_param": size / h.params if h.params else 0.0,
+        "metadata": h.metadata,
+        "tensors": [
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": t.shape,
+                "kept": t.kept,
+                "frame_bytes": t.frame_bytes,
+            }
+            for t in h.tensors
+        ],
+    }
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    with DeltaReader(args.file) as reader:
+        if args.verify:
+            for name in reader.names():
+                reader.read_tensor(name)
+        info = describe(reader)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        print()
+        return 0
+    rows = [
+        ("delta id", info["delta_id"]),
+        ("base id", info["base_id"]),
+        ("author", info["author"]),
+        ("DARE", f"p={info['drop_rate']} seed={info['seed']} ({info['prf']})"),
+        (
+            "codec",
+            info["codec"] + (f" block={info['block_size']}" if info["codec"] == "int8" else ""),
+        ),
+        ("params", f"{info['params']:,}"),
+        ("kept", f"{info['kept']:,} ({info['kept_fraction']:.4f})"),
+        ("bytes", f"{info['bytes']:,} ({info['bytes_per_param']:.4f} bytes/param)"),
+        ("verified", "all tensors decoded" if args.verify else "header and signature"),
+    ]
+    rows += [(f"meta {k}", json.dumps(v)) for k, v in info["metadata"].items()]
+    for key, value in rows:
+        print(f"{key:>10}: {value}")
+    width = max((len(t["name"]) for t in info["tensors"]), default=4)
+    print(f"\n{'tensor':<{width}}  {'dtype':<5} {'shape':<16} {'kept':>12} {'bytes':>12}")
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        print(
+            f"{t['name']:<{width}}  {t['dtype']:<5} {shape:<16} {t['kept']:>12,} {t['frame_bytes']:>12,}"
+        )
+    return 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    with common.byte_progress("apply") as bar:
+        bar.total = 2 * _total_bytes(args.base)  # hash pass + write pass
+        out = apply_deltas(args.base, args.files, args.output, progress=bar.update)
+    print(f"wrote {out}: base {args.base} + {len(args.files)} delta(s)")
+    return 0

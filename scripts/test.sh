@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install (if needed) and run the whole test suite, slow tests included.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow" -x`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${MERGESWARM_SKIP_INSTALL:-0}" != 1 ]; then
+    bash scripts/install.sh || { echo "test.sh: install failed" >&2; exit 1; }
+fi
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ $rc -eq 5 ]; then
+    echo "test.sh: pytest collected no tests; that is a failure" >&2
+    exit 1
+fi
+exit $rc
