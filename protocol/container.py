@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
 
@@ -202,8 +203,10 @@ class DeltaWriter:
         )
         self._level = zstd_level
         self._entries: list[TensorEntry] = []
-        self._frames_path = self.path.with_name(f".{self.path.name}.frames-{os.getpid()}")
-        self._frames: BinaryIO | None = open(self._frames_path, "wb")  # noqa: SIM115
+        # Frame sizes and hashes go into the header, which precedes the frames: stage them.
+        fd, staged = tempfile.mkstemp(prefix=f".{self.path.name}.frames-", dir=self.path.parent)
+        self._frames_path = Path(staged)
+        self._frames: BinaryIO | None = os.fdopen(fd, "wb")
 
     def add(self, name: str, dtype: str, delta: torch.Tensor | np.ndarray) -> TensorEntry:
         """Sparsify, encode and append one float32 delta tensor; names must come in sorted order."""
@@ -213,12 +216,15 @@ class DeltaWriter:
             raise ValueError(
                 f"tensor {name!r} added after {self._entries[-1].name!r}; add in sorted order"
             )
-        array = delta.detach().cpu().numpy() if isinstance(delta, torch.Tensor) else delta
+        if isinstance(delta, torch.Tensor):
+            array = delta.detach().to("cpu", torch.float32).numpy()
+        else:
+            array = delta
         flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-        if not np.isfinite(flat).all():
-            raise NonFiniteError(f"tensor {name!r}: delta contains NaN or Inf")
         sp = self._fields["sparsifier"]
         values = dare.sparsify(flat, sp.seed, name, sp.drop_rate)
+        if not np.isfinite(values).all():  # only kept values travel; dropped ones cannot harm
+            raise NonFiniteError(f"tensor {name!r}: delta contains NaN or Inf")
         frame = frames.compress(self._codec.encode(values), self._level)
         self._frames.write(frame)
         entry = TensorEntry(
@@ -248,10 +254,11 @@ class DeltaWriter:
         signature = self._identity.sign(SIG_DOMAIN + prefix)
         self._frames.close()
         self._frames = None
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        fd, staged = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        tmp = Path(staged)
         digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as out, open(self._frames_path, "rb") as src:
+            with os.fdopen(fd, "wb") as out, open(self._frames_path, "rb") as src:
                 for piece in (prefix, signature):
                     out.write(piece)
                     digest.update(piece)
@@ -259,6 +266,8 @@ class DeltaWriter:
                     out.write(chunk)
                     digest.update(chunk)
                 out.flush()
+                # mkstemp creates 0600; a delta is meant to be shared.
+                os.fchmod(out.fileno(), 0o644)
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)

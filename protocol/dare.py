@@ -115,11 +115,15 @@ def sparsify(flat: np.ndarray, seed: int, name: str, drop_rate: float) -> np.nda
     """The kept values of a flat float32 delta, in element order, not rescaled."""
     if flat.ndim != 1:
         raise ValueError(f"sparsify takes a flat array, got shape {flat.shape}")
-    parts = [
-        np.compress(keep, flat[start : start + keep.size])
-        for start, keep in iter_keep_masks(seed, name, flat.size, drop_rate)
-    ]
-    return np.concatenate(parts) if parts else np.empty(0, flat.dtype)
+    # Sized for the worst case but only the pages written become resident, so
+    # one pass suffices without holding more memory than the kept values.
+    out = np.empty(flat.size, dtype=flat.dtype)
+    pos = 0
+    for start, keep in iter_keep_masks(seed, name, flat.size, drop_rate):
+        count = int(np.count_nonzero(keep))
+        np.compress(keep, flat[start : start + keep.size], out=out[pos : pos + count])
+        pos += count
+    return out[:pos]
 
 
 def count_kept(seed: int, name: str, numel: int, drop_rate: float) -> int:
@@ -145,8 +149,7 @@ def densify(
     """
     out = np.zeros(numel, dtype=np.float32)
     source = values.astype(np.float32, copy=False)
-    if rescale:
-        source = source * rescale_factor(drop_rate)
+    scale = rescale_factor(drop_rate) if rescale else None
     pos = 0
     for start, keep in iter_keep_masks(seed, name, numel, drop_rate):
         idx = np.flatnonzero(keep)
@@ -154,7 +157,8 @@ def densify(
             raise ValueError(
                 f"tensor {name!r}: the mask keeps more than the {source.size} values supplied"
             )
-        np.put(out[start : start + keep.size], idx, source[pos : pos + idx.size])
+        piece = source[pos : pos + idx.size]
+        np.put(out[start : start + keep.size], idx, piece if scale is None else piece * scale)
         pos += idx.size
     if pos != source.size:
         raise ValueError(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import zstandard
 
 from protocol.errors import IntegrityError
 
-DEFAULT_LEVEL = 3
+# Level 1: on DARE-sparse deltas it is both faster and (measured) no larger than 3.
+DEFAULT_LEVEL = 1
 
 
-def compress(raw: bytes, level: int = DEFAULT_LEVEL) -> bytes:
+def compress(raw: bytes | memoryview | np.ndarray, level: int = DEFAULT_LEVEL) -> bytes:
     """One zstd frame that records its content size (readers rely on it)."""
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
 

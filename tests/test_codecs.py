@@ -85,7 +85,7 @@ def test_decode_refuses_a_buffer_of_the_wrong_size(name):
     codec = get_codec(name)
     buf = codec.encode(np.ones(10, np.float32))
     with pytest.raises(ValueError, match="cannot hold"):
-        codec.decode(buf + b"\0", 10)
+        codec.decode(bytes(buf) + b"\0", 10)
     with pytest.raises(ValueError, match="cannot hold"):
         codec.decode(buf, 11)
 
@@ -93,3 +93,24 @@ def test_decode_refuses_a_buffer_of_the_wrong_size(name):
 def test_unknown_codec_names_the_known_ones():
     with pytest.raises(ValueError, match="bf16, fp16, fp32, int8"):
         get_codec("fp8")
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=arrays(np.float32, st.integers(0, 500), elements=st.floats(-65504, 65504, width=32)))
+def test_fp16_encoding_matches_numpys_ieee_conversion(x):
+    # Pins the fast (torch) conversion to numpy's portable one, subnormals and ties included.
+    ours = (
+        np.frombuffer(get_codec("fp16").encode(x), np.uint8)
+        .reshape(2, -1)
+        .T.copy()
+        .view("<f2")
+        .reshape(-1)
+    )
+    assert np.array_equal(ours.view(np.uint16), x.astype("<f2").view(np.uint16))
+
+
+def test_fp16_encoding_matches_numpy_on_edge_values():
+    edges = np.array(
+        [2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14, 65504, 1 + 2.0**-11, 1e-40, -0.0], np.float32
+    )
+    test_fp16_encoding_matches_numpys_ieee_conversion.hypothesis.inner_test(edges)

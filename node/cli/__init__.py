@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except MergeswarmError as exc:
+    except (MergeswarmError, OSError) as exc:
         print(f"mergeswarm: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,24 +26,26 @@ def byte_progress(desc: str) -> tqdm:
     return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
 
 
-def drop_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"drop rate must be in [0, 1), got {value}")
-    return value
+def _ranged(parse: Callable[[str], float], what: str, lo: float, hi: float, hi_open: bool):
+    """An argparse type: ``parse`` the text and require lo <= value <= hi (or < hi)."""
+    lo_text, hi_text = (f"{v:g}" if isinstance(v, float) else str(v) for v in (lo, hi))
+    interval = f"[{lo_text}, {hi_text}{')' if hi_open else ']'}"
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {what}") from None
+        if not (lo <= value < hi if hi_open else lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"{what} must be in {interval}, got {text}")
+        return value
+
+    return convert
 
 
-def seed(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**64), got {value}")
-    return value
+drop_rate = _ranged(float, "drop rate", 0.0, 1.0, hi_open=True)
+seed = _ranged(lambda t: int(t, 0), "seed", 0, 2**64, hi_open=True)
+block_size = _ranged(int, "block size", 8, 65536, hi_open=False)
 
 
 def key_value(text: str) -> tuple[str, str]:

@@ -51,7 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=common.seed, default=None, help="DARE seed (default: random)")
     p.add_argument("--codec", choices=sorted(CODECS), default="bf16", help="value codec")
     p.add_argument(
-        "--block-size", type=int, default=None, help="int8 codec: values per scale (default 128)"
+        "--block-size",
+        type=common.block_size,
+        default=None,
+        help="int8 codec: values per scale (default 128)",
     )
     p.add_argument(
         "--key",

@@ -35,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from node.demo import run_demo
+
+    hf_logging.disable_progress_bar()  # per-model load/save bars would drown the demo's steps
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeswarm-demo-"))
     report = run_demo(workdir, steps=args.steps, drop_rate=args.drop_rate, codec=args.codec)
