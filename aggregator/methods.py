@@ -29,7 +29,7 @@ depend on the thread count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -167,7 +167,7 @@ class TensorStats:
 
 def merge_tensor(
     name: str,
-    task_vectors: Sequence[torch.Tensor],
+    task_vectors: Iterable[torch.Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
     recipe: Recipe,
@@ -177,43 +177,66 @@ def merge_tensor(
     """Merge K float32 task vectors of one tensor into one float32 delta.
 
     :param name: the tensor's name (seeds its DARE masks).
-    :param task_vectors: K tensors of one shape, in a fixed order (sorted by input id).
+    :param task_vectors: K tensors of one shape, in a fixed order (sorted by input id);
+        consumed one at a time, so a generator keeps only sparsified copies alive.
     :param weights: one weight per input.
     :param densities: one density per input (magnitude keep fraction or DARE keep rate).
     :param presparsified: inputs already DARE-sparse, which ``dare`` leaves as they are.
     """
     spec = recipe.spec
-    pre = presparsified or [False] * len(task_vectors)
+    pre = presparsified or [False] * len(weights)
     tvs: list[torch.Tensor] = []
     kept = 0.0
-    for i, (t, density) in enumerate(zip(task_vectors, densities, strict=True)):
+    original_shape: torch.Size | None = None
+    for i, t in enumerate(task_vectors):
+        original_shape = t.shape
         t = t.to(torch.float32)
         if spec.sparsify == "magnitude":
-            t = magnitude_prune(t, density)
+            t = magnitude_prune(t, densities[i])
         elif spec.sparsify == "dare" and not pre[i]:
-            t = dare_drop(t, density, recipe.seed + i, name, recipe.dare_rescale)
+            t = dare_drop(t, densities[i], recipe.seed + i, name, recipe.dare_rescale)
         kept += torch.count_nonzero(t).item() / max(t.numel(), 1)
-        tvs.append(t)
-    shape = tvs[0].shape
-    num = torch.zeros(shape, dtype=torch.float32)
-    den = torch.zeros(shape, dtype=torch.float32)
-    conflict = 0.0
-    if spec.consensus == "sign":
+        tvs.append(t.reshape(-1))
+    if not tvs or len(tvs) != len(weights):
+        raise ValueError(f"tensor {name!r}: {len(tvs)} task vectors for {len(weights)} weights")
+    shape = tvs[0].shape  # flat
+    merged = torch.empty(shape, dtype=torch.float32)
+    conflicts = 0
+    for start in range(0, shape[0], _CHUNK):  # bounded temporaries, whatever the tensor size
+        chunk = [t[start : start + _CHUNK] for t in tvs]
+        out, disagree = _combine(chunk, weights, recipe)
+        merged[start : start + _CHUNK] = out
+        conflicts += disagree
+    stats = TensorStats(kept / len(tvs), conflicts / shape[0] if shape[0] else 0.0)
+    return merged.reshape(original_shape), stats
+
+
+_CHUNK = 1 << 20
+
+
+def _combine(
+    tvs: Sequence[torch.Tensor], weights: Sequence[float], recipe: Recipe
+) -> tuple[torch.Tensor, int]:
+    """Consensus and aggregation over one chunk; returns (merged chunk, disagreeing entries)."""
+    num = torch.zeros_like(tvs[0])
+    den = torch.zeros_like(tvs[0])
+    disagreeing = 0
+    if recipe.spec.consensus == "sign":
         voters = [t * w for t, w in zip(tvs, weights, strict=True)] if recipe.weighted_vote else tvs
         elected = elect_sign(voters, recipe.sign_method)
-        disagree = torch.zeros(shape, dtype=torch.bool)
+        disagree = torch.zeros(tvs[0].shape, dtype=torch.bool)
         for t, w in zip(tvs, weights, strict=True):
             sign = torch.sign(t)
             agree = sign == elected
             disagree |= (sign != 0) & ~agree
             num += torch.where(agree, t * w, 0.0)
             den += agree * w
-        conflict = disagree.float().mean().item() if disagree.numel() else 0.0
+        disagreeing = int(disagree.sum())
     else:
         for t, w in zip(tvs, weights, strict=True):
             num += t * w
             den += w
     merged = num / torch.where(den == 0, 1.0, den) if recipe.normalized else num
     if recipe.lam != 1.0:
-        merged = merged * recipe.lam
-    return merged, TensorStats(kept / len(tvs), conflict)
+        merged *= recipe.lam
+    return merged, disagreeing

@@ -9,12 +9,13 @@ memory is one tensor, never a shard or the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,12 +189,16 @@ def write_model_dir(
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    float_dtype: str | None = None,
+    extra_files: Callable[[], dict[str, bytes]] | None = None,
 ) -> Path:
     """Write a model directory shaped like ``template`` with new tensor values.
 
     ``tensors`` must yield every tensor of ``template`` exactly once, in
-    ``template.names()`` order, with the template's dtype and shape. Config,
-    tokenizer and other non-weight files are copied from the template. The
+    ``template.names()`` order, with the template's shape and dtype (or
+    ``float_dtype`` for floating-point tensors, when given). Config, tokenizer
+    and other non-weight files are copied from the template; ``extra_files``
+    is called once the tensors are written and its files are added. The
     directory appears atomically: it is built beside ``out`` and renamed.
     """
     out = Path(out)
@@ -203,6 +208,11 @@ def write_model_dir(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         infos = [template.tensors[n] for n in template.names()]
+        if float_dtype is not None:
+            infos = [
+                dataclasses.replace(i, dtype=float_dtype) if i.dtype in FLOAT_DTYPES else i
+                for i in infos
+            ]
         shards = plan_shards(infos, max_shard_bytes)
         names = (
             [SINGLE_FILE]
@@ -228,6 +238,8 @@ def write_model_dir(
         for src in sorted(template.path.iterdir()):
             if src.is_file() and src.name != INDEX_FILE and not src.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(src, work / src.name)
+        for fname, data in (extra_files() if extra_files else {}).items():
+            _fsync_write(work / fname, data)
         os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from protocol.errors import MergeswarmError
 
-from . import delta, demo
+from . import delta, demo, merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     delta.register(sub)
+    merge.register(sub)
     demo.register(sub)
     return parser
 

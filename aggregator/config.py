@@ -1,0 +1,170 @@
+"""Merge configuration: mergekit's YAML schema for the methods both have, plus ours.
+
+A mergekit user's config works as is and keeps mergekit's meaning: weights
+enter the sign vote, ``normalize`` and DARE ``rescale`` (to the task
+vector's L1 norm) default as in mergekit, and a model listed as
+``base_model`` among ``models`` is skipped. Our additions:
+``models[].model`` may be a ``.msd`` delta or a LoRA adapter directory;
+``parameters`` may hold ``drop_rate`` (DARE p, i.e. density = 1 - p),
+``seed`` (DARE masks), ``sign_method`` (``total`` | ``frequency``) and
+``weighted_vote`` (false for the TIES paper's unweighted vote). A mergekit
+option we do not implement is refused by name, never ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aggregator.engine import MergeInput
+from aggregator.methods import Recipe
+from protocol.errors import MergeswarmError
+
+# mergekit options that change results and that mergeswarm does not implement.
+MERGEKIT_ONLY = {
+    "slices": "layer slicing",
+    "tokenizer_source": "tokenizer merging",
+    "tokenizer": "tokenizer merging",
+    "chat_template": "chat templates",
+    "out_dtype": "a separate output dtype (use dtype)",
+    "modules": "per-module configs",
+    "gamma": "breadcrumbs outlier trimming",
+    "epsilon": "DELLA",
+    "filter": "per-tensor parameter filters",
+    "t": "slerp",
+}
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+Density = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ConfigError(MergeswarmError):
+    """A merge config is malformed or asks for something mergeswarm does not do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_mergekit_only(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in data:
+                if key in MERGEKIT_ONLY:
+                    raise ValueError(
+                        f"mergekit option {key!r} ({MERGEKIT_ONLY[key]}) is not supported by mergeswarm"
+                    )
+        return data
+
+
+class ModelParameters(_Strict):
+    weight: float = 1.0  # multiplies this input's task vector
+    density: Density | None = None  # keep fraction (ties: by magnitude; dare: at random)
+
+
+class ModelEntry(_Strict):
+    model: str  # a local model directory, LoRA adapter directory or .msd delta
+    parameters: ModelParameters = ModelParameters()
+
+
+class GlobalParameters(_Strict):
+    normalize: bool | None = None  # divide by the (agreeing) weights; default per method
+    lam: float = Field(1.0, alias="lambda")  # scales the merged task vector
+    rescale: bool = True  # dare methods: rescale survivors (mergekit: to the L1 norm)
+    int8_mask: bool = False  # a mergekit memory option; results are the same without it
+    weight: float | None = None  # default weight of every model
+    density: Density | None = None  # default density of every model
+    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # ours: DARE p = 1 - density
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0  # ours: DARE mask seed
+    sign_method: Literal["total", "frequency"] = "total"  # ours: TIES sign election
+    weighted_vote: bool = True  # ours: false gives the TIES paper's unweighted vote
+
+
+class MergeConfig(_Strict):
+    merge_method: Literal[
+        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"
+    ]
+    base_model: str
+    models: Annotated[list[ModelEntry], Field(min_length=1)]
+    parameters: GlobalParameters = GlobalParameters()
+    dtype: Literal["float32", "float16", "bfloat16"] | None = (
+        None  # output dtype; default: the base's
+    )
+    name: str | None = None  # free label, as in mergekit
+
+    @model_validator(mode="after")
+    def _density_sources_agree(self) -> MergeConfig:
+        if self.parameters.drop_rate is not None and self.parameters.density is not None:
+            raise ValueError("give either parameters.drop_rate or parameters.density, not both")
+        return self
+
+    def recipe(self) -> Recipe:
+        p = self.parameters
+        return Recipe(
+            method=self.merge_method,
+            lam=p.lam,
+            normalize=p.normalize,
+            sign_method=p.sign_method,
+            weighted_vote=p.weighted_vote,
+            dare_rescale="l1" if p.rescale else "none",
+            seed=p.seed,
+        )
+
+    def default_density(self) -> float:
+        p = self.parameters
+        if p.drop_rate is not None:
+            return 1.0 - p.drop_rate
+        return p.density if p.density is not None else 1.0
+
+    def inputs(self) -> list[MergeInput]:
+        """The merge inputs, without the base model if it is listed among them."""
+        base = _resolve(self.base_model, "base_model")
+        out = []
+        for entry in self.models:
+            path = _resolve(entry.model, "models[].model")
+            if path == base:
+                continue
+            weight = entry.parameters.weight
+            if (
+                "weight" not in entry.parameters.model_fields_set
+                and self.parameters.weight is not None
+            ):
+                weight = self.parameters.weight
+            out.append(MergeInput(path, weight, entry.parameters.density))
+        if not out:
+            raise ConfigError("models lists only the base model: nothing to merge")
+        return out
+
+    @property
+    def output_dtype(self) -> str | None:
+        return DTYPE_NAMES[self.dtype] if self.dtype else None
+
+
+def _resolve(text: str, where: str) -> Path:
+    path = Path(os.path.expanduser(text)).resolve()
+    if not path.exists():
+        raise ConfigError(
+            f"{where}: {text!r} is not a local path (mergeswarm works offline: download hub models first)"
+        )
+    return path
+
+
+def load_config(path: str | os.PathLike[str]) -> MergeConfig:
+    """Read and validate a YAML merge config; errors name the file and the field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {where}: {message}") from None

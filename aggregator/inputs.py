@@ -1,0 +1,210 @@
+"""Where task vectors come from: fine-tuned model directories, .msd deltas, LoRA adapters.
+
+Each source yields, tensor by tensor, the float32 task vector ``theta - base``
+(``None`` where it does not touch a tensor) and has a content id by which the
+engine orders inputs, so the result does not depend on the order given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from protocol.container import DeltaReader
+from protocol.delta import check_fits
+from protocol.errors import BaseMismatchError, ModelDirError
+from protocol.ids import base_id, file_id
+from protocol.model_dir import ModelDir
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+class TaskVectorSource(ABC):
+    """One merge input."""
+
+    kind: str
+    presparsified = False  # already DARE-sparse: dare methods do not drop again
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    @abstractmethod
+    def id(self) -> str:
+        """Content id (SHA-256 hex) used to order inputs."""
+
+    @abstractmethod
+    def check(self, base: ModelDir, base_hex: str) -> None:
+        """Raise BaseMismatchError (naming this input) unless it fits ``base``."""
+
+    @abstractmethod
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """float32 ``theta - base`` for one tensor, or None where this input changes nothing."""
+
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
+        pass
+
+
+class ModelSource(TaskVectorSource):
+    """A full fine-tuned model directory with the base's architecture."""
+
+    kind = "model"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.model = ModelDir(path)
+        self._id: str | None = None
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            self._id = base_id(self.model)
+        return self._id
+
+    def check(self, base: ModelDir, base_hex: str) -> None:
+        for name, info in base.tensors.items():
+            other = self.model.tensors.get(name)
+            if other is None:
+                raise BaseMismatchError(f"{self.path}: tensor {name!r} of the base is missing")
+            if other.shape != info.shape:
+                raise BaseMismatchError(
+                    f"{self.path}: tensor {name!r} has shape {list(other.shape)}, the base has {list(info.shape)}"
+                )
+        extra = sorted(set(self.model.tensors) - set(base.tensors))
+        if extra:
+            raise BaseMismatchError(f"{self.path}: tensor {extra[0]!r} is not in the base")
+
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        theta = self.model.tensor(name).to(torch.float32)
+        if not torch.isfinite(theta).all():
+            raise BaseMismatchError(f"{self.path}: tensor {name!r} contains NaN or Inf")
+        return theta.sub_(base)
+
+
+class DeltaSource(TaskVectorSource):
+    """A signed ``.msd`` delta (already DARE-sparsified)."""
+
+    kind = "delta"
+    presparsified = True
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reader = DeltaReader(path)
+
+    @property
+    def id(self) -> str:
+        return self.reader.id
+
+    def check(self, base: ModelDir, base_hex: str) -> None:
+        check_fits(self.reader, base, base_hex)
+
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        return self.reader.read_tensor(name) if name in self.reader else None
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class LoraSource(TaskVectorSource):
+    """A PEFT LoRA adapter directory, expanded per target module to ``scale * B @ A``."""
+
+    kind = "lora"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            self.config = json.loads((path / ADAPTER_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelDirError(
+                f"{path / ADAPTER_CONFIG}: unreadable adapter config ({exc})"
+            ) from None
+        for option in ("use_dora",):
+            if self.config.get(option):
+                raise ModelDirError(f"{path}: LoRA option {option!r} is not supported")
+        if self.config.get("modules_to_save"):
+            raise ModelDirError(f"{path}: adapters with 'modules_to_save' are not supported")
+        self.weights_path = path / ADAPTER_WEIGHTS
+        try:
+            self._file = safe_open(self.weights_path, framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise ModelDirError(
+                f"{self.weights_path}: not a readable safetensors file ({exc})"
+            ) from None
+        self.modules = self._pair_modules(list(self._file.keys()))
+
+    def _pair_modules(self, keys: list[str]) -> dict[str, tuple[str, str]]:
+        """Base tensor name -> (lora_A key, lora_B key)."""
+        pairs: dict[str, tuple[str, str]] = {}
+        for key in keys:
+            if ".lora_A." not in key:
+                continue
+            module = key.split(".lora_A.")[0]
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in keys:
+                raise ModelDirError(f"{self.weights_path}: {key} has no matching lora_B")
+            name = module.removeprefix(_PEFT_PREFIX) + ".weight"
+            pairs[name] = (key, b_key)
+        if not pairs:
+            raise ModelDirError(f"{self.weights_path}: no lora_A/lora_B pairs found")
+        return pairs
+
+    @property
+    def id(self) -> str:
+        h = hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes())
+        h.update(bytes.fromhex(file_id(self.weights_path)))
+        return h.hexdigest()
+
+    def check(self, base: ModelDir, base_hex: str) -> None:
+        for name, (a_key, b_key) in self.modules.items():
+            info = base.tensors.get(name)
+            if info is None:
+                raise BaseMismatchError(f"{self.path}: LoRA targets {name!r}, which the base lacks")
+            a, b = self._file.get_slice(a_key).get_shape(), self._file.get_slice(b_key).get_shape()
+            out_in = (b[0], a[1])
+            if self.config.get("fan_in_fan_out"):
+                out_in = out_in[::-1]
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or tuple(info.shape) != out_in:
+                raise BaseMismatchError(
+                    f"{self.path}: LoRA for {name!r} has A{list(a)} B{list(b)}, the base tensor is {list(info.shape)}"
+                )
+
+    def _scale(self, name: str, rank: int) -> float:
+        alpha = self.config.get("lora_alpha", rank)
+        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
+            if name.removesuffix(".weight").endswith(pattern):
+                alpha = value
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        pair = self.modules.get(name)
+        if pair is None:
+            return None
+        a = self._file.get_tensor(pair[0]).to(torch.float32)  # (r, in)
+        b = self._file.get_tensor(pair[1]).to(torch.float32)  # (out, r)
+        delta = (b @ a) * self._scale(name, a.shape[0])
+        if self.config.get("fan_in_fan_out"):
+            delta = delta.T.contiguous()
+        if not torch.isfinite(delta).all():
+            raise BaseMismatchError(f"{self.path}: LoRA for {name!r} contains NaN or Inf")
+        return delta
+
+
+def open_source(path: str | os.PathLike[str]) -> TaskVectorSource:
+    """Pick the source type from what is at ``path``."""
+    p = Path(path)
+    if p.is_file():
+        return DeltaSource(p)
+    if (p / ADAPTER_CONFIG).is_file():
+        return LoraSource(p)
+    if p.is_dir():
+        return ModelSource(p)
+    raise ModelDirError(f"{p}: no such model directory, adapter directory or .msd file")
