@@ -21,6 +21,7 @@ import torch
 
 from aggregator.inputs import TaskVectorSource, open_source
 from aggregator.methods import Recipe, TensorStats, merge_tensor
+from protocol.errors import EncodeError
 from protocol.ids import BaseHasher, base_id
 from protocol.model_dir import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
 
@@ -173,6 +174,10 @@ def _merged_tensors(
                 name, tensor, plan, weights, densities, presparsified, recipe, report
             )
             tensor = tensor.to(DTYPES[dtype or info.dtype])
+            if not torch.isfinite(tensor).all():
+                raise EncodeError(
+                    f"tensor {name!r}: the merged values overflow {dtype or info.dtype}"
+                )
         hasher.update(name, DTYPE_NAMES[tensor.dtype], tensor)
         if progress is not None:
             progress(info.nbytes)

@@ -8,7 +8,7 @@ Error bounds, for a value ``x`` and its decoded ``y``:
 * ``fp32``: exact, ``y == x``.
 * ``bf16``: ``|y - x| <= 2**-8 * |x| + 2**-134`` (8 significant bits, round to
   nearest even; the absolute term covers subnormals); same exponent range as
-  float32, so nothing overflows.
+  float32, but values above 3.3895e38 (which would round to Inf) are refused.
 * ``fp16``: ``|y - x| <= 2**-11 * |x| + 2**-25`` (11 significant bits; the
   absolute term covers the subnormal range below 6.1e-5). Values with
   ``|x| > 65504`` cannot be encoded and are refused.
@@ -145,8 +145,17 @@ class Bf16Codec(ValueCodec):
     def encoded_size(self, count: int) -> int:
         return 2 * count
 
+    MAX = 3.3895313892515355e38  # the largest finite bfloat16
+
     def encode(self, values: np.ndarray) -> np.ndarray:
-        return _to_planes(_bf16_bits(np.ascontiguousarray(values, dtype=_F4)), 2)
+        x = np.ascontiguousarray(values, dtype=_F4)
+        # float32 values above MAX round to Inf: refuse rather than sign an unreadable file.
+        worst = float(np.abs(x).max()) if x.size else 0.0
+        if worst > self.MAX:
+            raise ValueError(
+                f"codec bf16: |value| {worst:g} exceeds the largest bfloat16; use fp32"
+            )
+        return _to_planes(_bf16_bits(x), 2)
 
     def decode(self, buf: Buffer, count: int) -> np.ndarray:
         self._check_size(buf, count)

@@ -36,9 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from protocol import dare, frames
 from protocol.codecs import CODECS, ValueCodec, get_codec
+from protocol.durable import fsync_dir
 from protocol.errors import (
     BaseMismatchError,
     DeltaFormatError,
+    EncodeError,
     IntegrityError,
     NonFiniteError,
     SignatureError,
@@ -57,7 +59,8 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_TENSORS = 65_536
 MAX_NAME_CHARS = 1024
 MAX_NDIM = 8
-MAX_NUMEL = 1 << 34
+MAX_NUMEL = 1 << 34  # per tensor
+MAX_TOTAL_PARAMS = 1 << 40  # per delta
 _COPY = 1 << 22
 
 HexId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -83,7 +86,7 @@ class CodecSpec(_Strict):
 class TensorEntry(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     dtype: str  # dtype of the base tensor (safetensors name); values travel as float32 deltas
-    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_NDIM)]
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=MAX_NUMEL)]], Field(max_length=MAX_NDIM)]
     kept: Annotated[int, Field(ge=0)]  # number of values the DARE mask keeps
     frame_bytes: Annotated[int, Field(ge=1)]  # length of this tensor's zstd frame
     sha256: HexId  # of the frame bytes
@@ -119,7 +122,11 @@ class DeltaHeader(_Strict):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError("metadata holds NaN or Infinity, which JSON cannot carry") from None
+        if len(text) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata exceeds {MAX_METADATA_BYTES} bytes")
         return value
 
@@ -130,6 +137,12 @@ class DeltaHeader(_Strict):
         if any(a >= b for a, b in zip(names, names[1:], strict=False)):
             raise ValueError("tensor names must be unique and sorted by code point")
         return value
+
+    @model_validator(mode="after")
+    def _bounded_total(self) -> DeltaHeader:
+        if self.params > MAX_TOTAL_PARAMS:
+            raise ValueError(f"{self.params} parameters in all exceeds {MAX_TOTAL_PARAMS}")
+        return self
 
     @property
     def params(self) -> int:
@@ -155,12 +168,14 @@ def _codec_of(header: DeltaHeader) -> ValueCodec:
         raise DeltaFormatError(str(exc)) from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _first_error(exc: ValueError) -> str:
+    """One line for a pydantic ValidationError (first problem, with where) or any ValueError."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
 
 
 class DeltaWriter:
@@ -225,16 +240,19 @@ class DeltaWriter:
         values = dare.sparsify(flat, sp.seed, name, sp.drop_rate)
         if not np.isfinite(values).all():  # only kept values travel; dropped ones cannot harm
             raise NonFiniteError(f"tensor {name!r}: delta contains NaN or Inf")
-        frame = frames.compress(self._codec.encode(values), self._level)
-        self._frames.write(frame)
-        entry = TensorEntry(
-            name=name,
-            dtype=dtype,
-            shape=list(array.shape),
-            kept=int(values.size),
-            frame_bytes=len(frame),
-            sha256=hashlib.sha256(frame).hexdigest(),
-        )
+        try:
+            frame = frames.compress(self._codec.encode(values), self._level)
+            entry = TensorEntry(
+                name=name,
+                dtype=dtype,
+                shape=list(array.shape),
+                kept=int(values.size),
+                frame_bytes=len(frame),
+                sha256=hashlib.sha256(frame).hexdigest(),
+            )
+        except ValueError as exc:  # codec range errors and pydantic ValidationError
+            raise EncodeError(f"tensor {name!r}: {_first_error(exc)}") from None
+        self._frames.write(frame)  # only once the entry is valid: the staged frames stay in step
         self._entries.append(entry)
         return entry
 
@@ -246,7 +264,10 @@ class DeltaWriter:
         """Write header, signature and frames to ``path``; return the delta id."""
         if self._frames is None:
             raise RuntimeError("DeltaWriter is closed")
-        header = DeltaHeader(tensors=self._entries, **self._fields)
+        try:
+            header = DeltaHeader(tensors=self._entries, **self._fields)
+        except ValidationError as exc:
+            raise EncodeError(f"{self.path}: {_first_error(exc)}") from None
         header_bytes = header.model_dump_json().encode()
         if len(header_bytes) > MAX_HEADER_BYTES:
             raise DeltaFormatError(f"{self.path}: header of {len(header_bytes)} bytes is too large")
@@ -270,7 +291,7 @@ class DeltaWriter:
                 os.fchmod(out.fileno(), 0o644)
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         finally:
             tmp.unlink(missing_ok=True)
             self._frames_path.unlink(missing_ok=True)
@@ -407,9 +428,14 @@ class DeltaReader:
             raise self._fail(IntegrityError, f"tensor {name!r}: frame truncated")
         if hashlib.sha256(frame).hexdigest() != entry.sha256:
             raise self._fail(IntegrityError, f"tensor {name!r}: frame hash mismatch")
-        raw = frames.decompress(
-            frame, self.codec.encoded_size(entry.kept), f"{self.path}: tensor {name!r}"
-        )
+        try:
+            raw = frames.decompress(
+                frame, self.codec.encoded_size(entry.kept), f"{self.path}: tensor {name!r}"
+            )
+        except MemoryError:
+            raise self._fail(
+                IntegrityError, f"tensor {name!r}: declared size does not fit in memory"
+            ) from None
         try:
             values = self.codec.decode(raw, entry.kept)
         except ValueError as exc:
@@ -424,9 +450,20 @@ class DeltaReader:
         values = self.read_values(name)
         sp = self.header.sparsifier
         try:
-            flat = dare.densify(values, entry.numel, sp.seed, name, sp.drop_rate, rescale=rescale)
+            with np.errstate(over="ignore"):  # overflow is reported below, as a format error
+                flat = dare.densify(
+                    values, entry.numel, sp.seed, name, sp.drop_rate, rescale=rescale
+                )
         except ValueError as exc:
             raise self._fail(IntegrityError, str(exc)) from None
+        except MemoryError:
+            raise self._fail(
+                IntegrityError, f"tensor {name!r}: {entry.numel} elements do not fit in memory"
+            ) from None
+        if rescale and not np.isfinite(flat).all():
+            raise self._fail(
+                NonFiniteError, f"tensor {name!r}: values overflow once rescaled by 1/(1-p)"
+            )
         return torch.from_numpy(flat).reshape(entry.shape)
 
     def close(self) -> None:

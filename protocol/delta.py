@@ -17,7 +17,7 @@ import torch
 
 from protocol import frames
 from protocol.container import DeltaHeader, DeltaReader, DeltaWriter
-from protocol.errors import BaseMismatchError
+from protocol.errors import BaseMismatchError, EncodeError
 from protocol.identity import Identity
 from protocol.ids import BaseHasher, base_id
 from protocol.model_dir import DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
@@ -140,10 +140,18 @@ def apply_deltas(
     """
     base_md = ModelDir(base)
     base_hex = base_id(base_md, progress)
-    readers = [DeltaReader(p) for p in deltas]
+    readers: list[DeltaReader] = []
     try:
-        for reader in readers:
-            check_fits(reader, base_md, base_hex)
+        seen: dict[str, Path] = {}
+        for path in deltas:
+            readers.append(DeltaReader(path))
+            check_fits(readers[-1], base_md, base_hex)
+            delta_id = readers[-1].id
+            if delta_id in seen:
+                raise BaseMismatchError(
+                    f"{path}: the same delta as {seen[delta_id]}; each delta counts once"
+                )
+            seen[delta_id] = Path(path)
 
         def merged() -> Iterator[tuple[str, torch.Tensor]]:
             for name in base_md.names():
@@ -155,6 +163,11 @@ def apply_deltas(
                     for reader in touching:
                         acc += reader.read_tensor(name)
                     tensor = acc.to(DTYPES[info.dtype])
+                    if not torch.isfinite(tensor).all():
+                        raise EncodeError(
+                            f"tensor {name!r}: base + deltas overflows {info.dtype}; "
+                            "the deltas are too large for this base"
+                        )
                 _tick(progress, info.nbytes)
                 yield name, tensor
 

@@ -35,5 +35,9 @@ class NonFiniteError(DeltaFormatError):
     """Decoded or to-be-encoded values contain NaN or Inf."""
 
 
+class EncodeError(MergeswarmError):
+    """Values or names cannot be written in the requested format (range, size, schema)."""
+
+
 class BaseMismatchError(MergeswarmError):
     """A delta does not fit the base it is applied to (id, names, shapes or dtypes)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from protocol.durable import fsync_dir, write_synced
 from protocol.errors import ModelDirError
 
 SINGLE_FILE = "model.safetensors"
@@ -93,6 +94,10 @@ class ModelDir:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
+                if not all(
+                    isinstance(f, str) and isinstance(n, str) for n, f in weight_map.items()
+                ):
+                    raise TypeError("weight_map must map tensor names to file names")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ModelDirError(f"{index}: not a safetensors index ({exc})") from None
             missing = [f for f in files if not (self.path / f).is_file()]
@@ -163,13 +168,6 @@ def _header_bytes(shard: list[TensorInfo]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
     """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
     shards: list[list[TensorInfo]] = [[]]
@@ -234,13 +232,17 @@ def write_model_dir(
                 "metadata": {"total_size": sum(i.nbytes for i in infos)},
                 "weight_map": weight_map,
             }
-            _fsync_write(work / INDEX_FILE, json.dumps(index, indent=2).encode())
+            write_synced(work / INDEX_FILE, json.dumps(index, indent=2).encode())
         for src in sorted(template.path.iterdir()):
             if src.is_file() and src.name != INDEX_FILE and not src.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(src, work / src.name)
+                write_synced(work / src.name, src.read_bytes())
         for fname, data in (extra_files() if extra_files else {}).items():
-            _fsync_write(work / fname, data)
-        os.replace(work, out)
+            write_synced(work / fname, data)
+        fsync_dir(work)
+        if out.exists():
+            raise ModelDirError(f"{out}: appeared while writing; choose another output")
+        os.rename(work, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

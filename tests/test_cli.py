@@ -43,7 +43,7 @@ def test_create_inspect_apply_and_load(tiny_base, tiny_finetuned, tmp_path):
               "--drop-rate", "0.9", "--seed", "5", "--codec", "bf16", "--key", key, "--meta", "steps=5")  # fmt: skip
     assert "wrote" in out.stdout and key.exists()
 
-    info = json.loads(cli("delta", "inspect", delta, "--json", "--verify").stdout)
+    info = json.loads(cli("delta", "inspect", delta, "--json", "--verify", tiny_base).stdout)
     assert info["base_id"] == cli("base-id", tiny_base).stdout.strip()
     assert (info["drop_rate"], info["seed"], info["codec"]) == (0.9, 5, "bf16")
     assert info["params"] == sum(i.numel for i in ModelDir(tiny_base).tensors.values())
@@ -181,3 +181,21 @@ def test_demo_runs_the_round_trip(tmp_path):
     assert losses["finetuned"] < losses["genesis"]
     assert losses["child"] < losses["genesis"]
     assert (tmp_path / "demo" / "child" / "model.safetensors").exists()
+
+
+def test_names_from_peers_cannot_drive_the_terminal(tmp_path, identity):
+    from protocol.container import DeltaWriter
+
+    path = tmp_path / "d.msd"
+    with DeltaWriter(path, base_id="ab" * 32, identity=identity, drop_rate=0.0, seed=1) as w:
+        w.add("evil\x1b[2J", "F32", torch.ones(2))
+        w.finish()
+    out = cli("delta", "inspect", path).stdout
+    assert "\x1b" not in out and "'evil\\x1b[2J'" in out
+
+
+def test_a_closed_pipe_is_not_an_error(tiny_base):
+    proc = subprocess.run(
+        f"{MERGESWARM} --help | head -c 10", shell=True, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr

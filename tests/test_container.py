@@ -134,3 +134,50 @@ def test_header_is_plain_json(tmp_path, tensors, identity):
     header = split(path).header
     assert header["format"] == "mergeswarm-delta"
     assert json.loads(json.dumps(header)) == header
+
+
+def test_an_invalid_tensor_leaves_the_writer_usable(tmp_path, identity):
+    from protocol.errors import EncodeError
+
+    path = tmp_path / "d.msd"
+    with DeltaWriter(
+        path, base_id=BASE, identity=identity, drop_rate=0.0, seed=1, codec="fp32"
+    ) as w:
+        w.add("a", "F32", torch.ones(3))
+        with pytest.raises(EncodeError, match="'b'.*not a float dtype"):
+            w.add("b", "I64", torch.ones(3))
+        w.add("c", "F32", torch.ones(3))
+        w.finish()
+    with DeltaReader(path) as r:
+        assert r.names() == ["a", "c"] and r.read_tensor("c").tolist() == [1.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("codec", "value", "message"),
+    [("fp16", 70000.0, "exceeds 65504"), ("bf16", 3.4e38, "largest bfloat16")],
+)
+def test_values_out_of_codec_range_are_an_encode_error(tmp_path, identity, codec, value, message):
+    from protocol.errors import EncodeError
+
+    with (
+        DeltaWriter(
+            tmp_path / "d.msd", base_id=BASE, identity=identity, drop_rate=0.0, seed=1, codec=codec
+        ) as w,
+        pytest.raises(EncodeError, match=message),
+    ):
+        w.add("a", "F32", torch.tensor([value]))
+
+
+def test_oversized_metadata_is_an_encode_error(tmp_path, identity):
+    from protocol.errors import EncodeError
+
+    w = DeltaWriter(
+        tmp_path / "d.msd",
+        base_id=BASE,
+        identity=identity,
+        drop_rate=0.0,
+        seed=1,
+        metadata={"x": "y" * 70_000},
+    )
+    with w, pytest.raises(EncodeError, match="metadata exceeds"):
+        w.finish()

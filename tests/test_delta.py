@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from protocol import dare
 from protocol.container import DeltaReader, DeltaWriter
 from protocol.delta import apply_deltas, check_fits, create_delta
-from protocol.errors import BaseMismatchError
+from protocol.errors import BaseMismatchError, EncodeError
 from protocol.identity import Identity
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir
@@ -124,3 +124,22 @@ def test_several_deltas_add_up(tmp_path, identity):
     child = apply_deltas(base, [tmp_path / "1.msd", tmp_path / "2.msd"], tmp_path / "child")
     w = load_file(child / "model.safetensors")["w"]
     assert w.dtype == torch.bfloat16 and w.tolist() == [3.0] * 5
+
+
+def test_an_overflowing_sum_is_refused_naming_the_tensor(tmp_path, identity):
+    base = _save(tmp_path / "b", {"w": torch.zeros(8, dtype=torch.float16)})
+    ft = _save(tmp_path / "f", {"w": torch.full((8,), 60000.0, dtype=torch.float16)})
+    create_delta(
+        base, ft, tmp_path / "d.msd", identity=identity, drop_rate=0.5, seed=3, codec="fp32"
+    )
+    with pytest.raises(EncodeError, match="'w': base \\+ deltas overflows F16"):
+        apply_deltas(base, [tmp_path / "d.msd"], tmp_path / "child")
+    assert not (tmp_path / "child").exists()
+
+
+def test_the_same_delta_twice_is_refused(tmp_path, identity):
+    base = _save(tmp_path / "b", {"w": torch.zeros(4)})
+    ft = _save(tmp_path / "f", {"w": torch.ones(4)})
+    create_delta(base, ft, tmp_path / "d.msd", identity=identity)
+    with pytest.raises(BaseMismatchError, match="the same delta as"):
+        apply_deltas(base, [tmp_path / "d.msd", tmp_path / "d.msd"], tmp_path / "child")

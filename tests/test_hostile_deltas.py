@@ -253,3 +253,45 @@ def test_a_forged_file_still_verifies_for_its_real_signer_only(tmp_path, good, i
     assert DeltaReader(path).header.author == ATTACKER.author
     with pytest.raises(SignatureError):
         DeltaReader(path, expected_author=identity.author)
+
+
+def test_values_that_overflow_once_rescaled_are_refused(tmp_path, identity):
+    path = tmp_path / "big.msd"
+    with DeltaWriter(
+        path, base_id=BASE, identity=identity, drop_rate=0.9, seed=1, codec="fp32"
+    ) as w:
+        w.add("a", "F32", torch.full((100,), 3e38))
+        w.finish()
+    with DeltaReader(path) as r, pytest.raises(NonFiniteError, match="overflow once rescaled"):
+        r.read_tensor("a")
+
+
+def test_huge_declared_dimensions_are_refused_in_the_header(tmp_path, good):
+    def mutate(parts):
+        parts.header["tensors"][0]["shape"] = [0, 2**63]
+
+    with pytest.raises(DeltaFormatError, match="invalid header"):
+        DeltaReader(forged(tmp_path, good, mutate))
+
+
+def test_inspect_verify_bounds_a_huge_tensor_by_the_base(tmp_path, good):
+    from safetensors.torch import save_file
+
+    from protocol.delta import check_fits
+    from protocol.errors import BaseMismatchError
+    from protocol.model_dir import ModelDir
+
+    def mutate(parts):
+        parts.header["tensors"][0]["shape"] = [2**34]  # a 1 KB file declaring 64 GiB
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file(
+        {"a": torch.zeros(40, 30), "b": torch.zeros(300, dtype=torch.bfloat16)},
+        base / "model.safetensors",
+    )
+    with (
+        DeltaReader(forged(tmp_path, good, mutate)) as r,
+        pytest.raises(BaseMismatchError, match="'a'"),
+    ):
+        check_fits(r, ModelDir(base), r.header.base_id)

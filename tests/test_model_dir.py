@@ -144,3 +144,11 @@ def test_plan_shards_respects_the_limit_and_keeps_order(tiny_base):
     shards = plan_shards(infos, 40_000)
     assert [i for s in shards for i in s] == infos
     assert all(sum(i.nbytes for i in s) <= 40_000 or len(s) == 1 for s in shards)
+
+
+def test_an_index_with_non_string_entries_is_refused(tiny_base_bf16_sharded, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base_bf16_sharded, broken)
+    (broken / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": 5}}))
+    with pytest.raises(ModelDirError, match="not a safetensors index"):
+        ModelDir(broken)

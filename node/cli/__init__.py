@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from protocol.errors import MergeswarmError
 
 from . import delta, demo, merge
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +38,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error, and stdout cannot be flushed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (MergeswarmError, OSError) as exc:
         print(f"mergeswarm: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mergeswarm: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: still one line, details with -v
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"mergeswarm: internal error: {type(exc).__name__}: {exc} (rerun with -v for details)",
+            file=sys.stderr,
+        )
+        return 1

@@ -11,7 +11,7 @@ from typing import Any
 
 from protocol.codecs import CODECS
 from protocol.container import DeltaReader
-from protocol.delta import apply_deltas, create_delta
+from protocol.delta import apply_deltas, check_fits, create_delta
 from protocol.identity import Identity
 from protocol.ids import base_id, file_id
 from protocol.model_dir import ModelDir
@@ -77,8 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--verify",
-        action="store_true",
-        help="also decode every tensor (hashes, sizes, finiteness, mask counts)",
+        type=Path,
+        default=None,
+        metavar="BASE_DIR",
+        help="also check the delta fits this base and decode every tensor (hashes, sizes, finiteness, mask counts)",
     )
     p.set_defaults(run=run_inspect)
 
@@ -167,6 +169,9 @@ def describe(reader: DeltaReader) -> dict[str, Any]:
 def run_inspect(args: argparse.Namespace) -> int:
     with DeltaReader(args.file) as reader:
         if args.verify:
+            # Shapes are checked against the base first: that bounds every allocation.
+            base = ModelDir(args.verify)
+            check_fits(reader, base, base_id(base))
             for name in reader.names():
                 reader.read_tensor(name)
         info = describe(reader)
@@ -186,19 +191,30 @@ def run_inspect(args: argparse.Namespace) -> int:
         ("params", f"{info['params']:,}"),
         ("kept", f"{info['kept']:,} ({info['kept_fraction']:.4f})"),
         ("bytes", f"{info['bytes']:,} ({info['bytes_per_param']:.4f} bytes/param)"),
-        ("verified", "all tensors decoded" if args.verify else "header and signature"),
+        (
+            "verified",
+            f"fits {args.verify}; all tensors decoded" if args.verify else "header and signature",
+        ),
     ]
-    rows += [(f"meta {k}", json.dumps(v)) for k, v in info["metadata"].items()]
+    rows += [
+        (f"meta {_printable(k)}", _printable(json.dumps(v))) for k, v in info["metadata"].items()
+    ]
     for key, value in rows:
         print(f"{key:>10}: {value}")
-    width = max((len(t["name"]) for t in info["tensors"]), default=4)
+    names = [_printable(t["name"]) for t in info["tensors"]]
+    width = max((len(n) for n in names), default=4)
     print(f"\n{'tensor':<{width}}  {'dtype':<5} {'shape':<16} {'kept':>12} {'bytes':>12}")
-    for t in info["tensors"]:
+    for name, t in zip(names, info["tensors"], strict=True):
         shape = "x".join(map(str, t["shape"])) or "scalar"
         print(
-            f"{t['name']:<{width}}  {t['dtype']:<5} {shape:<16} {t['kept']:>12,} {t['frame_bytes']:>12,}"
+            f"{name:<{width}}  {t['dtype']:<5} {shape:<16} {t['kept']:>12,} {t['frame_bytes']:>12,}"
         )
     return 0
+
+
+def _printable(text: str) -> str:
+    """Names come from other peers: never let them drive the terminal."""
+    return text if text.isprintable() else repr(text)
 
 
 def run_apply(args: argparse.Namespace) -> int:
