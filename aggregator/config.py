@@ -96,9 +96,12 @@ class MergeConfig(_Strict):
     name: str | None = None  # free label, as in mergekit
 
     @model_validator(mode="after")
-    def _density_sources_agree(self) -> MergeConfig:
+    def _consistent(self) -> MergeConfig:
         if self.parameters.drop_rate is not None and self.parameters.density is not None:
             raise ValueError("give either parameters.drop_rate or parameters.density, not both")
+        if self.merge_method == "linear" and self.parameters.normalize is False:
+            # mergekit then sums whole models, not task vectors: a different operation.
+            raise ValueError("linear with normalize: false is not supported; use task_arithmetic")
         return self
 
     def recipe(self) -> Recipe:

@@ -24,6 +24,7 @@ from aggregator.methods import Recipe, TensorStats, merge_tensor
 from protocol.errors import EncodeError
 from protocol.ids import BaseHasher, base_id
 from protocol.model_dir import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
+from protocol.numerics import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def _merged_tensors(
                 name, tensor, plan, weights, densities, presparsified, recipe, report
             )
             tensor = tensor.to(DTYPES[dtype or info.dtype])
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise EncodeError(
                     f"tensor {name!r}: the merged values overflow {dtype or info.dtype}"
                 )

@@ -22,6 +22,7 @@ from protocol.delta import check_fits
 from protocol.errors import BaseMismatchError, ModelDirError
 from protocol.ids import base_id, file_id
 from protocol.model_dir import ModelDir
+from protocol.numerics import all_finite
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,7 +86,7 @@ class ModelSource(TaskVectorSource):
 
     def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
         theta = self.model.tensor(name).to(torch.float32)
-        if not torch.isfinite(theta).all():
+        if not all_finite(theta):
             raise BaseMismatchError(f"{self.path}: tensor {name!r} contains NaN or Inf")
         return theta.sub_(base)
 
@@ -193,7 +194,7 @@ class LoraSource(TaskVectorSource):
         delta = (b @ a) * self._scale(name, a.shape[0])
         if self.config.get("fan_in_fan_out"):
             delta = delta.T.contiguous()
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise BaseMismatchError(f"{self.path}: LoRA for {name!r} contains NaN or Inf")
         return delta
 

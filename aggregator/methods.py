@@ -38,6 +38,9 @@ import torch
 from protocol import dare
 
 Sparsify = Literal["none", "magnitude", "dare"]
+_CHUNK = (
+    1 << 16
+)  # elements per step of the element-wise passes: a chunk of every input stays in cache
 Consensus = Literal["none", "sign"]
 
 
@@ -100,75 +103,92 @@ class Recipe:
         return self.spec.default_normalize if self.normalize is None else self.normalize
 
 
-def magnitude_prune(x: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_prune(x: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
     """Keep the ``k = floor(density * numel)`` entries of largest |value|, zero the rest.
 
     Among entries whose magnitude equals the k-th largest, the lowest flat
     indices are kept. Zeros never count: if at most k entries are nonzero,
-    nothing is trimmed.
+    nothing is trimmed. With ``inplace`` the result overwrites ``x``. Works
+    in cache-sized chunks, so it allocates nothing of the tensor's size.
     """
     n = x.numel()
     k = int(density * n)
     if k >= n:
         return x
+    out = x if inplace else x.clone()
     if k <= 0:
-        return torch.zeros_like(x)
-    flat = x.reshape(-1)
-    mag = flat.abs()
-    if torch.count_nonzero(mag).item() <= k:
-        return x
-    threshold = kth_largest(mag, k)
-    keep = mag > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        ties = torch.nonzero(mag == threshold).reshape(-1)[:missing]
-        keep[ties] = True
-    return (flat * keep).reshape(x.shape)
+        return out.zero_()
+    flat = out.reshape(-1)
+    if torch.count_nonzero(flat).item() <= k:
+        return out
+    threshold = kth_largest_magnitude(flat, k)
+    ties_left = k - sum(int(torch.count_nonzero(c.abs() > threshold)) for c in flat.split(_CHUNK))
+    for c in flat.split(_CHUNK):  # zero what is below the threshold, and ties beyond the first ones
+        mag = c.abs()
+        keep = mag > threshold
+        if ties_left > 0:
+            at = torch.nonzero(mag == threshold).reshape(-1)[:ties_left]
+            keep[at] = True
+            ties_left -= at.numel()
+        c.mul_(keep)
+    return out
 
 
-_SAMPLE = 1 << 16
+_SAMPLE = 1 << 14
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest of a flat tensor (1 <= k <= numel).
+def kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest |value| of a flat tensor (1 <= k <= numel).
 
-    A strided sample brackets the answer between two values; only the entries
-    inside that band are ranked exactly, which on large tensors is several
-    times faster than a full selection. Falls back to one when the bracket
-    misses (the answer is exact either way, and the sample is deterministic).
+    A strided sample brackets the answer between two magnitudes; only entries
+    inside that band are ranked exactly. Falls back to a full selection when
+    the bracket misses (the answer is exact either way; the sample is
+    deterministic).
     """
-    n = values.numel()
+    n = flat.numel()
     if n <= 4 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
-    sample = values[:: n // _SAMPLE].sort().values  # ascending
+        return torch.kthvalue(flat.abs(), n - k + 1).values
+    sample = flat[:: n // _SAMPLE].abs().sort().values  # ascending
     m = sample.numel()
     rank = (n - k) / n * m  # where the answer sits in the sample
     slack = 4 * (m**0.5) + 16
     lo = sample[max(int(rank - slack), 0)]
     hi = sample[min(int(rank + slack), m - 1)]
-    above = int(torch.count_nonzero(values > hi))
-    band = values[(values >= lo) & (values <= hi)]
-    if above < k <= above + band.numel():
-        return torch.kthvalue(band, band.numel() - (k - above) + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    above, band = 0, []
+    for c in flat.split(_CHUNK):
+        mag = c.abs()
+        above += int(torch.count_nonzero(mag > hi))
+        band.append(mag[(mag >= lo) & (mag <= hi)])
+    inside = torch.cat(band)
+    if above < k <= above + inside.numel():
+        return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
+    return torch.kthvalue(flat.abs(), n - k + 1).values
 
 
 def dare_drop(
-    x: torch.Tensor, density: float, seed: int, name: str, rescale: str = "inverse"
+    x: torch.Tensor,
+    density: float,
+    seed: int,
+    name: str,
+    rescale: str = "inverse",
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Keep each entry with probability ``density`` (portable mask), then rescale survivors."""
     if density >= 1.0:
         return x
-    flat = x.reshape(-1).to(torch.float32)
+    out = x if inplace else x.to(torch.float32, copy=True)
+    flat = out.reshape(-1)
+    before = flat.abs().sum() if rescale == "l1" else None
     mask = torch.from_numpy(dare.keep_mask(seed, name, flat.numel(), 1.0 - density))
-    kept = flat * mask
+    flat.mul_(mask)
     if rescale == "inverse":
-        kept = kept * float(dare.rescale_factor(1.0 - density))
+        flat.mul_(float(dare.rescale_factor(1.0 - density)))
     elif rescale == "l1":
-        before, after = flat.abs().sum(), kept.abs().sum()
+        after = flat.abs().sum()
         if before >= 1e-8 and after >= 1e-8:
-            kept = kept * (before / after)
-    return kept.reshape(x.shape)
+            flat.mul_(before / after)
+    return out
 
 
 def elect_sign(tvs: Sequence[torch.Tensor], method: str) -> torch.Tensor:
@@ -201,8 +221,9 @@ def merge_tensor(
     """Merge K float32 task vectors of one tensor into one float32 delta.
 
     :param name: the tensor's name (seeds its DARE masks).
-    :param task_vectors: K tensors of one shape, in a fixed order (sorted by input id);
-        consumed one at a time, so a generator keeps only sparsified copies alive.
+    :param task_vectors: K float32 tensors of one shape, in a fixed order (sorted by
+        input id); consumed one at a time and sparsified in place, so pass tensors
+        the caller no longer needs (a generator keeps only one alive at a time).
     :param weights: one weight per input.
     :param densities: one density per input (magnitude keep fraction or DARE keep rate).
     :param presparsified: inputs already DARE-sparse, which ``dare`` leaves as they are.
@@ -216,9 +237,9 @@ def merge_tensor(
         original_shape = t.shape
         t = t.to(torch.float32)
         if spec.sparsify == "magnitude":
-            t = magnitude_prune(t, densities[i])
+            t = magnitude_prune(t, densities[i], inplace=True)
         elif spec.sparsify == "dare" and not pre[i]:
-            t = dare_drop(t, densities[i], recipe.seed + i, name, recipe.dare_rescale)
+            t = dare_drop(t, densities[i], recipe.seed + i, name, recipe.dare_rescale, inplace=True)
         kept += torch.count_nonzero(t).item() / max(t.numel(), 1)
         tvs.append(t.reshape(-1))
     if not tvs or len(tvs) != len(weights):
@@ -235,32 +256,33 @@ def merge_tensor(
     return merged.reshape(original_shape), stats
 
 
-_CHUNK = 1 << 20
-
-
 def _combine(
     tvs: Sequence[torch.Tensor], weights: Sequence[float], recipe: Recipe
 ) -> tuple[torch.Tensor, int]:
     """Consensus and aggregation over one chunk; returns (merged chunk, disagreeing entries)."""
-    num = torch.zeros_like(tvs[0])
+    if recipe.spec.consensus != "sign":
+        num = torch.zeros_like(tvs[0])
+        for t, w in zip(tvs, weights, strict=True):
+            num.add_(t, alpha=w)
+        if recipe.normalized:
+            total = sum(weights)
+            num.div_(total if total != 0 else 1.0)
+        return (num.mul_(recipe.lam) if recipe.lam != 1.0 else num), 0
+    voters = [t * w for t, w in zip(tvs, weights, strict=True)] if recipe.weighted_vote else tvs
+    elected = elect_sign(voters, recipe.sign_method)
+    # t * elected > 0 exactly where t is nonzero and agrees; < 0 where it disagrees.
+    mass = torch.zeros_like(tvs[0])  # sum of w * |t| over agreeing entries
     den = torch.zeros_like(tvs[0])
-    disagreeing = 0
-    if recipe.spec.consensus == "sign":
-        voters = [t * w for t, w in zip(tvs, weights, strict=True)] if recipe.weighted_vote else tvs
-        elected = elect_sign(voters, recipe.sign_method)
-        disagree = torch.zeros(tvs[0].shape, dtype=torch.bool)
-        for t, w in zip(tvs, weights, strict=True):
-            sign = torch.sign(t)
-            agree = sign == elected
-            disagree |= (sign != 0) & ~agree
-            num += torch.where(agree, t * w, 0.0)
-            den += agree * w
-        disagreeing = int(disagree.sum())
-    else:
-        for t, w in zip(tvs, weights, strict=True):
-            num += t * w
-            den += w
-    merged = num / torch.where(den == 0, 1.0, den) if recipe.normalized else num
+    disagree = torch.zeros(tvs[0].shape, dtype=torch.bool)
+    for t, w in zip(tvs, weights, strict=True):
+        aligned = t * elected
+        disagree |= aligned < 0
+        agree = aligned > 0
+        mass.add_(aligned.clamp_(min=0), alpha=w)
+        den.add_(agree, alpha=w)
+    merged = mass.mul_(elected)
+    if recipe.normalized:
+        merged.div_(den.masked_fill_(den == 0, 1.0))
     if recipe.lam != 1.0:
-        merged *= recipe.lam
-    return merged, disagreeing
+        merged.mul_(recipe.lam)
+    return merged, int(disagree.sum())

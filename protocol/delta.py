@@ -21,6 +21,7 @@ from protocol.errors import BaseMismatchError, EncodeError
 from protocol.identity import Identity
 from protocol.ids import BaseHasher, base_id
 from protocol.model_dir import DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
+from protocol.numerics import all_finite
 
 Progress = Callable[[int], None]
 
@@ -163,7 +164,7 @@ def apply_deltas(
                     for reader in touching:
                         acc += reader.read_tensor(name)
                     tensor = acc.to(DTYPES[info.dtype])
-                    if not torch.isfinite(tensor).all():
+                    if not all_finite(tensor):
                         raise EncodeError(
                             f"tensor {name!r}: base + deltas overflows {info.dtype}; "
                             "the deltas are too large for this base"

@@ -10,6 +10,7 @@ memory is one tensor, never a shard or the model.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ class TensorInfo:
     dtype: str  # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # absolute byte offset of the tensor's data in ``file``
 
     @property
     def numel(self) -> int:
@@ -85,7 +87,7 @@ class ModelDir:
         if expected is not None and expected != set(self.tensors):
             odd = sorted(expected.symmetric_difference(self.tensors))[0]
             raise ModelDirError(f"{self.path / INDEX_FILE}: index and shards disagree on {odd!r}")
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, io.FileIO] = {}
 
     def _shard_files(self) -> tuple[list[Path], set[str] | None]:
         """The weight files, and the tensor names the index promises (None without an index)."""
@@ -112,6 +114,10 @@ class ModelDir:
         )
 
     def _read_header(self, shard: Path) -> None:
+        # safetensors validates the file (header, offsets, sizes); we then read
+        # tensor bytes ourselves with plain reads, because its memory map would
+        # keep every page read so far resident in this process.
+        offsets = _data_offsets(shard)
         try:
             with safe_open(shard, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -125,7 +131,9 @@ class ModelDir:
                         raise ModelDirError(
                             f"{shard}: tensor {name!r} also appears in another shard"
                         )
-                    self.tensors[name] = TensorInfo(name, dtype, tuple(sl.get_shape()), shard)
+                    self.tensors[name] = TensorInfo(
+                        name, dtype, tuple(sl.get_shape()), shard, offsets[name]
+                    )
         except SafetensorError as exc:
             raise ModelDirError(f"{shard}: not a valid safetensors file ({exc})") from None
 
@@ -133,15 +141,36 @@ class ModelDir:
         """Tensor names in the canonical order (sorted by code point)."""
         return sorted(self.tensors)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Load one tensor (a fresh CPU tensor; the file is memory-mapped)."""
+    def tensor(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Load one tensor with plain reads (no memory map).
+
+        :param buffer: a reusable uint8 tensor of at least the tensor's byte size;
+            the result is then a view of it, valid until the buffer is reused.
+        """
         info = self.tensors[name]
+        nbytes = info.nbytes
+        if buffer is None:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+        elif buffer.dtype != torch.uint8 or buffer.numel() < nbytes:
+            raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} cannot hold {name!r}")
+        else:
+            raw = buffer[:nbytes]
         handle = self._handles.get(info.file)
         if handle is None:
-            handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-        return handle.get_tensor(name)
+            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115
+        handle.seek(info.offset)
+        view = memoryview(raw.numpy()).cast("B")
+        done = 0
+        while done < nbytes:
+            got = handle.readinto(view[done:])
+            if not got:
+                raise ModelDirError(f"{info.file}: truncated inside tensor {name!r}")
+            done += got
+        return raw.view(DTYPES[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     def __enter__(self) -> ModelDir:
@@ -149,6 +178,23 @@ class ModelDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _data_offsets(shard: Path) -> dict[str, int]:
+    """Absolute data offset of every tensor in a safetensors file (validated afterwards)."""
+    try:
+        with open(shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024**2:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(f.read(length))
+        return {
+            name: 8 + length + int(entry["data_offsets"][0])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise ModelDirError(f"{shard}: not a valid safetensors file ({exc})") from None
 
 
 def _header_bytes(shard: list[TensorInfo]) -> bytes:

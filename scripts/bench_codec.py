@@ -28,32 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from synthetic_model import delta_tensors, largest_params
+
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 CODECS = ("fp32", "fp16", "bf16", "int8")
 DROP_RATES = (0.5, 0.9, 0.99)
-
-
-def layout(scale: float) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of a Llama-like model: ~303M params at scale 1."""
-    hidden = max(64, int(1024 * scale**0.5) // 64 * 64)
-    inter = hidden * 11 // 4
-    vocab = max(512, int(49152 * scale**0.5))
-    layers = 16
-    shapes = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden))]
-    shapes.append(("model.norm.weight", (hidden,)))
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [(p + f"self_attn.{x}_proj.weight", (hidden, hidden)) for x in "qkvo"]
-        shapes += [
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-        ]
-        shapes += [(p + "mlp.down_proj.weight", (hidden, inter))]
-        shapes += [
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    return sorted(shapes)
 
 
 def rss_now_mb() -> float:
@@ -69,11 +48,7 @@ def peak_rss_mb() -> float:
 
 
 def synthetic_tensors(scale: float):
-    import torch
-
-    for i, (name, shape) in enumerate(layout(scale)):
-        g = torch.Generator().manual_seed(i)
-        yield name, torch.randn(shape, generator=g) * 1e-3
+    return delta_tensors(scale, seed=0)
 
 
 def real_tensors(src: Path):
@@ -248,7 +223,7 @@ def measure(args: argparse.Namespace, workdir: Path, source: Path | None, label:
     results: dict = {"label": label, "rows": []}
     largest = 0
     if source is None:
-        largest = max(int(__import__("math").prod(s)) for _, s in layout(args.scale))
+        largest = largest_params(args.scale)
     dense_file = workdir / f"{label}-dense.bin"
     enc = run_worker(
         "dense-encode", dense_file, p=0.0, codec="fp32", scale=args.scale, source=source

@@ -27,6 +27,12 @@ def cli(*args: str, ok: bool = True, env_extra: dict | None = None) -> subproces
     return proc
 
 
+def create(base, finetuned, out, *extra, ok: bool = True) -> subprocess.CompletedProcess:
+    return cli(
+        "delta", "create", "--base", base, "--finetuned", finetuned, "-o", out, *extra, ok=ok
+    )
+
+
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -85,30 +91,11 @@ def test_applying_to_the_wrong_base_is_one_clear_error(
     tiny_base, tiny_finetuned, tiny_base_bf16_sharded, tmp_path
 ):
     delta = tmp_path / "d.msd"
-    cli(
-        "delta",
-        "create",
-        "--base",
-        tiny_base,
-        "--finetuned",
-        tiny_finetuned,
-        "-o",
-        delta,
-        "--key",
-        tmp_path / "k",
+    create(tiny_base, tiny_finetuned, delta, "--key", tmp_path / "k")
+    apply = cli(
+        "delta", "apply", "--base", tiny_base_bf16_sharded, delta, "-o", tmp_path / "x", ok=False
     )
-    line = one_error_line(
-        cli(
-            "delta",
-            "apply",
-            "--base",
-            tiny_base_bf16_sharded,
-            delta,
-            "-o",
-            tmp_path / "x",
-            ok=False,
-        )
-    )
+    line = one_error_line(apply)
     assert line.startswith("mergeswarm: error:") and "made against base" in line
     assert not (tmp_path / "x").exists()
 
@@ -118,19 +105,7 @@ def test_corrupt_and_missing_inputs_are_one_clear_error(tiny_base, tmp_path):
     bad.write_bytes(b"MSDELTA\0" + b"\xff" * 50)
     assert "format version" in one_error_line(cli("delta", "inspect", bad, ok=False))
     missing = tmp_path / "nope"
-    line = one_error_line(
-        cli(
-            "delta",
-            "create",
-            "--base",
-            tiny_base,
-            "--finetuned",
-            missing,
-            "-o",
-            tmp_path / "d.msd",
-            ok=False,
-        )
-    )
+    line = one_error_line(create(tiny_base, missing, tmp_path / "d.msd", ok=False))
     assert str(missing) in line and "not a directory" in line
     assert "not a directory" in one_error_line(cli("base-id", missing, ok=False))
 

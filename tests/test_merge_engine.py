@@ -188,3 +188,39 @@ def test_a_delta_for_another_base_is_named(
     create_delta(tiny_base, finetunes[0], delta, identity=identity)
     with pytest.raises(BaseMismatchError, match=f"{delta}: made against base"):
         merge_models(tiny_base_bf16_sharded, [MergeInput(delta)], Recipe("ties"), tmp_path / "o")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_bases_merge_like_peft(tmp_path, dtype):
+    from peft.utils import merge_utils as peft
+
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "w": torch.randn(64, 48, generator=g).to(dtype),
+        "b": torch.randn(48, generator=g).to(dtype),
+    }
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    inputs = []
+    for i in range(3):
+        ft = {
+            k: (v.float() + torch.randn(v.shape, generator=g) * 0.05).to(dtype)
+            for k, v in base.items()
+        }
+        (tmp_path / f"ft{i}").mkdir()
+        save_file(ft, tmp_path / f"ft{i}" / "model.safetensors")
+        inputs.append(tmp_path / f"ft{i}")
+    merge_models(
+        tmp_path / "base",
+        [MergeInput(p) for p in inputs],
+        Recipe("ties"),
+        tmp_path / "out",
+        density=1.0,
+    )
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    fts = [load_file(p / "model.safetensors") for p in inputs]
+    for name, b in base.items():
+        tvs = [ft[name].float() - b.float() for ft in fts]
+        want = (b.float() + peft.ties(tvs, torch.ones(3), 1.0)).to(dtype)
+        assert got[name].dtype == dtype
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0)

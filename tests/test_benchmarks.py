@@ -1,4 +1,4 @@
-"""The codec benchmark still runs end to end (figures are its output, not asserted here)."""
+"""The benchmarks still run end to end (their figures are output, not asserted here)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,21 @@ def test_bench_codec_smoke_run_reports_every_row(tmp_path):
     for row in synthetic["rows"]:
         assert row["enc"]["params"] == row["dec"]["params"] == synthetic["params"]
         assert 0 < row["enc"]["bytes"] < row["coo"]["enc"]["bytes"]
+
+
+@pytest.mark.slow
+def test_bench_merge_smoke_run_agrees_with_peft(tmp_path):
+    out = tmp_path / "bench.json"
+    script = SCRIPT.with_name("bench_merge.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--scale", "0.005", "--k", "2", "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["k"], r["method"]) for r in rows] == [(2, "ties"), (2, "dare_ties")]
+    for row in rows:
+        assert row["diff"]["outside_tolerance"] == 0
+        assert row["ours"]["seconds"] > 0 and row["peft"]["seconds"] > 0

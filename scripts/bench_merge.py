@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Benchmark the streaming merge engine against peft's merge_utils in the same run.
+
+Merges K in {2, 4, 8} fine-tunes of a synthetic ~306M-parameter fp32 model
+(147 tensors, the largest 50.3M) with ``ties`` (density 0.2) and
+``dare_ties`` (drop rate 0.9, i.e. density 0.1). Each merge runs in a fresh
+process: ours streams tensor by tensor from the model directories; the
+oracle loads every model whole (peft's merge_utils work on in-memory
+tensors) and calls ``peft.utils.merge_utils.ties`` / ``dare_ties`` per tensor,
+with peft's random pruning swapped for our portable DARE mask so both see the
+same mask. Both write a safetensors model. Prints wall time, parameters per
+second, peak RSS, and how far the two results are apart.
+
+    .venv/bin/python scripts/bench_merge.py             # ~20 minutes, ~16 GB of temporary files
+    .venv/bin/python scripts/bench_merge.py --scale 0.02 --k 2   # smoke run
+
+mergekit is not measured: its releases pin a torch that this CPU-only
+machine cannot install beside torch 2.13.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from synthetic_model import largest_params, layout, write_model
+
+METHODS = {"ties": 0.2, "dare_ties": 0.1}  # method -> density
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_ours(args: argparse.Namespace) -> dict:
+    from aggregator.engine import MergeInput, merge_models
+    from aggregator.methods import Recipe
+
+    inputs = [MergeInput(Path(p)) for p in args.inputs]
+    recipe = Recipe(args.method, normalize=True)  # peft divides by the agreeing count
+    start = time.perf_counter()
+    merge_models(Path(args.base), inputs, recipe, Path(args.out), density=args.density)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_peft(args: argparse.Namespace) -> dict:
+    import itertools
+
+    import torch
+    from peft.utils import merge_utils
+    from safetensors.torch import load_file, save_file
+
+    from aggregator.methods import dare_drop
+
+    start = time.perf_counter()
+    base = load_file(Path(args.base) / "model.safetensors")
+    models = [load_file(Path(p) / "model.safetensors") for p in args.inputs]  # sorted by id
+    merged = {}
+    for name in sorted(base):
+        if args.method == "dare_ties" and args.mask == "ours":
+            calls = itertools.count()
+
+            def pruning(tensor, density, rescale, name=name, calls=calls):
+                return dare_drop(tensor, density, next(calls), name)
+
+            merge_utils.random_pruning = pruning
+        tvs = [m[name] - base[name] for m in models]
+        fn = merge_utils.ties if args.method == "ties" else merge_utils.dare_ties
+        merged[name] = base[name] + fn(tvs, torch.ones(len(tvs)), args.density)
+    save_file(merged, Path(args.out) / "model.safetensors")
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_worker(
+    kind: str, base: Path, inputs: list[Path], out: Path, method: str, mask: str = "ours"
+) -> dict:
+    if kind == "peft":
+        out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--mask",
+        mask,
+    ]
+    cmd += ["--method", method, "--density", str(METHODS[method]), "--inputs", *map(str, inputs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(ours: Path, oracle: Path) -> dict:
+    """Largest difference and count of entries outside fp32 tolerance, tensor by tensor."""
+    from safetensors import safe_open
+
+    worst, outside, total = 0.0, 0, 0
+    with (
+        safe_open(ours / "model.safetensors", "pt") as a,
+        safe_open(oracle / "model.safetensors", "pt") as b,
+    ):
+        for name in a.keys():  # noqa: SIM118
+            x, y = a.get_tensor(name), b.get_tensor(name)
+            diff = (x - y).abs()
+            worst = max(worst, float(diff.max()))
+            outside += int((diff > 1e-6 + 1e-5 * y.abs()).sum())
+            total += x.numel()
+    return {"max_abs_diff": worst, "outside_tolerance": outside, "entries": total}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="synthetic model size (1.0 = ~306M params)"
+    )
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="numbers of inputs")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--density", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--mask", default="ours", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker_ours(args) if args.worker == "ours" else worker_peft(args)))
+        return 0
+
+    from protocol.ids import base_id
+
+    params = sum(__import__("math").prod(s) for _, s in layout(args.scale))
+    largest_mib = largest_params(args.scale) * 4 / 2**20
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
+        root = Path(tmp)
+        print(
+            f"writing a base and {max(args.k)} fine-tunes of {params:,} params ...", file=sys.stderr
+        )
+        base = write_model(root / "base", args.scale)
+        finetunes = [
+            write_model(root / f"ft{i}", args.scale, delta_seed=i) for i in range(max(args.k))
+        ]
+        ids = {p: base_id(p) for p in finetunes}
+        for k in args.k:
+            inputs = sorted(
+                finetunes[:k], key=ids.__getitem__
+            )  # the engine's order, for the same masks
+            for method in args.methods:
+                print(f"K={k} {method} ...", file=sys.stderr)
+                ours = run_worker("ours", base, inputs, root / "ours", method)
+                oracle = run_worker("peft", base, inputs, root / "peft", method)
+                diff = compare(root / "ours", root / "peft")
+                row = {"k": k, "method": method, "ours": ours, "peft": oracle, "diff": diff}
+                if method == "dare_ties":  # peft as shipped draws its own (bernoulli) mask
+                    row["peft_own_mask"] = run_worker(
+                        "peft", base, inputs, root / "peft2", method, "peft"
+                    )
+                    shutil.rmtree(root / "peft2")
+                rows.append(row)
+                for d in ("ours", "peft"):
+                    shutil.rmtree(root / d)
+    lines = [
+        "# bench_merge: synthetic fp32 model, torch threads = cores",
+        f"command: {' '.join(sys.argv)}",
+        f"{params:,} params, largest tensor {largest_mib:.0f} MiB",
+        "",
+        "peft s / speed-up: peft with our DARE mask (the run whose result is compared);"
+        " in brackets: peft as shipped, with its own bernoulli mask",
+        "",
+        "| K | method | ours s | ours Mparam/s | ours peak RSS MiB | RSS bound MiB | peft s | peft Mparam/s | peft peak RSS MiB | speed-up | max abs diff | entries outside fp32 tol |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bound = (r["k"] + 3) * largest_mib + 300
+        o, p = r["ours"], r["peft"]
+        own = r.get("peft_own_mask")
+        peft_s = f"{p['seconds']:.1f}" + (f" [{own['seconds']:.1f}]" if own else "")
+        speedup = f"{p['seconds'] / o['seconds']:.2f}x" + (
+            f" [{own['seconds'] / o['seconds']:.2f}x]" if own else ""
+        )
+        lines.append(
+            f"| {r['k']} | {r['method']} | {o['seconds']:.1f} | {params / o['seconds'] / 1e6:.1f} | "
+            f"{o['peak_rss_mb']:.0f} | {bound:.0f} | {peft_s} | {params / p['seconds'] / 1e6:.1f} | "
+            f"{p['peak_rss_mb']:.0f} | {speedup} | {r['diff']['max_abs_diff']:.2e} | "
+            f"{r['diff']['outside_tolerance']:,} of {r['diff']['entries']:,} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Synthetic Llama-shaped models for the benchmarks (shared by bench_*.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def layout(scale: float = 1.0) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Llama-like model: ~306M params (147 tensors) at scale 1."""
+    hidden = max(64, int(1024 * scale**0.5) // 64 * 64)
+    inter = hidden * 11 // 4
+    vocab = max(512, int(49152 * scale**0.5))
+    shapes = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden))]
+    shapes.append(("model.norm.weight", (hidden,)))
+    for i in range(16):
+        p = f"model.layers.{i}."
+        shapes += [(p + f"self_attn.{x}_proj.weight", (hidden, hidden)) for x in "qkvo"]
+        shapes += [
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+        ]
+        shapes += [(p + "mlp.down_proj.weight", (hidden, inter))]
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    return sorted(shapes)
+
+
+def largest_params(scale: float = 1.0) -> int:
+    return max(math.prod(shape) for _, shape in layout(scale))
+
+
+def delta_tensors(scale: float, seed: int, std: float = 1e-3):
+    """(name, tensor) pairs of a synthetic fine-tuning delta: N(0, std^2) per entry."""
+    for i, (name, shape) in enumerate(layout(scale)):
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        yield name, torch.randn(shape, generator=g) * std
+
+
+def write_model(
+    out: Path, scale: float, *, base_seed: int = 0, delta_seed: int | None = None
+) -> Path:
+    """A model directory: N(0, 0.02^2) base weights, plus a delta when ``delta_seed`` is given."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t * 20 for name, t in delta_tensors(scale, base_seed, std=1e-3)}  # std 0.02
+    if delta_seed is not None:
+        for name, d in delta_tensors(scale, delta_seed + 1):
+            tensors[name] += d
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
