@@ -46,7 +46,9 @@ class ConfigError(MergeswarmError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -72,8 +74,8 @@ class ModelEntry(_Strict):
 
 class GlobalParameters(_Strict):
     normalize: bool | None = None  # divide by the (agreeing) weights; default per method
-    lam: float = Field(1.0, alias="lambda")  # scales the merged task vector
-    rescale: bool = True  # dare methods: rescale survivors (mergekit: to the L1 norm)
+    lam: float | None = Field(None, alias="lambda")  # scales the merged task vector (default 1)
+    rescale: bool | None = None  # dare methods: rescale survivors to the L1 norm (default true)
     int8_mask: bool = False  # a mergekit memory option; results are the same without it
     weight: float | None = None  # default weight of every model
     density: Density | None = None  # default density of every model
@@ -102,17 +104,21 @@ class MergeConfig(_Strict):
         if self.merge_method == "linear" and self.parameters.normalize is False:
             # mergekit then sums whole models, not task vectors: a different operation.
             raise ValueError("linear with normalize: false is not supported; use task_arithmetic")
+        if self.merge_method == "linear" and self.parameters.lam is not None:
+            raise ValueError("linear takes no lambda (as in mergekit); use task_arithmetic")
+        if self.parameters.rescale is not None and not self.merge_method.startswith("dare"):
+            raise ValueError(f"rescale applies to dare methods only, not {self.merge_method}")
         return self
 
     def recipe(self) -> Recipe:
         p = self.parameters
         return Recipe(
             method=self.merge_method,
-            lam=p.lam,
+            lam=1.0 if p.lam is None else p.lam,
             normalize=p.normalize,
             sign_method=p.sign_method,
             weighted_vote=p.weighted_vote,
-            dare_rescale="l1" if p.rescale else "none",
+            dare_rescale="none" if p.rescale is False else "l1",
             seed=p.seed,
         )
 
@@ -123,21 +129,36 @@ class MergeConfig(_Strict):
         return p.density if p.density is not None else 1.0
 
     def inputs(self) -> list[MergeInput]:
-        """The merge inputs, without the base model if it is listed among them."""
+        """The merge inputs, as mergekit reads them.
+
+        The base listed among ``models`` is skipped (its task vector is zero),
+        except for ``linear``, where mergekit averages whole models and the base
+        counts with its weight; there it is added even when not listed, which
+        then needs a global weight.
+        """
         base = _resolve(self.base_model, "base_model")
-        out = []
+        out, base_listed = [], False
         for entry in self.models:
             path = _resolve(entry.model, "models[].model")
-            if path == base:
-                continue
             weight = entry.parameters.weight
             if (
                 "weight" not in entry.parameters.model_fields_set
                 and self.parameters.weight is not None
             ):
                 weight = self.parameters.weight
+            if path == base:
+                base_listed = True
+                if self.merge_method != "linear":
+                    continue
             out.append(MergeInput(path, weight, entry.parameters.density))
-        if not out:
+        if self.merge_method == "linear" and not base_listed:
+            if self.parameters.weight is None:
+                raise ConfigError(
+                    "linear averages the base model too (as mergekit does): list it under models "
+                    "with a weight, or give parameters.weight"
+                )
+            out.append(MergeInput(base, self.parameters.weight, None))
+        if all(i.path == base for i in out):
             raise ConfigError("models lists only the base model: nothing to merge")
         return out
 
@@ -159,9 +180,11 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
     """Read and validate a YAML merge config; errors name the file and the field."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     try:

@@ -21,7 +21,7 @@ import torch
 
 from aggregator.inputs import TaskVectorSource, open_source
 from aggregator.methods import Recipe, TensorStats, merge_tensor
-from protocol.errors import EncodeError
+from protocol.errors import BaseMismatchError, EncodeError
 from protocol.ids import BaseHasher, base_id
 from protocol.model_dir import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
 from protocol.numerics import all_finite
@@ -72,9 +72,19 @@ def _plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput]) -> _Plan:
         raise ValueError("a merge needs at least one input")
     base_md = ModelDir(base)
     base_hex = base_id(base_md)
-    sources = [open_source(i.path) for i in inputs]
-    for src in sources:
-        src.check(base_md, base_hex)
+    sources: list[TaskVectorSource] = []
+    try:
+        seen: dict[str, Path] = {}
+        for item in inputs:
+            sources.append(open_source(item.path))
+            sources[-1].check(base_md, base_hex)
+            if sources[-1].id in seen:
+                raise BaseMismatchError(f"{item.path}: the same input as {seen[sources[-1].id]}")
+            seen[sources[-1].id] = item.path
+    except BaseException:
+        for src in sources:
+            src.close()
+        raise
     order = sorted(
         range(len(inputs)),
         key=lambda i: (sources[i].id, inputs[i].weight, inputs[i].density or 0.0),
@@ -170,7 +180,14 @@ def _merged_tensors(
     for name in plan.base.names():
         info = plan.base.tensors[name]
         tensor = plan.base.tensor(name)
-        if info.dtype in FLOAT_DTYPES:
+        if info.dtype not in FLOAT_DTYPES:
+            for src in plan.sources:
+                src.check_unchanged(name, tensor)
+        else:
+            if not all_finite(tensor):
+                raise BaseMismatchError(
+                    f"{plan.base.path}: base tensor {name!r} contains NaN or Inf"
+                )
             tensor = _merge_one(
                 name, tensor, plan, weights, densities, presparsified, recipe, report
             )
@@ -195,7 +212,11 @@ def _merge_one(
     recipe: Recipe,
     report: MergeReport,
 ) -> torch.Tensor:
-    base32 = tensor.to(torch.float32)
+    base32 = tensor.to(torch.float32)  # task vectors and their merge are float32
+
+    if not any(src.touches(name) for src in plan.sources):  # e.g. LoRA on other modules only
+        report.tensors[name] = _stats_row(TensorStats(0.0, 0.0))
+        return tensor
 
     def task_vectors() -> Iterator[torch.Tensor]:
         for src in plan.sources:
@@ -206,6 +227,8 @@ def _merge_one(
         name, task_vectors(), weights, densities, recipe, presparsified=presparsified
     )
     report.tensors[name] = _stats_row(stats)
+    if tensor.dtype == torch.float64:  # keep the base's precision where it has more
+        return tensor.add_(merged)
     return base32.add_(merged)
 
 

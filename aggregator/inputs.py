@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from protocol.container import DeltaReader
 from protocol.delta import check_fits
 from protocol.errors import BaseMismatchError, ModelDirError
 from protocol.ids import base_id, file_id
-from protocol.model_dir import ModelDir
+from protocol.model_dir import FLOAT_DTYPES, ModelDir
 from protocol.numerics import all_finite
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,6 +52,13 @@ class TaskVectorSource(ABC):
     def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """float32 ``theta - base`` for one tensor, or None where this input changes nothing."""
 
+    def check_unchanged(self, name: str, base: torch.Tensor) -> None:  # noqa: B027
+        """Raise unless this input leaves the non-float tensor ``name`` as the base has it."""
+
+    def touches(self, name: str) -> bool:
+        """Whether this input may change tensor ``name`` (False: its task vector is zero)."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         pass
 
@@ -76,6 +84,10 @@ class ModelSource(TaskVectorSource):
             other = self.model.tensors.get(name)
             if other is None:
                 raise BaseMismatchError(f"{self.path}: tensor {name!r} of the base is missing")
+            if (other.dtype in FLOAT_DTYPES) != (info.dtype in FLOAT_DTYPES):
+                raise BaseMismatchError(
+                    f"{self.path}: tensor {name!r} is {other.dtype}, the base has {info.dtype}"
+                )
             if other.shape != info.shape:
                 raise BaseMismatchError(
                     f"{self.path}: tensor {name!r} has shape {list(other.shape)}, the base has {list(info.shape)}"
@@ -83,6 +95,16 @@ class ModelSource(TaskVectorSource):
         extra = sorted(set(self.model.tensors) - set(base.tensors))
         if extra:
             raise BaseMismatchError(f"{self.path}: tensor {extra[0]!r} is not in the base")
+
+    def check_unchanged(self, name: str, base: torch.Tensor) -> None:
+        other = self.model.tensor(name)
+        if other.dtype != base.dtype or not torch.equal(other, base):
+            raise BaseMismatchError(
+                f"{self.path}: non-float tensor {name!r} differs from the base; only floating-point weights merge"
+            )
+
+    def close(self) -> None:
+        self.model.close()
 
     def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
         theta = self.model.tensor(name).to(torch.float32)
@@ -108,6 +130,9 @@ class DeltaSource(TaskVectorSource):
     def check(self, base: ModelDir, base_hex: str) -> None:
         check_fits(self.reader, base, base_hex)
 
+    def touches(self, name: str) -> bool:
+        return name in self.reader
+
     def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.reader.read_tensor(name) if name in self.reader else None
 
@@ -122,17 +147,7 @@ class LoraSource(TaskVectorSource):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        try:
-            self.config = json.loads((path / ADAPTER_CONFIG).read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelDirError(
-                f"{path / ADAPTER_CONFIG}: unreadable adapter config ({exc})"
-            ) from None
-        for option in ("use_dora",):
-            if self.config.get(option):
-                raise ModelDirError(f"{path}: LoRA option {option!r} is not supported")
-        if self.config.get("modules_to_save"):
-            raise ModelDirError(f"{path}: adapters with 'modules_to_save' are not supported")
+        self.config = _adapter_config(path / ADAPTER_CONFIG)
         self.weights_path = path / ADAPTER_WEIGHTS
         try:
             self._file = safe_open(self.weights_path, framework="pt")
@@ -143,17 +158,22 @@ class LoraSource(TaskVectorSource):
         self.modules = self._pair_modules(list(self._file.keys()))
 
     def _pair_modules(self, keys: list[str]) -> dict[str, tuple[str, str]]:
-        """Base tensor name -> (lora_A key, lora_B key)."""
+        """Base tensor name -> (lora_A key, lora_B key); every key must be such a weight."""
         pairs: dict[str, tuple[str, str]] = {}
         for key in keys:
-            if ".lora_A." not in key:
-                continue
-            module = key.split(".lora_A.")[0]
-            b_key = key.replace(".lora_A.", ".lora_B.")
-            if b_key not in keys:
-                raise ModelDirError(f"{self.weights_path}: {key} has no matching lora_B")
-            name = module.removeprefix(_PEFT_PREFIX) + ".weight"
-            pairs[name] = (key, b_key)
+            if key.endswith(".lora_A.weight"):
+                module = key.removesuffix(".lora_A.weight")
+                if module + ".lora_B.weight" not in keys:
+                    raise ModelDirError(f"{self.weights_path}: {key} has no matching lora_B")
+                name = module.removeprefix(_PEFT_PREFIX) + ".weight"
+                pairs[name] = (key, module + ".lora_B.weight")
+            elif key.endswith(".lora_B.weight"):
+                if key.removesuffix(".lora_B.weight") + ".lora_A.weight" not in keys:
+                    raise ModelDirError(f"{self.weights_path}: {key} has no matching lora_A")
+            else:  # lora_embedding_A/B, LoRA biases, saved modules: not expanded here
+                raise ModelDirError(
+                    f"{self.weights_path}: {key} is not a LoRA A/B weight; only linear-layer LoRA is supported"
+                )
         if not pairs:
             raise ModelDirError(f"{self.weights_path}: no lora_A/lora_B pairs found")
         return pairs
@@ -170,20 +190,29 @@ class LoraSource(TaskVectorSource):
             if info is None:
                 raise BaseMismatchError(f"{self.path}: LoRA targets {name!r}, which the base lacks")
             a, b = self._file.get_slice(a_key).get_shape(), self._file.get_slice(b_key).get_shape()
+            if len(a) != 2 or len(b) != 2:
+                raise BaseMismatchError(
+                    f"{self.path}: LoRA for {name!r} has A{list(a)} B{list(b)}: not matrices"
+                )
             out_in = (b[0], a[1])
             if self.config.get("fan_in_fan_out"):
                 out_in = out_in[::-1]
-            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or tuple(info.shape) != out_in:
+            if a[0] != b[1] or tuple(info.shape) != out_in:
                 raise BaseMismatchError(
                     f"{self.path}: LoRA for {name!r} has A{list(a)} B{list(b)}, the base tensor is {list(info.shape)}"
                 )
 
     def _scale(self, name: str, rank: int) -> float:
         alpha = self.config.get("lora_alpha", rank)
+        module = name.removesuffix(".weight")
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if name.removesuffix(".weight").endswith(pattern):
+            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule; the first match wins
                 alpha = value
+                break
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def touches(self, name: str) -> bool:
+        return name in self.modules
 
     def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         pair = self.modules.get(name)
@@ -197,6 +226,28 @@ class LoraSource(TaskVectorSource):
         if not all_finite(delta):
             raise BaseMismatchError(f"{self.path}: LoRA for {name!r} contains NaN or Inf")
         return delta
+
+    def close(self) -> None:
+        self._file = None
+
+
+def _adapter_config(path: Path) -> dict:
+    """A PEFT LoRA adapter config, checked for what the expansion relies on."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path}: unreadable adapter config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{path}: an adapter config must be a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelDirError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
+    for option in ("use_dora", "modules_to_save"):
+        if config.get(option):
+            raise ModelDirError(f"{path}: LoRA option {option!r} is not supported")
+    alphas = [config.get("lora_alpha", 1), *(config.get("alpha_pattern") or {}).values()]
+    if not all(isinstance(a, int | float) and not isinstance(a, bool) for a in alphas):
+        raise ModelDirError(f"{path}: lora_alpha and alpha_pattern values must be numbers")
+    return config
 
 
 def open_source(path: str | os.PathLike[str]) -> TaskVectorSource:

@@ -115,10 +115,13 @@ def magnitude_prune(x: torch.Tensor, density: float, *, inplace: bool = False) -
     k = int(density * n)
     if k >= n:
         return x
+    if not x.is_contiguous():  # the in-place passes below need one flat storage
+        pruned = magnitude_prune(x.contiguous(), density, inplace=True)
+        return x.copy_(pruned) if inplace else pruned
     out = x if inplace else x.clone()
     if k <= 0:
         return out.zero_()
-    flat = out.reshape(-1)
+    flat = out.view(-1)
     if torch.count_nonzero(flat).item() <= k:
         return out
     threshold = kth_largest_magnitude(flat, k)
@@ -158,8 +161,9 @@ def kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
     for c in flat.split(_CHUNK):
         mag = c.abs()
         above += int(torch.count_nonzero(mag > hi))
-        band.append(mag[(mag >= lo) & (mag <= hi)])
+        band.append(mag[(mag >= lo) & (mag <= hi) & (mag > 0)])  # k <= nonzeros: zeros never rank
     inside = torch.cat(band)
+    del band
     if above < k <= above + inside.numel():
         return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
     return torch.kthvalue(flat.abs(), n - k + 1).values
@@ -177,18 +181,26 @@ def dare_drop(
     """Keep each entry with probability ``density`` (portable mask), then rescale survivors."""
     if density >= 1.0:
         return x
+    if not x.is_contiguous():
+        dropped = dare_drop(x.contiguous(), density, seed, name, rescale, inplace=True)
+        return x.copy_(dropped) if inplace else dropped
     out = x if inplace else x.to(torch.float32, copy=True)
-    flat = out.reshape(-1)
-    before = flat.abs().sum() if rescale == "l1" else None
+    flat = out.view(-1)
+    before = _l1(flat) if rescale == "l1" else None
     mask = torch.from_numpy(dare.keep_mask(seed, name, flat.numel(), 1.0 - density))
     flat.mul_(mask)
     if rescale == "inverse":
         flat.mul_(float(dare.rescale_factor(1.0 - density)))
     elif rescale == "l1":
-        after = flat.abs().sum()
+        after = _l1(flat)
         if before >= 1e-8 and after >= 1e-8:
             flat.mul_(before / after)
     return out
+
+
+def _l1(flat: torch.Tensor) -> float:
+    """Sum of |x| in a fixed order: chunks below torch's parallel-reduction size, in float64."""
+    return sum(float(c.abs().sum(dtype=torch.float64)) for c in flat.split(16384))
 
 
 def elect_sign(tvs: Sequence[torch.Tensor], method: str) -> torch.Tensor:
@@ -266,19 +278,21 @@ def _combine(
             num.add_(t, alpha=w)
         if recipe.normalized:
             total = sum(weights)
-            num.div_(total if total != 0 else 1.0)
+            num.div_(total if abs(total) >= 1e-8 else 1.0)  # mergekit's guard
         return (num.mul_(recipe.lam) if recipe.lam != 1.0 else num), 0
-    voters = [t * w for t, w in zip(tvs, weights, strict=True)] if recipe.weighted_vote else tvs
+    weighted = recipe.weighted_vote
+    voters = [t * w for t, w in zip(tvs, weights, strict=True)] if weighted else tvs
     elected = elect_sign(voters, recipe.sign_method)
-    # t * elected > 0 exactly where t is nonzero and agrees; < 0 where it disagrees.
-    mass = torch.zeros_like(tvs[0])  # sum of w * |t| over agreeing entries
+    # v * elected > 0 exactly where v is nonzero and agrees; < 0 where it disagrees. With a
+    # weighted vote, agreement is judged on w * t (mergekit), so a negative weight flips it.
+    mass = torch.zeros_like(tvs[0])  # sum of w * t over agreeing entries, times the elected sign
     den = torch.zeros_like(tvs[0])
     disagree = torch.zeros(tvs[0].shape, dtype=torch.bool)
-    for t, w in zip(tvs, weights, strict=True):
-        aligned = t * elected
+    for v, w in zip(voters, weights, strict=True):
+        aligned = v * elected
         disagree |= aligned < 0
         agree = aligned > 0
-        mass.add_(aligned.clamp_(min=0), alpha=w)
+        mass.add_(aligned.clamp_(min=0), alpha=1.0 if weighted else w)
         den.add_(agree, alpha=w)
     merged = mass.mul_(elected)
     if recipe.normalized:

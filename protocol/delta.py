@@ -76,7 +76,8 @@ def create_delta(
             hasher.update(name, info.dtype, b)
             f = ft_md.tensor(name)
             if info.dtype in FLOAT_DTYPES:
-                writer.add(name, info.dtype, f.to(torch.float32) - b.to(torch.float32))
+                wide = torch.promote_types(b.dtype, torch.float32)  # float64 stays float64
+                writer.add(name, info.dtype, f.to(wide) - b.to(wide))
             elif not torch.equal(b, f.to(b.dtype)):
                 raise BaseMismatchError(
                     f"{finetuned}: non-float tensor {name!r} differs from the base; "
@@ -160,7 +161,7 @@ def apply_deltas(
                 tensor = base_md.tensor(name)
                 touching = [r for r in readers if name in r]
                 if touching:
-                    acc = tensor.to(torch.float32)
+                    acc = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
                     for reader in touching:
                         acc += reader.read_tensor(name)
                     tensor = acc.to(DTYPES[info.dtype])

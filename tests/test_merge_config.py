@@ -141,3 +141,43 @@ def test_merge_command_errors_are_one_line(tmp_path, tiny_base):
         cli("merge", bad, "-o", tmp_path / "o", ok=False)
     )
     assert "give -o OUT_DIR" in one_error_line(cli("merge", bad, ok=False))
+
+
+def test_linear_averages_the_base_too_as_mergekit_does(tmp_path, tiny_base, tiny_finetuned):
+    listed = load_config(
+        write(
+            tmp_path,
+            f"merge_method: linear\nbase_model: {tiny_base}\nmodels: [{{model: {tiny_base}}}, {{model: {tiny_finetuned}}}]",
+        )
+    )
+    assert sorted(i.path.name for i in listed.inputs()) == sorted(
+        [tiny_base.name, tiny_finetuned.name]
+    )
+    unlisted = load_config(
+        write(
+            tmp_path,
+            f"merge_method: linear\nbase_model: {tiny_base}\nmodels: [{{model: {tiny_finetuned}}}]",
+        )
+    )
+    with pytest.raises(ConfigError, match="averages the base model too"):
+        unlisted.inputs()
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ("parameters: {rescale: true}", "rescale applies to dare methods only"),
+        ("parameters: {lambda: .nan}", "finite number"),
+        ("models: [{model: MODEL, parameters: {weight: .inf}}]", "finite number"),
+    ],
+)
+def test_options_that_would_be_ignored_or_poison_the_merge_are_refused(
+    tmp_path, tiny_base, tiny_finetuned, snippet, message
+):
+    text = f"merge_method: ties\nbase_model: {tiny_base}\n" + snippet.replace(
+        "MODEL", str(tiny_finetuned)
+    )
+    if not snippet.startswith("models"):
+        text += f"\nmodels: [{{model: {tiny_finetuned}}}]"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))

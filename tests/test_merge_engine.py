@@ -224,3 +224,29 @@ def test_low_precision_bases_merge_like_peft(tmp_path, dtype):
         want = (b.float() + peft.ties(tvs, torch.ones(3), 1.0)).to(dtype)
         assert got[name].dtype == dtype
         torch.testing.assert_close(got[name], want, rtol=0, atol=0)
+
+
+def test_the_same_input_twice_is_refused(tiny_base, finetunes, tmp_path):
+    with pytest.raises(BaseMismatchError, match="the same input as"):
+        merge_models(
+            tiny_base,
+            [MergeInput(finetunes[0]), MergeInput(finetunes[0])],
+            Recipe("ties"),
+            tmp_path / "o",
+        )
+
+
+def test_a_non_float_tensor_that_differs_is_refused(tmp_path):
+    (tmp_path / "base").mkdir()
+    save_file(
+        {"w": torch.zeros(3), "steps": torch.tensor([1, 2])},
+        tmp_path / "base" / "model.safetensors",
+    )
+    (tmp_path / "ft").mkdir()
+    save_file(
+        {"w": torch.ones(3), "steps": torch.tensor([1, 3])}, tmp_path / "ft" / "model.safetensors"
+    )
+    with pytest.raises(BaseMismatchError, match="non-float tensor 'steps' differs"):
+        merge_models(
+            tmp_path / "base", [MergeInput(tmp_path / "ft")], Recipe("ties"), tmp_path / "o"
+        )

@@ -75,3 +75,41 @@ def test_unsupported_lora_options_are_refused_by_name(tiny_base, tmp_path):
         merge_models(
             tiny_base, [MergeInput(tmp_path / "adapter")], Recipe("ties"), tmp_path / "out"
         )
+
+
+def test_alpha_pattern_follows_peft_matching(tiny_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        alpha_pattern={"layers.0.self_attn.q_proj": 32, "proj": 2},
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    want = peft_model.merge_and_unload().state_dict()
+    merge_models(
+        tiny_base, [MergeInput(tmp_path / "adapter")], Recipe("task_arithmetic"), tmp_path / "out"
+    )
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_parts_we_do_not_expand_are_refused_by_name(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    make_adapter(tiny_base, tmp_path / "adapter")
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("lora_B.weight"))
+    weights[key.replace("lora_B.weight", "lora_B.bias")] = torch.zeros(weights[key].shape[0])
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ModelDirError, match="lora_B.bias is not a LoRA A/B weight"):
+        merge_models(
+            tiny_base, [MergeInput(tmp_path / "adapter")], Recipe("ties"), tmp_path / "out"
+        )

@@ -158,3 +158,36 @@ def test_merge_reports_conflicts_and_kept_fraction():
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(ValueError, match="dare_ties, linear"):
         Recipe("slerp")
+
+
+def test_negative_weights_vote_and_agree_as_in_mergekit():
+    t1, t2 = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([3.0, -1.0, 2.0])
+    w = [1.0, -0.5]
+    # mergekit: v = w * t, elect sign(sum v), keep v agreeing, divide by the sum of their weights
+    v = [t1 * w[0], t2 * w[1]]
+    elected = torch.where(v[0] + v[1] >= 0, 1.0, -1.0)
+    agree = [torch.sign(x) == elected for x in v]
+    num = sum(x * a for x, a in zip(v, agree, strict=True))
+    den = sum(wi * a for wi, a in zip(w, agree, strict=True))
+    want = num / torch.where(den == 0, 1.0, den)
+    torch.testing.assert_close(ours("ties", [t1, t2], w, weighted_vote=True), want)
+
+
+def test_l1_rescale_does_not_depend_on_the_thread_count():
+    x = torch.randn(1_048_577, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(dare_drop(x, 0.5, 0, "w", "l1"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+
+
+def test_non_contiguous_inputs_are_pruned_too():
+    t = torch.arange(1.0, 7.0).reshape(2, 3).T  # a transposed view
+    pruned = magnitude_prune(t, 0.5)
+    assert pruned.tolist() == [[0.0, 4.0], [0.0, 5.0], [0.0, 6.0]]
+    assert not torch.equal(dare_drop(t, 0.5, 1, "w"), t)
