@@ -3,7 +3,7 @@
 A mergekit user's config works as is and keeps mergekit's meaning: weights
 enter the sign vote, ``normalize`` and DARE ``rescale`` (to the task
 vector's L1 norm) default as in mergekit, and a model listed as
-``base_model`` among ``models`` is skipped. Our additions:
+``base_model`` among ``models`` is skipped (``linear`` averages it in). Our additions:
 ``models[].model`` may be a ``.msd`` delta or a LoRA adapter directory;
 ``parameters`` may hold ``drop_rate`` (DARE p, i.e. density = 1 - p),
 ``seed`` (DARE masks), ``sign_method`` (``total`` | ``frequency``) and

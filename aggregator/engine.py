@@ -200,6 +200,7 @@ def _merged_tensors(
         if progress is not None:
             progress(info.nbytes)
         yield name, tensor
+        del tensor  # not alive while the next one is read and merged
 
 
 def _merge_one(

@@ -18,8 +18,9 @@ papers, and as mergekit composes them):
 
 How weights enter: they multiply task vectors in the sum and, with
 ``normalize``, in the divisor. They do not enter the sign vote unless
-``weighted_vote`` is set (mergekit's behaviour; the TIES paper and peft vote
-on the unweighted values). With all weights 1 and ``normalize`` on, ``ties``
+``weighted_vote`` is set (mergekit's behaviour: then the vote and the test of
+agreement both use ``w_i t_i``, so a negative weight flips an input's side);
+the TIES paper and peft vote on the unweighted values. With all weights 1 and ``normalize`` on, ``ties``
 is peft's ``ties`` and mergekit's ``ties``.
 
 Determinism: accumulation runs over inputs in the order given (callers sort
@@ -187,8 +188,10 @@ def dare_drop(
     out = x if inplace else x.to(torch.float32, copy=True)
     flat = out.view(-1)
     before = _l1(flat) if rescale == "l1" else None
-    mask = torch.from_numpy(dare.keep_mask(seed, name, flat.numel(), 1.0 - density))
-    flat.mul_(mask)
+    for start, keep in dare.iter_keep_masks(seed, name, flat.numel(), 1.0 - density):
+        flat[start : start + keep.size].mul_(
+            torch.from_numpy(keep)
+        )  # chunk by chunk: no big temporaries
     if rescale == "inverse":
         flat.mul_(float(dare.rescale_factor(1.0 - density)))
     elif rescale == "l1":

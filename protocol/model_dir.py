@@ -315,5 +315,6 @@ def _write_shard(
                     f"{name} {DTYPE_NAMES.get(t.dtype, t.dtype)}{list(t.shape)}"
                 )
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del item, t  # let the tensor go before the producer makes the next one
         f.flush()
         os.fsync(f.fileno())

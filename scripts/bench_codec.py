@@ -41,6 +41,12 @@ def rss_now_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). ru_maxrss would not do: Linux carries it over
+    from the parent across fork and exec, so a worker would report its driver's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
