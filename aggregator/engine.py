@@ -213,11 +213,10 @@ def _merge_one(
     recipe: Recipe,
     report: MergeReport,
 ) -> torch.Tensor:
-    base32 = tensor.to(torch.float32)  # task vectors and their merge are float32
-
     if not any(src.touches(name) for src in plan.sources):  # e.g. LoRA on other modules only
         report.tensors[name] = _stats_row(TensorStats(0.0, 0.0))
         return tensor
+    base32 = tensor.to(torch.float32)  # task vectors and their merge are float32
 
     def task_vectors() -> Iterator[torch.Tensor]:
         for src in plan.sources:

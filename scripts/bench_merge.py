@@ -14,8 +14,10 @@ second, peak RSS, and how far the two results are apart.
     .venv/bin/python scripts/bench_merge.py             # ~20 minutes, ~16 GB of temporary files
     .venv/bin/python scripts/bench_merge.py --scale 0.02 --k 2   # smoke run
 
-mergekit is not measured: its releases pin a torch that this CPU-only
-machine cannot install beside torch 2.13.
+mergekit's CLI is not measured yet: mergekit 0.1.5 asks for torch>=2.0, so it
+would install beside torch 2.13, but it needs a config.json architecture for
+the synthetic models (they have none) and its argsort-based trim would add
+several minutes per run.
 """
 
 from __future__ import annotations
