@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from synthetic_model import delta_tensors, largest_params
+from bench_common import delta_tensors, largest_params, peak_rss_mb
 
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 CODECS = ("fp32", "fp16", "bf16", "int8")
@@ -38,16 +37,6 @@ DROP_RATES = (0.5, 0.9, 0.99)
 def rss_now_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). ru_maxrss would not do: Linux carries it over
-    from the parent across fork and exec, so a worker would report its driver's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------- workers (fresh processes)

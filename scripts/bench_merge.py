@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,19 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from synthetic_model import largest_params, layout, write_model
+from bench_common import largest_params, layout, peak_rss_mb, write_model
 
 METHODS = {"ties": 0.2, "dare_ties": 0.1}  # method -> density
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). ru_maxrss would not do: Linux carries it over
-    from the parent across fork and exec, so a worker would report its driver's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_ours(args: argparse.Namespace) -> dict:

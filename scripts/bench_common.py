@@ -1,8 +1,9 @@
-"""Synthetic Llama-shaped models for the benchmarks (shared by bench_*.py)."""
+"""Shared by the benchmarks (bench_*.py): synthetic Llama-shaped models, peak RSS."""
 
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 import torch
@@ -54,3 +55,13 @@ def write_model(
             tensors[name] += d
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). ru_maxrss would not do: Linux carries it over
+    from the parent across fork and exec, so a worker would report its driver's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
