@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aggregator.engine import MergeInput
 from aggregator.methods import Recipe
-from protocol.errors import MergeswarmError
+from protocol.errors import MergeswarmError, one_line
 
 # mergekit options that change results and that mergeswarm does not implement.
 MERGEKIT_ONLY = {
@@ -190,7 +190,4 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path}: {where}: {message}") from None
+        raise ConfigError(f"{path}: {one_line(exc, 'config')}") from None

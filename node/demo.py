@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from node.tiny_model import CORPUS, build_tiny_model
-from node.training import quick_finetune
+from node.training import lm_batch, mean_loss, quick_finetune
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas, create_delta
 from protocol.identity import Identity
@@ -40,11 +40,7 @@ def corpus_loss(model_dir: str | os.PathLike[str], texts: list[str]) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    batch.pop("token_type_ids", None)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        return float(model(**batch, labels=labels).loss)
+    return mean_loss(model, *lm_batch(tokenizer, texts))
 
 
 def run_demo(

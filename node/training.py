@@ -22,9 +22,17 @@ class FinetuneResult:
     steps: int
 
 
-def _mean_loss(model, batch) -> float:
+def lm_batch(tokenizer, texts: Sequence[str]) -> tuple[dict, torch.Tensor]:
+    """A padded batch and its causal-LM labels (padding excluded from the loss)."""
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    batch.pop("token_type_ids", None)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch, labels
+
+
+def mean_loss(model, batch: dict, labels: torch.Tensor) -> float:
     with torch.no_grad():
-        return float(model(**batch, labels=batch["input_ids"]).loss)
+        return float(model(**batch, labels=labels).loss)
 
 
 def quick_finetune(
@@ -41,20 +49,18 @@ def quick_finetune(
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
-    batch.pop("token_type_ids", None)
-    model.train()
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    base_dtype = model.dtype  # trained in float32, saved back as the base was
+    model.float().train()
+    batch, labels = lm_batch(tokenizer, texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    before = _mean_loss(model, batch)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    before = mean_loss(model, batch, labels)
     for _ in range(steps):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    after = _mean_loss(model, batch)
-    base_dtype = AutoModelForCausalLM.from_pretrained(base_dir).dtype
+    after = mean_loss(model, batch, labels)
     model.to(base_dtype).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return FinetuneResult(Path(out_dir), before, after, steps)

@@ -45,6 +45,7 @@ from protocol.errors import (
     NonFiniteError,
     SignatureError,
     UnsupportedVersionError,
+    one_line,
 )
 from protocol.identity import SIGNATURE_BYTES, Identity, verify
 from protocol.ids import file_id
@@ -168,16 +169,6 @@ def _codec_of(header: DeltaHeader) -> ValueCodec:
         raise DeltaFormatError(str(exc)) from None
 
 
-def _first_error(exc: ValueError) -> str:
-    """One line for a pydantic ValidationError (first problem, with where) or any ValueError."""
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        return f"{where}: {message}" if where else message
-    return str(exc)
-
-
 class DeltaWriter:
     """Streams tensors into a ``.msd`` file; the file appears atomically on :meth:`finish`.
 
@@ -251,7 +242,7 @@ class DeltaWriter:
                 sha256=hashlib.sha256(frame).hexdigest(),
             )
         except ValueError as exc:  # codec range errors and pydantic ValidationError
-            raise EncodeError(f"tensor {name!r}: {_first_error(exc)}") from None
+            raise EncodeError(f"tensor {name!r}: {one_line(exc)}") from None
         self._frames.write(frame)  # only once the entry is valid: the staged frames stay in step
         self._entries.append(entry)
         return entry
@@ -267,7 +258,7 @@ class DeltaWriter:
         try:
             header = DeltaHeader(tensors=self._entries, **self._fields)
         except ValidationError as exc:
-            raise EncodeError(f"{self.path}: {_first_error(exc)}") from None
+            raise EncodeError(f"{self.path}: {one_line(exc)}") from None
         header_bytes = header.model_dump_json().encode()
         if len(header_bytes) > MAX_HEADER_BYTES:
             raise DeltaFormatError(f"{self.path}: header of {len(header_bytes)} bytes is too large")
@@ -375,10 +366,8 @@ class DeltaReader:
         try:
             header = DeltaHeader.model_validate_json(header_bytes)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "header"
             raise self._fail(
-                DeltaFormatError, f"invalid header at {where}: {first['msg']}"
+                DeltaFormatError, f"invalid header at {one_line(exc, 'header')}"
             ) from None
         if not verify(header.author, signature, SIG_DOMAIN + prefix + header_bytes):
             raise self._fail(SignatureError, f"bad signature for author {header.author[:16]}…")

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def one_line(exc: ValueError, default_where: str = "") -> str:
+    """``where: problem`` for the first error of a pydantic ValidationError, or any ValueError."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    first = errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or default_where
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
 class MergeswarmError(Exception):
     """Base of every error mergeswarm reports to a user instead of a traceback."""
 

@@ -137,6 +137,11 @@ class ModelDir:
         except SafetensorError as exc:
             raise ModelDirError(f"{shard}: not a valid safetensors file ({exc})") from None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors (what a pass over the model reads)."""
+        return sum(info.nbytes for info in self.tensors.values())
+
     def names(self) -> list[str]:
         """Tensor names in the canonical order (sorted by code point)."""
         return sorted(self.tensors)

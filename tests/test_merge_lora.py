@@ -13,7 +13,7 @@ from aggregator.methods import Recipe
 from protocol.errors import BaseMismatchError, ModelDirError
 
 
-def make_adapter(base_dir, out_dir, *, rslora=False, seed=0):
+def make_adapter(base_dir, out_dir, *, rslora=False, seed=0, **config):
     """A peft LoRA adapter with random (non-zero) A and B, and peft's own merged model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -26,6 +26,7 @@ def make_adapter(base_dir, out_dir, *, rslora=False, seed=0):
         target_modules=["q_proj", "v_proj"],
         init_lora_weights=False,
         use_rslora=rslora,
+        **config,
     )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out_dir)
@@ -78,21 +79,8 @@ def test_unsupported_lora_options_are_refused_by_name(tiny_base, tmp_path):
 
 
 def test_alpha_pattern_follows_peft_matching(tiny_base, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        init_lora_weights=False,
-        alpha_pattern={"layers.0.self_attn.q_proj": 32, "proj": 2},
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    want = peft_model.merge_and_unload().state_dict()
+    alpha_pattern = {"layers.0.self_attn.q_proj": 32, "proj": 2}
+    want = make_adapter(tiny_base, tmp_path / "adapter", seed=1, alpha_pattern=alpha_pattern)
     merge_models(
         tiny_base, [MergeInput(tmp_path / "adapter")], Recipe("task_arithmetic"), tmp_path / "out"
     )

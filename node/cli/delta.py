@@ -97,14 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_apply)
 
 
-def _total_bytes(model_dir: Path) -> int:
-    return sum(info.nbytes for info in ModelDir(model_dir).tensors.values())
-
-
 def run_base_id(args: argparse.Namespace) -> int:
     md = ModelDir(args.model_dir)
     with common.byte_progress("hashing") as bar:
-        bar.total = sum(i.nbytes for i in md.tensors.values())
+        bar.total = md.nbytes
         print(base_id(md, bar.update))
     return 0
 
@@ -112,7 +108,7 @@ def run_base_id(args: argparse.Namespace) -> int:
 def run_create(args: argparse.Namespace) -> int:
     identity = Identity.load_or_create(args.key or common.default_key_path())
     with common.byte_progress("delta") as bar:
-        bar.total = _total_bytes(args.base)
+        bar.total = ModelDir(args.base).nbytes
         delta_id, header = create_delta(
             args.base,
             args.finetuned,
@@ -219,7 +215,7 @@ def _printable(text: str) -> str:
 
 def run_apply(args: argparse.Namespace) -> int:
     with common.byte_progress("apply") as bar:
-        bar.total = 2 * _total_bytes(args.base)  # hash pass + write pass
+        bar.total = 2 * ModelDir(args.base).nbytes  # hash pass + write pass
         out = apply_deltas(args.base, args.files, args.output, progress=bar.update)
     print(f"wrote {out}: base {args.base} + {len(args.files)} delta(s)")
     return 0

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = config.inputs()
     base = Path(config.base_model).expanduser().resolve()
     with common.byte_progress("merge") as bar:
-        bar.total = sum(i.nbytes for i in ModelDir(base).tensors.values())
+        bar.total = ModelDir(base).nbytes
         report = merge_models(
             base,
             inputs,
