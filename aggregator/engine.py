@@ -2,8 +2,8 @@
 
 Peak memory is about (K + 3) tensors of the largest size (K sparsified task
 vectors, the base in float32, the output) plus bounded per-chunk
-temporaries, whatever the model size. Inputs are sorted by content id and
-every reduction runs in that order in float32, so the same inputs in any
+temporaries, whatever the model size. Inputs are sorted by content (see
+aggregator.inputs) and every reduction runs in that order in float32, so the same inputs in any
 order, with any thread count, give the same bytes and the same base id.
 """
 
@@ -62,34 +62,56 @@ class MergeReport:
 @dataclass
 class _Plan:
     base: ModelDir
-    base_hex: str
-    sources: list[TaskVectorSource]  # sorted by id
+    base_hex: str | None  # None until hashed along the merge (no input needed it earlier)
+    sources: list[TaskVectorSource]  # in the engine's order
     inputs: list[MergeInput]  # in the same order
 
 
-def _plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput]) -> _Plan:
+def _plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], dry_run: bool) -> _Plan:
     if not inputs:
         raise ValueError("a merge needs at least one input")
     base_md = ModelDir(base)
-    base_hex = base_id(base_md)
     sources: list[TaskVectorSource] = []
     try:
-        seen: dict[str, Path] = {}
         for item in inputs:
             sources.append(open_source(item.path))
-            sources[-1].check(base_md, base_hex)
-            if sources[-1].id in seen:
-                raise BaseMismatchError(f"{item.path}: the same input as {seen[sources[-1].id]}")
-            seen[sources[-1].id] = item.path
+        base_hex = None
+        if dry_run or any(src.needs_base_id for src in sources):
+            base_hex = base_id(base_md)
+        for src in sources:
+            src.check(base_md, base_hex)
+        order = _canonical_order(sources, inputs)
     except BaseException:
         for src in sources:
             src.close()
         raise
-    order = sorted(
-        range(len(inputs)),
-        key=lambda i: (sources[i].id, inputs[i].weight, inputs[i].density or 0.0),
-    )
     return _Plan(base_md, base_hex, [sources[i] for i in order], [inputs[i] for i in order])
+
+
+def _canonical_order(sources: list[TaskVectorSource], inputs: Sequence[MergeInput]) -> list[int]:
+    """Input positions sorted by content (then parameters); the same input twice is refused.
+
+    Full ids are computed only where order keys are equal, which for model
+    directories (keyed by a fingerprint) is rare and for everything else means
+    the same content.
+    """
+    keys = [src.order_key for src in sources]
+    tied = {k for k in keys if keys.count(k) > 1}
+    seen: dict[str, Path] = {}
+    for src, item, key in zip(sources, inputs, keys, strict=True):
+        if key in tied:
+            if src.id in seen:
+                raise BaseMismatchError(f"{item.path}: the same input as {seen[src.id]}")
+            seen[src.id] = item.path
+    return sorted(
+        range(len(inputs)),
+        key=lambda i: (
+            keys[i],
+            sources[i].id if keys[i] in tied else "",
+            inputs[i].weight,
+            inputs[i].density or 0.0,
+        ),
+    )
 
 
 def merge_models(
@@ -110,16 +132,16 @@ def merge_models(
     :param progress: called with base bytes as each tensor is done.
     """
     started = time.perf_counter()
-    plan = _plan(base, inputs)
+    plan = _plan(base, inputs, dry_run)
     report = MergeReport(
         base=str(base),
-        base_id=plan.base_hex,
+        base_id=plan.base_hex or "",
         recipe=asdict(recipe),
         inputs=[
             {
                 "path": str(i.path),
                 "kind": s.kind,
-                "id": s.id,
+                ("fingerprint" if s.kind == "model" else "id"): s.order_key,
                 "weight": i.weight,
                 "density": i.density or density,
             }
@@ -130,14 +152,17 @@ def merge_models(
         if dry_run:
             return report
         hasher = BaseHasher()
-        stream = _merged_tensors(plan, recipe, density, dtype, hasher, report, progress)
+        base_hasher = BaseHasher() if plan.base_hex is None else None
+        stream = _merged_tensors(
+            plan, recipe, density, dtype, (hasher, base_hasher), report, progress
+        )
         write_model_dir(
             out,
             plan.base,
             stream,
             float_dtype=dtype,
             extra_files=lambda: (
-                _finish(report, hasher, started) | _config_with_dtype(plan.base, dtype)
+                _finish(report, hasher, base_hasher, started) | _config_with_dtype(plan.base, dtype)
             ),
         )
         return report
@@ -146,8 +171,12 @@ def merge_models(
             src.close()
 
 
-def _finish(report: MergeReport, hasher: BaseHasher, started: float) -> dict[str, bytes]:
+def _finish(
+    report: MergeReport, hasher: BaseHasher, base_hasher: BaseHasher | None, started: float
+) -> dict[str, bytes]:
     report.child_id = hasher.hexdigest()
+    if base_hasher is not None:
+        report.base_id = base_hasher.hexdigest()
     report.seconds = time.perf_counter() - started
     return {REPORT_FILE: report.to_json()}
 
@@ -170,16 +199,19 @@ def _merged_tensors(
     recipe: Recipe,
     density: float,
     dtype: str | None,
-    hasher: BaseHasher,
+    hashers: tuple[BaseHasher, BaseHasher | None],
     report: MergeReport,
     progress: Callable[[int], None] | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     weights = [i.weight for i in plan.inputs]
     densities = [i.density if i.density is not None else density for i in plan.inputs]
     presparsified = [s.presparsified for s in plan.sources]
+    child_hasher, base_hasher = hashers
     for name in plan.base.names():
         info = plan.base.tensors[name]
         tensor = plan.base.tensor(name)
+        if base_hasher is not None:  # before the merge adds to it in place
+            base_hasher.update(name, info.dtype, tensor)
         if info.dtype not in FLOAT_DTYPES:
             for src in plan.sources:
                 src.check_unchanged(name, tensor)
@@ -196,7 +228,7 @@ def _merged_tensors(
                 raise EncodeError(
                     f"tensor {name!r}: the merged values overflow {dtype or info.dtype}"
                 )
-        hasher.update(name, DTYPE_NAMES[tensor.dtype], tensor)
+        child_hasher.update(name, DTYPE_NAMES[tensor.dtype], tensor)
         if progress is not None:
             progress(info.nbytes)
         yield name, tensor

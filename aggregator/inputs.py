@@ -1,8 +1,12 @@
 """Where task vectors come from: fine-tuned model directories, .msd deltas, LoRA adapters.
 
 Each source yields, tensor by tensor, the float32 task vector ``theta - base``
-(``None`` where it does not touch a tensor) and has a content id by which the
-engine orders inputs, so the result does not depend on the order given.
+(``None`` where it does not touch a tensor) and has an order key by which the
+engine orders inputs, so the result does not depend on the order given. The
+key is the content id, except for full model directories, where hashing
+every byte would cost one more read of each input: their key is a
+fingerprint of sampled bytes, and the engine falls back to the full id only
+when two fingerprints are equal.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from protocol.numerics import all_finite
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+# A model fingerprint reads this many bytes at each of this many places per tensor.
+_SAMPLE_BYTES = 64
+_SAMPLES = 64
 
 
 class TaskVectorSource(ABC):
@@ -35,6 +42,7 @@ class TaskVectorSource(ABC):
 
     kind: str
     presparsified = False  # already DARE-sparse: dare methods do not drop again
+    needs_base_id = False  # check() compares the base id (which costs a read of the base)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -42,10 +50,15 @@ class TaskVectorSource(ABC):
     @property
     @abstractmethod
     def id(self) -> str:
-        """Content id (SHA-256 hex) used to order inputs."""
+        """Content id (SHA-256 hex): equal ids mean the same input."""
+
+    @property
+    def order_key(self) -> str:
+        """Sorts inputs; a function of the content, and equal for equal content."""
+        return self.id
 
     @abstractmethod
-    def check(self, base: ModelDir, base_hex: str) -> None:
+    def check(self, base: ModelDir, base_hex: str | None) -> None:
         """Raise BaseMismatchError (naming this input) unless it fits ``base``."""
 
     @abstractmethod
@@ -72,6 +85,7 @@ class ModelSource(TaskVectorSource):
         super().__init__(path)
         self.model = ModelDir(path)
         self._id: str | None = None
+        self._fingerprint: str | None = None
 
     @property
     def id(self) -> str:
@@ -79,7 +93,21 @@ class ModelSource(TaskVectorSource):
             self._id = base_id(self.model)
         return self._id
 
-    def check(self, base: ModelDir, base_hex: str) -> None:
+    @property
+    def order_key(self) -> str:
+        """A fingerprint: names, dtypes, shapes and bytes sampled at fixed places of each tensor."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(b"mergeswarm/model-fingerprint/v1\n")
+            for name in self.model.names():
+                info = self.model.tensors[name]
+                h.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0".encode())
+                step = max(info.nbytes // _SAMPLES, 1)
+                for start in range(0, info.nbytes, step):
+                    h.update(self.model.read_range(name, start, _SAMPLE_BYTES))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def check(self, base: ModelDir, base_hex: str | None) -> None:
         for name, info in base.tensors.items():
             other = self.model.tensors.get(name)
             if other is None:
@@ -118,6 +146,7 @@ class DeltaSource(TaskVectorSource):
 
     kind = "delta"
     presparsified = True
+    needs_base_id = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -127,7 +156,9 @@ class DeltaSource(TaskVectorSource):
     def id(self) -> str:
         return self.reader.id
 
-    def check(self, base: ModelDir, base_hex: str) -> None:
+    def check(self, base: ModelDir, base_hex: str | None) -> None:
+        if base_hex is None:
+            raise ValueError("a delta is checked against the base id")
         check_fits(self.reader, base, base_hex)
 
     def touches(self, name: str) -> bool:
@@ -184,7 +215,7 @@ class LoraSource(TaskVectorSource):
         h.update(bytes.fromhex(file_id(self.weights_path)))
         return h.hexdigest()
 
-    def check(self, base: ModelDir, base_hex: str) -> None:
+    def check(self, base: ModelDir, base_hex: str | None) -> None:
         for name, (a_key, b_key) in self.modules.items():
             info = base.tensors.get(name)
             if info is None:

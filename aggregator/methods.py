@@ -79,7 +79,7 @@ class Recipe:
     :param weighted_vote: weights enter the sign vote (mergekit) or not (paper, peft).
     :param dare_rescale: ``"inverse"`` (survivors x 1/density, the paper) or ``"l1"``
         (restore each task vector's L1 norm, mergekit's ``rescale``), or ``"none"``.
-    :param seed: DARE mask seed; input ``i`` uses ``seed + i``.
+    :param seed: DARE mask seed; input ``i`` (in the engine's canonical order) uses ``seed + i``.
     """
 
     method: str

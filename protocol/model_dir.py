@@ -146,6 +146,21 @@ class ModelDir:
         """Tensor names in the canonical order (sorted by code point)."""
         return sorted(self.tensors)
 
+    def read_range(self, name: str, start: int, size: int) -> bytes:
+        """``size`` raw bytes of tensor ``name`` from byte ``start`` of its data (clipped)."""
+        info = self.tensors[name]
+        size = max(0, min(size, info.nbytes - start))
+        data = os.pread(self._handle(info.file).fileno(), size, info.offset + start)
+        if len(data) != size:
+            raise ModelDirError(f"{info.file}: truncated inside tensor {name!r}")
+        return data
+
+    def _handle(self, file: Path) -> io.FileIO:
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115
+        return handle
+
     def tensor(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Load one tensor with plain reads (no memory map).
 
@@ -160,9 +175,7 @@ class ModelDir:
             raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} cannot hold {name!r}")
         else:
             raw = buffer[:nbytes]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115
+        handle = self._handle(info.file)
         handle.seek(info.offset)
         view = memoryview(raw.numpy()).cast("B")
         done = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 from pathlib import Path
@@ -54,7 +55,26 @@ def write_model(
         for name, d in delta_tensors(scale, delta_seed + 1):
             tensors[name] += d
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(llama_config(scale), indent=2))
     return out
+
+
+def llama_config(scale: float = 1.0) -> dict:
+    """A transformers LlamaConfig matching ``layout(scale)`` (for tools that need one)."""
+    shapes = dict(layout(scale))
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
+        "num_hidden_layers": 16,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
 
 
 def peak_rss_mb() -> float:

@@ -11,13 +11,15 @@ with peft's random pruning swapped for our portable DARE mask so both see the
 same mask. Both write a safetensors model. Prints wall time, parameters per
 second, peak RSS, and how far the two results are apart.
 
-    .venv/bin/python scripts/bench_merge.py             # ~20 minutes, ~16 GB of temporary files
+    .venv/bin/python scripts/bench_merge.py             # ~25 minutes, ~16 GB of temporary files
     .venv/bin/python scripts/bench_merge.py --scale 0.02 --k 2   # smoke run
 
-mergekit's CLI is not measured yet: mergekit 0.1.5 asks for torch>=2.0, so it
-would install beside torch 2.13, but it needs a config.json architecture for
-the synthetic models (they have none) and its argsort-based trim would add
-several minutes per run.
+With ``--mergekit PATH`` (the ``mergekit-yaml`` of an environment where
+mergekit is installed; default: one beside this Python, if any), the same
+merges also run through mergekit's CLI at the K given by ``--mergekit-k``
+(default 4), from a mergekit YAML config, timed with its own peak RSS.
+mergekit's ``ties`` result is compared with ours; its ``dare_ties`` draws its
+own random mask, so it is timed only.
 """
 
 from __future__ import annotations
@@ -76,6 +78,48 @@ def worker_peft(args: argparse.Namespace) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
 
 
+_MERGEKIT_RUN = """
+import json, sys, time
+from mergekit.scripts.run_yaml import main
+start = time.perf_counter()
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    seconds = time.perf_counter() - start
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def run_mergekit(mergekit: Path, base: Path, inputs: list[Path], out: Path, method: str) -> dict:
+    """The same merge through mergekit's CLI, in its own Python (the one beside mergekit-yaml)."""
+    density = METHODS[method]
+    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: float32", "models:"]
+    for p in inputs:
+        lines += [f"  - model: {p}", "    parameters:", f"      density: {density}"]
+        lines += ["      weight: 1.0"]
+    lines += ["parameters:", "  normalize: true"]
+    config = out.parent / f"mergekit-{method}.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    python = mergekit.parent / "python"
+    cmd = [str(python), "-c", _MERGEKIT_RUN, str(config), str(out)]
+    cmd += ["--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--random-seed", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise SystemExit(f"mergekit failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def find_mergekit(given: Path | None) -> Path | None:
+    if given is not None:
+        if not given.is_file():
+            raise SystemExit(f"--mergekit {given}: no such file; give the path of mergekit-yaml")
+        return given
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    return beside if beside.is_file() else None
+
+
 def run_worker(
     kind: str, base: Path, inputs: list[Path], out: Path, method: str, mask: str = "ours"
 ) -> dict:
@@ -102,15 +146,12 @@ def run_worker(
 
 def compare(ours: Path, oracle: Path) -> dict:
     """Largest difference and count of entries outside fp32 tolerance, tensor by tensor."""
-    from safetensors import safe_open
+    from protocol.model_dir import ModelDir
 
     worst, outside, total = 0.0, 0, 0
-    with (
-        safe_open(ours / "model.safetensors", "pt") as a,
-        safe_open(oracle / "model.safetensors", "pt") as b,
-    ):
-        for name in a.keys():  # noqa: SIM118
-            x, y = a.get_tensor(name), b.get_tensor(name)
+    with ModelDir(ours) as a, ModelDir(oracle) as b:
+        for name in a.names():
+            x, y = a.tensor(name), b.tensor(name)
             diff = (x - y).abs()
             worst = max(worst, float(diff.max()))
             outside += int((diff > 1e-6 + 1e-5 * y.abs()).sum())
@@ -128,6 +169,12 @@ def main() -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="numbers of inputs")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--mergekit", type=Path, help="mergekit-yaml to compare with (default: one beside python)"
+    )
+    parser.add_argument(
+        "--mergekit-k", type=int, nargs="*", default=[4], help="K at which mergekit runs"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -140,8 +187,9 @@ def main() -> int:
         print(json.dumps(worker_ours(args) if args.worker == "ours" else worker_peft(args)))
         return 0
 
-    from protocol.ids import base_id
+    from aggregator.inputs import open_source
 
+    mergekit = find_mergekit(args.mergekit)
     params = sum(__import__("math").prod(s) for _, s in layout(args.scale))
     largest_mib = largest_params(args.scale) * 4 / 2**20
     rows = []
@@ -154,11 +202,9 @@ def main() -> int:
         finetunes = [
             write_model(root / f"ft{i}", args.scale, delta_seed=i) for i in range(max(args.k))
         ]
-        ids = {p: base_id(p) for p in finetunes}
+        keys = {p: open_source(p).order_key for p in finetunes}
         for k in args.k:
-            inputs = sorted(
-                finetunes[:k], key=ids.__getitem__
-            )  # the engine's order, for the same masks
+            inputs = sorted(finetunes[:k], key=keys.__getitem__)  # the engine's order (masks)
             for method in args.methods:
                 print(f"K={k} {method} ...", file=sys.stderr)
                 ours = run_worker("ours", base, inputs, root / "ours", method)
@@ -170,6 +216,12 @@ def main() -> int:
                         "peft", base, inputs, root / "peft2", method, "peft"
                     )
                     shutil.rmtree(root / "peft2")
+                if mergekit is not None and k in args.mergekit_k:
+                    print(f"K={k} {method} with mergekit ...", file=sys.stderr)
+                    row["mergekit"] = run_mergekit(mergekit, base, inputs, root / "mk", method)
+                    if method == "ties":
+                        row["mergekit_diff"] = compare(root / "ours", root / "mk")
+                    shutil.rmtree(root / "mk")
                 rows.append(row)
                 for d in ("ours", "peft"):
                     shutil.rmtree(root / d)
@@ -197,6 +249,26 @@ def main() -> int:
             f"{o['peak_rss_mb']:.0f} | {bound:.0f} | {peft_s} | {params / p['seconds'] / 1e6:.1f} | "
             f"{p['peak_rss_mb']:.0f} | {speedup} | {r['diff']['max_abs_diff']:.2e} | "
             f"{r['diff']['outside_tolerance']:,} of {r['diff']['entries']:,} |"
+        )
+    mk_rows = [r for r in rows if "mergekit" in r]
+    if mk_rows:
+        lines += [
+            "",
+            "mergekit's CLI (mergekit-yaml, same config; dare_ties with its own random mask):",
+            "",
+            "| K | method | mergekit s | mergekit Mparam/s | mergekit peak RSS MiB | ours s | speed-up | max abs diff | entries outside fp32 tol |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    for r in mk_rows:
+        m, o, d = r["mergekit"], r["ours"], r.get("mergekit_diff")
+        diff = (
+            f"{d['max_abs_diff']:.2e} | {d['outside_tolerance']:,} of {d['entries']:,}"
+            if d
+            else "(own mask) | -"
+        )
+        lines.append(
+            f"| {r['k']} | {r['method']} | {m['seconds']:.1f} | {params / m['seconds'] / 1e6:.1f} | "
+            f"{m['peak_rss_mb']:.0f} | {o['seconds']:.1f} | {m['seconds'] / o['seconds']:.2f}x | {diff} |"
         )
     print("\n".join(lines))
     if args.json:

@@ -38,3 +38,29 @@ def tiny_base_bf16_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def identity() -> Identity:
     return Identity.generate()
+
+
+@pytest.fixture(autouse=True)
+def reap_peers():
+    """Kill every daemon a test started (and its p2pd), even when the test failed."""
+    from tests.swarm import reap_all
+
+    yield
+    reap_all()
+
+
+@pytest.fixture
+def local_peer(tmp_path: Path):
+    """Make in-process swarm peers (real DHT and p2pd on loopback), shut down afterwards."""
+    from node.swarm import Swarm, SwarmOptions
+    from tests.swarm import LOOPBACK
+
+    made = []
+
+    def make(name: str, **options) -> Swarm:
+        made.append(Swarm(SwarmOptions(tmp_path / name, host_maddrs=[LOOPBACK], **options)))
+        return made[-1]
+
+    yield make
+    for peer in reversed(made):
+        peer.shutdown()

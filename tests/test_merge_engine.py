@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aggregator.engine import REPORT_FILE, MergeInput, merge_models
+from aggregator.inputs import open_source
 from aggregator.methods import Recipe, merge_tensor
 from node.tiny_model import CORPUS
 from node.training import quick_finetune
@@ -64,7 +65,7 @@ def test_engine_equals_the_method_applied_tensor_by_tensor(tiny_base, finetunes,
     )
     got = load_file(tmp_path / "out" / "model.safetensors")
     base, fts = ModelDir(tiny_base), [ModelDir(p) for p in finetunes]
-    order = sorted(range(3), key=lambda i: base_id(finetunes[i]))
+    order = sorted(range(3), key=lambda i: open_source(finetunes[i]).order_key)
     for name in ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]:
         b = base.tensor(name)
         tvs = [fts[i].tensor(name) - b for i in order]
@@ -128,6 +129,7 @@ def test_report_and_dtype_override(tiny_base, finetunes, tmp_path):
     )
     report = json.loads((tmp_path / "o" / REPORT_FILE).read_text())
     assert report["child_id"] == base_id(tmp_path / "o")
+    assert report["base_id"] == base_id(tiny_base)  # hashed along the merge
     assert report["recipe"]["method"] == "ties" and len(report["inputs"]) == 3
     row = report["tensors"]["model.layers.0.self_attn.q_proj.weight"]
     assert 0.19 < row["kept_fraction"] <= 0.2 and 0 < row["conflict_rate"] < 1
@@ -141,7 +143,8 @@ def test_dry_run_checks_without_writing(tiny_base, finetunes, tmp_path):
     report = merge_models(
         tiny_base, [MergeInput(finetunes[0])], Recipe("ties"), tmp_path / "o", dry_run=True
     )
-    assert report.inputs[0]["id"] == base_id(finetunes[0])
+    assert report.base_id == base_id(tiny_base)
+    assert report.inputs[0]["kind"] == "model" and len(report.inputs[0]["fingerprint"]) == 64
     assert not (tmp_path / "o").exists()
 
 
@@ -234,6 +237,24 @@ def test_the_same_input_twice_is_refused(tiny_base, finetunes, tmp_path):
             Recipe("ties"),
             tmp_path / "o",
         )
+
+
+def test_inputs_with_equal_fingerprints_order_by_full_id(tiny_base, finetunes, tmp_path):
+    name = "model.layers.0.self_attn.q_proj.weight"  # 16 KiB: sampled every 256 bytes
+
+    def nudge(t):
+        t[name] = t[name].clone()
+        t[name].view(-1)[20] += 0.5  # bytes 80-83: between two samples
+
+    twin = _variant(finetunes[0], tmp_path / "twin", nudge)
+    a, b = open_source(finetunes[0]), open_source(twin)
+    assert a.order_key == b.order_key and a.id != b.id
+    outs = []
+    for i, order in enumerate(([finetunes[0], twin], [twin, finetunes[0]])):
+        recipe = Recipe("dare_ties", seed=7)  # the seed of each input depends on the order
+        merge_models(tiny_base, [MergeInput(p) for p in order], recipe, tmp_path / f"o{i}")
+        outs.append((tmp_path / f"o{i}" / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
 
 
 def test_a_non_float_tensor_that_differs_is_refused(tmp_path):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from protocol.errors import MergeswarmError
 
-from . import delta, demo, merge
+from . import delta, demo, merge, swarm
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     delta.register(sub)
     merge.register(sub)
     demo.register(sub)
+    swarm.register(sub)
     return parser
 
 
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # hivemind reads its level once, at import (done lazily by the subcommands): its INFO
+    # lines (new identities, DHT chatter) are noise unless asked for.
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if args.verbose else "WARNING")
     try:
         return int(args.run(args) or 0)
     except BrokenPipeError:

@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"{config.merge_method} of {len(inputs)} input(s) into base {report.base_id}")
     for row in report.inputs:
+        key = row.get("id") or row["fingerprint"]
         print(
-            f"  {row['kind']:<5} {row['id'][:16]}  weight {row['weight']:g}  density {row['density']:g}  {row['path']}"
+            f"  {row['kind']:<5} {key[:16]}  weight {row['weight']:g}  density {row['density']:g}  {row['path']}"
         )
     if args.dry_run:
         print("dry run: config and inputs are valid; nothing written")

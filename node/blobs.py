@@ -1,0 +1,510 @@
+"""Blob exchange over libp2p streams: serve pieces, fetch from many providers, push uploads.
+
+A blob travels in pieces listed by a manifest (SHA-256 per piece). A fetcher
+asks every provider what it holds (``Have``), downloads runs of pieces from
+several providers at once, verifies each piece as it lands, and checks the
+whole blob against its id at the end. A provider whose piece does not match
+is skipped for a while and its pieces are fetched elsewhere; a broken stream
+only costs the pieces in flight. A peer serves the pieces it already has
+while it is still downloading (it announces itself as a partial provider),
+so a new base spreads like a torrent rather than every peer pulling from
+the origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hivemind.p2p import P2PContext, PeerID
+
+from node.blobstore import BlobError, BlobStore, Partial, QuotaError, check_manifest
+from node.swarm import Swarm
+from protocol import transfer_pb2 as pb
+from protocol.ids import is_id
+from protocol.records import Provider
+
+logger = logging.getLogger(__name__)
+
+HAVE = "mergeswarm.Have"
+PIECES = "mergeswarm.Pieces"
+UPLOAD = "mergeswarm.Upload"
+PROVIDER_TTL = 300.0
+_RUN = 4  # pieces per request: small runs spread pieces over fetchers quickly
+_STALL = 2.0  # seconds without a new piece before complete sources serve anything
+_REFRESH = 0.5  # seconds between looks for new providers while downloading
+
+
+@dataclass
+class ServeLimits:
+    """What a peer gives others.
+
+    :param slots: concurrent piece streams served in all (others get "busy" and go elsewhere).
+    :param per_peer: concurrent requests from one peer.
+    :param peer_bytes_per_minute: bytes served to one peer per minute (0: no limit).
+    :param upload_bytes_per_peer: bytes one peer may push into this store (0: refuse pushes).
+    :param max_upload_bytes: the largest single blob accepted by push.
+    """
+
+    slots: int = 4
+    per_peer: int = 2
+    peer_bytes_per_minute: int = 0
+    upload_bytes_per_peer: int = 4 << 30
+    max_upload_bytes: int = 4 << 30
+
+
+@dataclass
+class TransferStats:
+    bytes_out: int = 0
+    bytes_in: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bad_pieces: int = 0
+
+
+class BlobService:
+    """Serves this peer's blobs (complete and partial) and accepts pushed uploads."""
+
+    def __init__(self, swarm: Swarm, store: BlobStore, limits: ServeLimits | None = None) -> None:
+        self.swarm = swarm
+        self.store = store
+        self.limits = limits or ServeLimits()
+        self.stats = TransferStats()
+        self._active = 0
+        self._per_peer: dict[PeerID, int] = defaultdict(int)
+        self._window: dict[PeerID, tuple[float, int]] = {}
+        self._uploaded: dict[PeerID, int] = defaultdict(int)
+
+    def register(self) -> None:
+        p2p = self.swarm.p2p
+        self.swarm.run(p2p.add_protobuf_handler(HAVE, self._have, pb.HaveRequest))
+        self.swarm.run(
+            p2p.add_protobuf_handler(PIECES, self._pieces, pb.PieceRequest, stream_output=True)
+        )
+        self.swarm.run(p2p.add_protobuf_handler(UPLOAD, self._upload, pb.Upload, stream_input=True))
+
+    def _refuse(self, reason: str) -> str:
+        self.stats.refused[reason] += 1
+        return reason
+
+    def _lookup(self, swarm_id: str, blob_id: str) -> tuple[pb.Manifest, Partial | None] | str:
+        if swarm_id != self.swarm.swarm_id:
+            return self._refuse("wrong swarm")
+        if not is_id(blob_id):
+            return self._refuse("bad blob id")
+        if self.store.has(blob_id):
+            return self.store.manifest(blob_id), None
+        partial = self.store.partial(blob_id)
+        if partial is not None:
+            return partial.manifest, partial
+        return self._refuse("unknown blob")
+
+    async def _have(self, request: pb.HaveRequest, _context: P2PContext) -> pb.HaveResponse:
+        found = self._lookup(request.swarm_id, request.blob_id)
+        if isinstance(found, str):
+            return pb.HaveResponse(error=found)
+        manifest, partial = found
+        count = len(manifest.piece_hashes)
+        have = bytes(partial.have) if partial else bytes([255] * ((count + 7) // 8))
+        return pb.HaveResponse(manifest=manifest if request.with_manifest else None, have=have)
+
+    async def _pieces(
+        self, request: pb.PieceRequest, context: P2PContext
+    ) -> AsyncIterator[pb.Piece]:
+        found = self._lookup(request.swarm_id, request.blob_id)
+        if isinstance(found, str):
+            yield pb.Piece(error=found)
+            return
+        manifest, partial = found
+        peer = context.remote_id
+        if self._active >= self.limits.slots:
+            yield pb.Piece(error=self._refuse("busy"))
+            return
+        if self._per_peer[peer] >= self.limits.per_peer:
+            yield pb.Piece(error=self._refuse("too many requests"))
+            return
+        count = len(manifest.piece_hashes)
+        last = min(request.first + max(request.count, 1), count)
+        self._active += 1
+        self._per_peer[peer] += 1
+        try:
+            for index in range(request.first, last):
+                if not self._within_budget(peer, manifest.piece_size):
+                    yield pb.Piece(index=index, error=self._refuse("peer byte budget"))
+                    return
+                loop = asyncio.get_running_loop()
+                if partial is not None:
+                    data = await loop.run_in_executor(None, partial.read_piece, index)
+                else:
+                    data = await loop.run_in_executor(
+                        None, self.store.read_piece, request.blob_id, manifest, index
+                    )
+                if data is None:
+                    yield pb.Piece(index=index, error=self._refuse("piece not held"))
+                    return
+                self.stats.bytes_out += len(data)
+                self._charge(peer, len(data))
+                yield pb.Piece(index=index, data=data)
+        finally:
+            self._active -= 1
+            self._per_peer[peer] -= 1
+            if not self._per_peer[peer]:
+                del self._per_peer[peer]
+
+    def _within_budget(self, peer: PeerID, nbytes: int) -> bool:
+        limit = self.limits.peer_bytes_per_minute
+        if not limit:
+            return True
+        start, used = self._window.get(peer, (time.monotonic(), 0))
+        if time.monotonic() - start >= 60:
+            self._window[peer] = (time.monotonic(), 0)
+            return True
+        return used + nbytes <= limit
+
+    def _charge(self, peer: PeerID, nbytes: int) -> None:
+        start, used = self._window.get(peer, (time.monotonic(), 0))
+        self._window[peer] = (start, used + nbytes)
+
+    async def _upload(
+        self, requests: AsyncIterator[pb.Upload], context: P2PContext
+    ) -> pb.UploadResult:
+        """Accept a blob pushed by a swarm member that others cannot dial."""
+        peer = context.remote_id
+        first = await anext(requests, None)
+        if first is None:
+            return pb.UploadResult(reason=self._refuse("empty upload"))
+        if first.swarm_id != self.swarm.swarm_id:
+            return pb.UploadResult(reason=self._refuse("wrong swarm"))
+        if not is_id(first.blob_id):
+            return pb.UploadResult(reason=self._refuse("bad blob id"))
+        if self.store.has(first.blob_id):
+            return pb.UploadResult(accepted=True, reason="already held")
+        quota = self.limits.upload_bytes_per_peer - self._uploaded[peer]
+        if first.size > min(quota, self.limits.max_upload_bytes):
+            return pb.UploadResult(reason=self._refuse("over the upload quota"))
+        loop = asyncio.get_running_loop()
+        try:
+            incoming = await loop.run_in_executor(None, self.store.receive, first.size)
+        except QuotaError:
+            return pb.UploadResult(reason=self._refuse("store full"))
+        try:
+            incoming.write(first.data)
+            async for message in requests:
+                await loop.run_in_executor(None, incoming.write, message.data)
+            await loop.run_in_executor(None, incoming.finish, first.blob_id)
+        except BlobError as exc:
+            return pb.UploadResult(reason=self._refuse(str(exc)))
+        finally:
+            incoming.discard()
+        blob_id = first.blob_id
+        self._uploaded[peer] += first.size
+        self.stats.bytes_in += first.size
+        await loop.run_in_executor(None, announce, self.swarm, blob_id, True)
+        logger.info("accepted a pushed blob %s (%d bytes)", blob_id[:16], first.size)
+        return pb.UploadResult(accepted=True)
+
+
+def _held(index: int, have: bytes) -> bool:
+    return index // 8 < len(have) and bool(have[index // 8] >> (index % 8) & 1)
+
+
+def _complete(have: bytes, count: int) -> bool:
+    return bool(have) and all(_held(i, have) for i in range(count))
+
+
+def announce(swarm: Swarm, blob_id: str, complete: bool = True) -> bool:
+    """Publish that this peer provides ``blob_id`` (refreshed until withdrawn)."""
+    body = Provider(
+        blob_id=blob_id,
+        peer_id=swarm.peer_id.to_base58(),
+        maddrs=tuple(swarm.maddrs[:8]),
+        complete=complete,
+    )
+    return swarm.publish("provider", body, topic=blob_id, ttl=PROVIDER_TTL)
+
+
+def providers(swarm: Swarm, blob_id: str) -> list[Provider]:
+    """Peers that announced ``blob_id`` (complete ones first), this peer excluded."""
+    me = swarm.peer_id.to_base58()
+    found = [r.body for r in swarm.read("provider", topic=blob_id)]
+    found = [p for p in found if isinstance(p, Provider) and p.peer_id != me]
+    return sorted(found, key=lambda p: not p.complete)
+
+
+class FetchError(BlobError):
+    """A blob could not be fetched; the message says from whom and why."""
+
+
+@dataclass
+class _Source:
+    peer: PeerID
+    have: bytes = b""
+    bad_until: float = 0.0
+    failures: int = 0
+    received: int = 0  # verified bytes from this source
+
+
+class Fetcher:
+    """One download of one blob into ``store`` from whoever provides it."""
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        store: BlobStore,
+        blob_id: str,
+        *,
+        max_sources: int = 8,
+        serve_while_fetching: bool = True,
+        stats: TransferStats | None = None,
+    ) -> None:
+        self.swarm = swarm
+        self.store = store
+        self.blob_id = blob_id
+        self.max_sources = max_sources
+        self.serve = serve_while_fetching and not swarm.options.client_mode
+        self.stats = stats or TransferStats()
+        self.sources: dict[PeerID, _Source] = {}
+        self.in_flight: set[int] = set()
+        self.partial: Partial | None = None
+        self.errors: list[str] = []
+        self._last_piece = time.monotonic()
+
+    async def run(self, timeout: float) -> None:
+        if self.store.has(self.blob_id):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        rejected_manifests: set[bytes] = set()
+        while True:
+            manifest = await self._find_manifest(rejected_manifests, deadline)
+            self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
+            await self._download(deadline)
+            ok = await loop.run_in_executor(None, self.store.finish_partial, self.partial)
+            if ok:
+                if self.serve:
+                    await loop.run_in_executor(None, announce, self.swarm, self.blob_id, True)
+                return
+            rejected_manifests.add(manifest.SerializeToString())
+            self.errors.append("a provider's manifest did not add up to the blob id")
+
+    async def _refresh_sources(self) -> None:
+        loop = asyncio.get_running_loop()
+        for p in await loop.run_in_executor(None, providers, self.swarm, self.blob_id):
+            if len(self.sources) >= self.max_sources:
+                break
+            try:
+                peer = PeerID.from_base58(p.peer_id)
+            except Exception:  # noqa: BLE001 - a malformed peer id is just skipped
+                continue
+            self.sources.setdefault(peer, _Source(peer))
+
+    async def _ask_have(self, source: _Source, with_manifest: bool) -> pb.HaveResponse | None:
+        request = pb.HaveRequest(
+            swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, with_manifest=with_manifest
+        )
+        try:
+            response = await asyncio.wait_for(
+                self.swarm.p2p.call_protobuf_handler(source.peer, HAVE, request, pb.HaveResponse),
+                timeout=15,
+            )
+        except Exception as exc:  # noqa: BLE001 - an unreachable provider is one of many
+            self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=5)
+            return None
+        if response.error:
+            self._fail(source, f"{source.peer}: {response.error}", backoff=2)
+            return None
+        source.have = response.have
+        return response
+
+    async def _find_manifest(self, rejected: set[bytes], deadline: float) -> pb.Manifest:
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            await self._refresh_sources()
+            for source in list(self.sources.values()):
+                if source.bad_until > time.monotonic():
+                    continue
+                response = await self._ask_have(source, with_manifest=True)
+                if response is None or not response.HasField("manifest"):
+                    continue
+                try:
+                    check_manifest(response.manifest, self.blob_id)
+                except BlobError as exc:
+                    self._fail(source, f"{source.peer}: {exc}", backoff=300)
+                    continue
+                if response.manifest.SerializeToString() not in rejected:
+                    return response.manifest
+            await asyncio.sleep(0.5)
+        raise FetchError(self._why("no provider answered with a manifest"))
+
+    async def _download(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        workers: dict[PeerID, asyncio.Task] = {}
+        last_refresh = 0.0
+        saved_at = 0
+        announced = False
+        try:
+            while not self.partial.complete:
+                if loop.time() > deadline:
+                    raise FetchError(
+                        self._why(
+                            f"timed out with {self.partial.done} of {self.partial.count} pieces"
+                        )
+                    )
+                if loop.time() - last_refresh > _REFRESH:
+                    await self._refresh_sources()
+                    last_refresh = loop.time()
+                for peer, source in self.sources.items():
+                    task = workers.get(peer)
+                    if (task is None or task.done()) and source.bad_until <= time.monotonic():
+                        workers[peer] = asyncio.create_task(self._work(source))
+                if self.serve and self.partial.done and not announced:
+                    announced = True
+                    await loop.run_in_executor(None, announce, self.swarm, self.blob_id, False)
+                if self.partial.done - saved_at >= 64:  # resume point every 64 pieces
+                    await loop.run_in_executor(None, self.partial.save_progress)
+                    saved_at = self.partial.done
+                await asyncio.sleep(0.05)
+        finally:
+            for task in workers.values():
+                task.cancel()
+            await asyncio.gather(*workers.values(), return_exceptions=True)
+
+    def _pick_run(self, source: _Source) -> list[int]:
+        """Up to _RUN consecutive pieces this source has and nobody is fetching: rarest first.
+
+        A source holding the whole blob is asked only for pieces no partial holder
+        has (unless the download has stalled), so the origin sends each piece about
+        once and the fetchers trade the rest among themselves.
+        """
+        partial = self.partial
+        now = time.monotonic()
+        sharers = [
+            s
+            for s in self.sources.values()
+            if not _complete(s.have, partial.count) and s.bad_until <= now
+        ]
+        wanted = [
+            i
+            for i in range(partial.count)
+            if not partial.has(i) and i not in self.in_flight and _held(i, source.have)
+        ]
+        if _complete(source.have, partial.count) and now - self._last_piece < _STALL:
+            wanted = [i for i in wanted if not any(_held(i, s.have) for s in sharers)]
+        if not wanted:
+            return []
+        holders = {i: sum(_held(i, s.have) for s in self.sources.values()) for i in wanted}
+        rarest = min(holders.values())
+        start = random.choice([i for i in wanted if holders[i] == rarest])
+        run = [start]
+        while len(run) < _RUN and run[-1] + 1 in holders and holders[run[-1] + 1] == rarest:
+            run.append(run[-1] + 1)
+        return run
+
+    async def _work(self, source: _Source) -> None:
+        """Fetch runs from one source until it has nothing we need, fails or lies."""
+        while not self.partial.complete:
+            if await self._ask_have(source, with_manifest=False) is None:
+                return
+            run = self._pick_run(source)
+            if not run:
+                await asyncio.sleep(0.2)
+                continue
+            self.in_flight.update(run)
+            try:
+                await self._fetch_run(source, run)
+            finally:
+                self.in_flight.difference_update(run)
+            if source.bad_until > time.monotonic():
+                return
+
+    async def _fetch_run(self, source: _Source, run: list[int]) -> None:
+        request = pb.PieceRequest(
+            swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, first=run[0], count=len(run)
+        )
+        loop = asyncio.get_running_loop()
+        expected = iter(run)
+        try:
+            stream = await self.swarm.p2p.iterate_protobuf_handler(
+                source.peer, PIECES, request, pb.Piece
+            )
+            async for piece in stream:
+                if piece.error:
+                    backoff = 0.5 if piece.error in ("busy", "too many requests") else 5
+                    self._fail(
+                        source, f"{source.peer}: {piece.error}", backoff=backoff, count=False
+                    )
+                    return
+                if piece.index != next(expected, None):
+                    self._fail(
+                        source, f"{source.peer}: sent piece {piece.index} out of order", backoff=60
+                    )
+                    return
+                ok = await loop.run_in_executor(
+                    None, self.partial.write_piece, piece.index, piece.data
+                )
+                if not ok:
+                    self.stats.bad_pieces += 1
+                    self._fail(
+                        source,
+                        f"{source.peer}: piece {piece.index} does not match its hash",
+                        backoff=120,
+                    )
+                    return
+                self.stats.bytes_in += len(piece.data)
+                source.received += len(piece.data)
+                self._last_piece = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - a broken stream: the pieces go elsewhere
+            self._fail(
+                source, f"{source.peer}: stream broke ({type(exc).__name__} {exc})", backoff=2
+            )
+
+    def _fail(self, source: _Source, message: str, *, backoff: float, count: bool = True) -> None:
+        if count:
+            source.failures += 1
+            self.errors.append(message)
+            logger.info("fetch %s: %s", self.blob_id[:16], message)
+        source.bad_until = time.monotonic() + backoff * (
+            2 ** min(source.failures, 5) if count else 1
+        )
+
+    def _why(self, what: str) -> str:
+        tail = "; ".join(self.errors[-3:])
+        return f"blob {self.blob_id[:16]}: {what}" + (f" (last errors: {tail})" if tail else "")
+
+
+def fetch(
+    swarm: Swarm, store: BlobStore, blob_id: str, *, timeout: float = 600.0, **kwargs
+) -> Fetcher:
+    """Download ``blob_id`` into ``store`` (blocking); raises FetchError when it cannot."""
+    if not is_id(blob_id):
+        raise FetchError(f"{blob_id[:80]!r} is not a blob id")
+    fetcher = Fetcher(swarm, store, blob_id, **kwargs)
+    swarm.run(fetcher.run(timeout), timeout=timeout + 30)
+    return fetcher
+
+
+async def _upload_messages(swarm_id: str, path: Path) -> AsyncIterator[pb.Upload]:
+    size = path.stat().st_size
+    loop = asyncio.get_running_loop()
+    with open(path, "rb") as f:
+        data = await loop.run_in_executor(None, f.read, 1 << 20)
+        yield pb.Upload(swarm_id=swarm_id, blob_id=path.name, size=size, data=data)
+        while data := await loop.run_in_executor(None, f.read, 1 << 20):
+            yield pb.Upload(data=data)
+
+
+def push(swarm: Swarm, store: BlobStore, blob_id: str, peer: PeerID) -> pb.UploadResult:
+    """Send a blob to a reachable peer, which verifies it and becomes its provider."""
+    path = store.path(blob_id)
+
+    async def call() -> pb.UploadResult:
+        return await swarm.p2p.call_protobuf_handler(
+            peer, UPLOAD, _upload_messages(swarm.swarm_id, path), pb.UploadResult
+        )
+
+    return swarm.run(call(), timeout=600)

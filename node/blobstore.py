@@ -1,0 +1,413 @@
+"""A content-addressed blob store in the data directory.
+
+Layout under ``<data dir>/blobs``::
+
+    <id>             a complete blob; its id is the SHA-256 of its bytes
+    <id>.manifest    its piece hashes (protocol.transfer_pb2.Manifest)
+    partial/<id>     a download in progress, pieces written in place
+    partial/<id>.manifest, partial/<id>.have   what it should hold and what it holds
+    pins.json        why blobs must stay: {id: [reason, ...]}
+
+Every write goes through a temp file, fsync and rename, so a crash leaves
+either the old or the new state. Garbage collection drops the least recently
+used unpinned blobs when a new one needs room under the quota; a pinned blob
+(this peer's unmerged delta, the head, its patch) is never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from protocol import transfer_pb2 as pb
+from protocol.durable import fsync_dir, write_atomic
+from protocol.errors import MergeswarmError
+from protocol.ids import is_id
+
+logger = logging.getLogger(__name__)
+
+PIECE_SIZE = 1 << 20
+MAX_PIECES = 1 << 20  # 1 TiB at the default piece size: bounds a manifest from a peer
+_COPY = 1 << 20
+
+
+class BlobError(MergeswarmError):
+    """A blob is missing, does not match its id, or does not fit."""
+
+
+class QuotaError(BlobError):
+    """The store cannot make room without dropping pinned blobs."""
+
+
+def piece_count(size: int, piece_size: int) -> int:
+    return max(1, -(-size // piece_size))
+
+
+def check_manifest(manifest: pb.Manifest, blob_id: str) -> None:
+    """Raise BlobError unless ``manifest`` is well-formed for ``blob_id`` (sizes bounded)."""
+    if manifest.blob_id != blob_id:
+        raise BlobError(f"manifest is for {manifest.blob_id[:16]!r}, not {blob_id[:16]}")
+    if not 1024 <= manifest.piece_size <= 64 << 20:
+        raise BlobError(f"manifest piece size {manifest.piece_size} is out of range")
+    n = piece_count(manifest.size, manifest.piece_size)
+    if n > MAX_PIECES or len(manifest.piece_hashes) != n:
+        raise BlobError(f"manifest lists {len(manifest.piece_hashes)} pieces for {n}")
+    if any(len(h) != 32 for h in manifest.piece_hashes):
+        raise BlobError("manifest piece hashes must be SHA-256")
+
+
+def piece_range(manifest: pb.Manifest, index: int) -> tuple[int, int]:
+    """(offset, length) of piece ``index``."""
+    start = index * manifest.piece_size
+    return start, min(manifest.piece_size, manifest.size - start)
+
+
+class Partial:
+    """A download in progress: which pieces are in, written in place in the partial file."""
+
+    def __init__(self, store: BlobStore, manifest: pb.Manifest) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.blob_id = manifest.blob_id
+        self.path = store.partial_dir / self.blob_id
+        self.count = len(manifest.piece_hashes)
+        self.have = bytearray((self.count + 7) // 8)
+        self._lock = threading.Lock()
+
+    def has(self, index: int) -> bool:
+        return bool(self.have[index // 8] >> (index % 8) & 1)
+
+    @property
+    def done(self) -> int:
+        return sum(bin(b).count("1") for b in self.have)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.count
+
+    def write_piece(self, index: int, data: bytes) -> bool:
+        """Store piece ``index`` if it matches its hash; False (nothing written) if not."""
+        offset, length = piece_range(self.manifest, index)
+        if (
+            len(data) != length
+            or hashlib.sha256(data).digest() != self.manifest.piece_hashes[index]
+        ):
+            return False
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.have[index // 8] |= 1 << (index % 8)
+        return True
+
+    def read_piece(self, index: int) -> bytes | None:
+        if not self.has(index):
+            return None
+        offset, length = piece_range(self.manifest, index)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def save_progress(self) -> None:
+        """Persist which pieces are in (after fsyncing them), so a restart resumes."""
+        with open(self.path, "rb+") as f:
+            os.fsync(f.fileno())
+        with self._lock:
+            have = bytes(self.have)
+        write_atomic(self.path.with_name(self.blob_id + ".have"), have)
+
+
+class BlobStore:
+    """Blobs of one peer, under ``root``, at most ``quota_bytes`` of them (0: no quota)."""
+
+    def __init__(self, root: str | os.PathLike[str], quota_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.partial_dir = self.root / "partial"
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.quota_bytes = quota_bytes
+        self._lock = threading.RLock()
+        self._pins: dict[str, list[str]] = self._load_pins()
+        self._partials: dict[str, Partial] = {}
+        for leftover in self.root.glob(".*.tmp-*"):  # a crash mid-write
+            leftover.unlink(missing_ok=True)
+
+    # -- complete blobs ----------------------------------------------------------
+
+    def path(self, blob_id: str) -> Path:
+        if not is_id(blob_id):
+            raise BlobError(f"{blob_id[:80]!r} is not a blob id")
+        return self.root / blob_id
+
+    def has(self, blob_id: str) -> bool:
+        return is_id(blob_id) and (self.root / blob_id).is_file()
+
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if is_id(p.name) and p.is_file())
+
+    def size(self, blob_id: str) -> int:
+        return self.path(blob_id).stat().st_size
+
+    def used_bytes(self) -> int:
+        return sum(self.size(i) for i in self.ids())
+
+    def manifest(self, blob_id: str) -> pb.Manifest:
+        path = self.path(blob_id).with_name(blob_id + ".manifest")
+        if path.is_file():
+            return pb.Manifest.FromString(path.read_bytes())
+        return self._write_manifest(blob_id)
+
+    def _write_manifest(self, blob_id: str) -> pb.Manifest:
+        hashes = []
+        with open(self.path(blob_id), "rb") as f:
+            while piece := f.read(PIECE_SIZE):
+                hashes.append(hashlib.sha256(piece).digest())
+        manifest = pb.Manifest(
+            blob_id=blob_id,
+            size=self.size(blob_id),
+            piece_size=PIECE_SIZE,
+            piece_hashes=hashes or [hashlib.sha256(b"").digest()],
+        )
+        write_atomic(self.root / (blob_id + ".manifest"), manifest.SerializeToString())
+        return manifest
+
+    def read_piece(self, blob_id: str, manifest: pb.Manifest, index: int) -> bytes:
+        offset, length = piece_range(manifest, index)
+        with open(self.path(blob_id), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def add_file(self, source: str | os.PathLike[str], *, pin: str | None = None) -> str:
+        """Copy a file in (verifying nothing: its id is what it hashes to); returns its id."""
+        source = Path(source)
+        size = source.stat().st_size
+        tmp = self.root / f".add.tmp-{os.getpid()}-{threading.get_ident()}"
+        h = hashlib.sha256()
+        try:
+            with self._lock:
+                self.make_room(size)
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_COPY):
+                    h.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            blob_id = h.hexdigest()
+            self._install(tmp, blob_id, pin)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return blob_id
+
+    def add_bytes(self, data: bytes, *, pin: str | None = None) -> str:
+        blob_id = hashlib.sha256(data).hexdigest()
+        if not self.has(blob_id):
+            tmp = self.root / f".add.tmp-{os.getpid()}-{threading.get_ident()}"
+            try:
+                with self._lock:
+                    self.make_room(len(data))
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._install(tmp, blob_id, pin)
+            finally:
+                tmp.unlink(missing_ok=True)
+        elif pin:
+            self.pin(blob_id, pin)
+        return blob_id
+
+    def receive(self, size: int) -> Incoming:
+        """Room for a blob of ``size`` bytes arriving in pieces (see :class:`Incoming`)."""
+        with self._lock:
+            self.make_room(size)
+        return Incoming(self, size)
+
+    def _install(self, tmp: Path, blob_id: str, pin: str | None) -> None:
+        with self._lock:
+            if pin:
+                self.pin(blob_id, pin)
+            if not self.has(blob_id):
+                os.replace(tmp, self.root / blob_id)
+                fsync_dir(self.root)
+        self.manifest(blob_id)
+
+    def verify(self, blob_id: str) -> bool:
+        """Whether the stored bytes still hash to the id."""
+        h = hashlib.sha256()
+        with open(self.path(blob_id), "rb") as f:
+            while chunk := f.read(_COPY):
+                h.update(chunk)
+        return h.hexdigest() == blob_id
+
+    # -- pins and garbage collection ----------------------------------------------
+
+    def _load_pins(self) -> dict[str, list[str]]:
+        path = self.root / "pins.json"
+        if not path.is_file():
+            return {}
+        try:
+            pins = json.loads(path.read_text())
+            return {k: list(v) for k, v in pins.items() if is_id(k)}
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise BlobError(f"{path}: unreadable ({exc}); fix or delete it") from None
+
+    def _save_pins(self) -> None:
+        write_atomic(self.root / "pins.json", json.dumps(self._pins, sort_keys=True).encode())
+
+    def pin(self, blob_id: str, reason: str) -> None:
+        """Keep ``blob_id`` through garbage collection until every reason is unpinned."""
+        with self._lock:
+            reasons = self._pins.setdefault(blob_id, [])
+            if reason not in reasons:
+                reasons.append(reason)
+                self._save_pins()
+
+    def unpin(self, blob_id: str, reason: str) -> None:
+        with self._lock:
+            reasons = self._pins.get(blob_id, [])
+            if reason in reasons:
+                reasons.remove(reason)
+                if not reasons:
+                    del self._pins[blob_id]
+                self._save_pins()
+
+    def pins(self, blob_id: str) -> list[str]:
+        return list(self._pins.get(blob_id, []))
+
+    def make_room(self, nbytes: int) -> list[str]:
+        """Drop least recently used unpinned blobs until ``nbytes`` more fit; returns the ids."""
+        if not self.quota_bytes:
+            return []
+        if nbytes > self.quota_bytes:
+            raise QuotaError(f"a blob of {nbytes:,} bytes is over the store's quota")
+        with self._lock:
+            used = self.used_bytes() + self._partial_bytes()
+            dropped = []
+            candidates = sorted(
+                (i for i in self.ids() if i not in self._pins),
+                key=lambda i: self.path(i).stat().st_atime,
+            )
+            for blob_id in candidates:
+                if used + nbytes <= self.quota_bytes:
+                    break
+                used -= self.size(blob_id)
+                self.delete(blob_id)
+                dropped.append(blob_id)
+            if used + nbytes > self.quota_bytes:
+                raise QuotaError(
+                    f"no room for {nbytes:,} bytes: {used:,} of {self.quota_bytes:,} held by "
+                    "pinned blobs and downloads; raise the quota or unpin blobs"
+                )
+            return dropped
+
+    def delete(self, blob_id: str) -> None:
+        with self._lock:
+            self.path(blob_id).unlink(missing_ok=True)
+            (self.root / (blob_id + ".manifest")).unlink(missing_ok=True)
+            if self._pins.pop(blob_id, None) is not None:
+                self._save_pins()
+
+    # -- downloads in progress ------------------------------------------------------
+
+    def _partial_bytes(self) -> int:
+        return sum(p.manifest.size for p in self._partials.values())
+
+    def partial(self, blob_id: str) -> Partial | None:
+        return self._partials.get(blob_id)
+
+    def start_partial(self, manifest: pb.Manifest) -> Partial:
+        """Begin (or resume, from what a previous run saved) a download of ``manifest``."""
+        check_manifest(manifest, manifest.blob_id)
+        with self._lock:
+            existing = self._partials.get(manifest.blob_id)
+            if existing is not None:
+                return existing
+            self.make_room(manifest.size)
+            partial = Partial(self, manifest)
+            base = self.partial_dir / manifest.blob_id
+            saved = base.with_name(manifest.blob_id + ".manifest")
+            have = base.with_name(manifest.blob_id + ".have")
+            if saved.is_file() and saved.read_bytes() == manifest.SerializeToString():
+                if have.is_file() and len(have.read_bytes()) == len(partial.have):
+                    partial.have[:] = have.read_bytes()
+            else:
+                write_atomic(saved, manifest.SerializeToString())
+                have.unlink(missing_ok=True)
+            if not base.is_file() or base.stat().st_size != manifest.size:
+                with open(base, "wb") as f:
+                    f.truncate(manifest.size)
+                partial.have[:] = bytes(len(partial.have))
+            self._partials[manifest.blob_id] = partial
+            return partial
+
+    def finish_partial(self, partial: Partial, *, pin: str | None = None) -> bool:
+        """Move a complete download in if it hashes to its id; otherwise discard it."""
+        with self._lock:
+            self._partials.pop(partial.blob_id, None)
+        h = hashlib.sha256()
+        with open(partial.path, "rb") as f:
+            while chunk := f.read(_COPY):
+                h.update(chunk)
+        ok = h.hexdigest() == partial.blob_id
+        if ok:
+            with open(partial.path, "rb+") as f:
+                os.fsync(f.fileno())
+            with self._lock:
+                if pin:
+                    self.pin(partial.blob_id, pin)
+                os.replace(partial.path, self.root / partial.blob_id)
+                fsync_dir(self.root)
+                write_atomic(
+                    self.root / (partial.blob_id + ".manifest"),
+                    partial.manifest.SerializeToString(),
+                )
+        self.abandon_partial(partial)
+        return ok
+
+    def abandon_partial(self, partial: Partial) -> None:
+        with self._lock:
+            self._partials.pop(partial.blob_id, None)
+            for suffix in ("", ".manifest", ".have"):
+                (self.partial_dir / (partial.blob_id + suffix)).unlink(missing_ok=True)
+
+
+class Incoming:
+    """A blob arriving in order (a push): written to a temp file and hashed as it comes."""
+
+    def __init__(self, store: BlobStore, size: int) -> None:
+        self.store = store
+        self.size = size
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self._tmp = store.root / f".in.tmp-{os.getpid()}-{id(self)}"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish/discard
+
+    def write(self, data: bytes) -> None:
+        if self.received + len(data) > self.size:
+            raise BlobError("more bytes than declared")
+        self._hash.update(data)
+        self._file.write(data)
+        self.received += len(data)
+
+    def finish(self, blob_id: str, *, pin: str | None = None) -> None:
+        """Install the blob if it is whole and hashes to ``blob_id``; else discard it and raise."""
+        try:
+            if self.received != self.size:
+                raise BlobError(f"{self.received} of {self.size} declared bytes arrived")
+            if self._hash.hexdigest() != blob_id:
+                raise BlobError("the bytes do not hash to the blob id")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.store._install(self._tmp, blob_id, pin)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)

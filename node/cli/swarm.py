@@ -1,0 +1,203 @@
+"""``mergeswarm seed`` and ``mergeswarm blob add|get|ls``: joining a swarm and moving blobs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from . import common
+
+
+def add_join_args(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
+    """The flags every peer takes to start or join a swarm."""
+    g = p.add_argument_group("joining a swarm")
+    g.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a peer already in the swarm, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo... "
+        "(repeatable); none starts a new swarm",
+    )
+    g.add_argument(
+        "--swarm-id", help="pin the swarm id (default: learned from the --join peer, or new)"
+    )
+    g.add_argument(
+        "--host-maddr",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="where to listen (repeatable; default /ip4/0.0.0.0/tcp/0: all interfaces, any port)",
+    )
+    g.add_argument(
+        "--announce-maddr",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="address others should dial, when it differs from the listening one "
+        "(a public IP or a forwarded port; the port must not be 0)",
+    )
+    g.add_argument(
+        "--client-mode",
+        action="store_true",
+        help="for peers others cannot reach (behind NAT): serve no DHT requests; "
+        "your blobs are pushed to a reachable seed or aggregator",
+    )
+    g.add_argument(
+        "--no-relay", action="store_true", help="do not dial peers behind NAT through relays"
+    )
+    g.add_argument(
+        "--auto-relay",
+        action="store_true",
+        help="behind NAT: find relays through which others can reach this peer",
+    )
+    if data_dir:
+        g.add_argument(
+            "--data-dir",
+            type=Path,
+            default=common.default_data_dir(),
+            help="identity, swarm id and blobs (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
+        )
+
+
+def swarm_options(args: argparse.Namespace, data_dir: Path):
+    from node.swarm import SwarmOptions
+
+    options = SwarmOptions(
+        data_dir=data_dir,
+        join=list(args.join),
+        swarm_id=args.swarm_id,
+        announce_maddrs=list(args.announce_maddr),
+        client_mode=args.client_mode,
+        use_relay=not args.no_relay,
+        use_auto_relay=args.auto_relay,
+    )
+    if args.host_maddr:
+        options.host_maddrs = list(args.host_maddr)
+    return options
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "seed",
+        help="mirror and serve what the swarm needs (no training); without --join, start a swarm",
+        description="A peer that trains nothing: it follows the head, mirrors the head base's "
+        "blobs and unmerged deltas, and serves them. A stable bootstrap for others.",
+    )
+    add_join_args(p)
+    p.add_argument(
+        "--quota-gb", type=float, default=0.0, help="blob store size limit in GB (0: none)"
+    )
+    p.add_argument("--no-mirror", action="store_true", help="serve only what is added locally")
+    p.add_argument(
+        "--heartbeat-every",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="publish this peer's heartbeat record this often (default 15)",
+    )
+    p.set_defaults(run=run_seed)
+
+    blob = sub.add_parser("blob", help="put, fetch and list blobs (debugging a swarm)")
+    bsub = blob.add_subparsers(dest="blob_command", required=True, metavar="ACTION")
+    add = bsub.add_parser(
+        "add", help="put a file into a peer's blob store (a running peer announces it)"
+    )
+    add.add_argument("file", type=Path)
+    add.add_argument("--data-dir", type=Path, default=common.default_data_dir())
+    add.set_defaults(run=run_blob_add)
+    get = bsub.add_parser("get", help="fetch a blob from whoever provides it and verify it")
+    get.add_argument("blob_id", metavar="ID")
+    get.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    get.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    add_join_args(get, data_dir=False)
+    get.add_argument(
+        "--data-dir", type=Path, help="keep the peer's state here (default: a temporary one)"
+    )
+    get.set_defaults(run=run_blob_get)
+    ls = bsub.add_parser("ls", help="list the blobs in a peer's store")
+    ls.add_argument("--data-dir", type=Path, default=common.default_data_dir())
+    ls.set_defaults(run=run_blob_ls)
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def print_join_line(swarm) -> None:
+    print(f"swarm {swarm.swarm_id}; to join it, use:", flush=True)
+    for maddr in swarm.maddrs:
+        print(f"  --join {maddr}", flush=True)
+
+
+def run_seed(args: argparse.Namespace) -> int:
+    from node.blobstore import BlobStore
+    from node.peer import run_until
+    from node.seed import Seed
+    from node.swarm import Swarm
+
+    stop = _stop_event()
+    swarm = Swarm(swarm_options(args, args.data_dir))
+    try:
+        store = BlobStore(args.data_dir / "blobs", int(args.quota_gb * 1e9))
+        seed = Seed(swarm, store)
+        seed.mirror = not args.no_mirror
+        seed.heartbeat_every = args.heartbeat_every
+        print_join_line(swarm)
+        run_until(seed, stop, interval=min(2.0, args.heartbeat_every))
+    finally:
+        swarm.shutdown()
+    return 0
+
+
+def run_blob_add(args: argparse.Namespace) -> int:
+    from node.blobstore import BlobStore
+
+    if not args.file.is_file():
+        raise FileNotFoundError(2, "no such file", str(args.file))
+    print(BlobStore(args.data_dir / "blobs").add_file(args.file))
+    return 0
+
+
+def run_blob_get(args: argparse.Namespace) -> int:
+    from node.blobs import fetch
+    from node.blobstore import BlobStore
+    from node.swarm import Swarm
+
+    if not args.join:
+        raise SystemExit("mergeswarm: error: blob get needs --join MULTIADDR")
+    tmp = None if args.data_dir else tempfile.TemporaryDirectory(prefix="mergeswarm-get-")
+    data_dir = args.data_dir or Path(tmp.name)
+    try:
+        swarm = Swarm(swarm_options(args, data_dir))
+        try:
+            store = BlobStore(data_dir / "blobs")
+            fetch(swarm, store, args.blob_id, timeout=args.timeout, serve_while_fetching=False)
+        finally:
+            swarm.shutdown()
+        part = args.output.with_name(f".{args.output.name}.part-{os.getpid()}")
+        shutil.copyfile(store.path(args.blob_id), part)
+        os.replace(part, args.output)
+        print(f"{args.blob_id} -> {args.output} ({args.output.stat().st_size:,} bytes, verified)")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+def run_blob_ls(args: argparse.Namespace) -> int:
+    from node.blobstore import BlobStore
+
+    store = BlobStore(args.data_dir / "blobs")
+    for blob_id in store.ids():
+        pins = ",".join(store.pins(blob_id)) or "-"
+        print(f"{blob_id}  {store.size(blob_id):>14,}  {pins}")
+    return 0

@@ -1,0 +1,104 @@
+"""What every long-running peer does besides its role: serve and announce blobs, refresh its
+records, heart-beat. Roles (seed, volunteer, aggregator) subclass :class:`PeerDaemon`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+from hivemind.p2p import PeerID
+
+from node.blobs import BlobService, ServeLimits, announce, push
+from node.blobstore import BlobStore
+from node.swarm import Swarm
+from protocol.records import Heartbeat
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_TTL = 60.0
+HEARTBEAT_EVERY = 15.0
+REFRESH_EVERY = 60.0  # owned records (TTL >= 300 s) are re-published this often
+REACHABLE_ROLES = ("seed", "aggregator")
+
+
+def package_version() -> str:
+    try:
+        return version("mergeswarm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class PeerDaemon:
+    """A peer's housekeeping; call :meth:`tick` every few seconds from the daemon's loop."""
+
+    role = "seed"
+    heartbeat_every = HEARTBEAT_EVERY
+
+    def __init__(self, swarm: Swarm, store: BlobStore, limits: ServeLimits | None = None) -> None:
+        self.swarm = swarm
+        self.store = store
+        self.service = BlobService(swarm, store, limits)
+        self.service.register()
+        self.started = time.monotonic()
+        self.shared: set[str] = set()  # blobs announced (or pushed, in client mode)
+        self._last_refresh = time.monotonic()
+        self._last_heartbeat = 0.0
+
+    def tick(self) -> None:
+        self.share_new_blobs()
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.heartbeat_every:
+            self._last_heartbeat = now
+            self.swarm.publish("heartbeat", self.heartbeat(), ttl=HEARTBEAT_TTL)
+        if now - self._last_refresh >= REFRESH_EVERY:
+            self._last_refresh = now
+            self.swarm.refresh()
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            role=self.role,
+            version=package_version(),
+            peer_id=self.swarm.peer_id.to_base58(),
+            bytes_in=self.service.stats.bytes_in,
+            bytes_out=self.service.stats.bytes_out,
+            uptime_seconds=round(time.monotonic() - self.started, 1),
+        )
+
+    def share_new_blobs(self) -> None:
+        """Announce blobs that appeared in the store; a peer others cannot dial pushes them."""
+        for blob_id in self.store.ids():
+            if blob_id in self.shared:
+                continue
+            if not self.swarm.options.client_mode:
+                if announce(self.swarm, blob_id):
+                    self.shared.add(blob_id)
+            elif self._push_somewhere(blob_id):
+                self.shared.add(blob_id)
+
+    def _push_somewhere(self, blob_id: str) -> bool:
+        for record in self.swarm.read("heartbeat"):
+            body = record.body
+            if not isinstance(body, Heartbeat) or body.role not in REACHABLE_ROLES:
+                continue
+            try:
+                result = push(self.swarm, self.store, blob_id, PeerID.from_base58(body.peer_id))
+            except Exception as exc:  # noqa: BLE001 - try the next reachable peer
+                logger.info("pushing %s to %s failed: %s", blob_id[:16], body.peer_id, exc)
+                continue
+            if result.accepted:
+                logger.info("pushed %s to %s %s", blob_id[:16], body.role, body.peer_id)
+                return True
+            logger.info("%s refused %s: %s", body.peer_id, blob_id[:16], result.reason)
+        return False
+
+
+def run_until(daemon: PeerDaemon, stop: threading.Event, interval: float = 2.0) -> None:
+    """Tick until ``stop`` is set; a failing tick is logged, never fatal."""
+    while not stop.is_set():
+        try:
+            daemon.tick()
+        except Exception:  # noqa: BLE001 - one bad round of housekeeping must not kill the peer
+            logger.exception("housekeeping failed; retrying in %.0f s", interval)
+        stop.wait(interval)

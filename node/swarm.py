@@ -1,0 +1,286 @@
+"""Membership of a swarm: a hivemind DHT node, its libp2p handle, signed records.
+
+One :class:`Swarm` per peer process. It starts (or joins) the DHT with the
+swarm's record validator, keeps the libp2p identity and the record-signing
+key in the data directory (a restarted peer keeps its peer id and author),
+learns the swarm id from the peer it joins through, and runs an asyncio loop
+in a thread for the libp2p stream handlers (see node.blobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hivemind import DHT
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.utils import get_dht_time
+
+from protocol import transfer_pb2 as pb
+from protocol.durable import write_atomic
+from protocol.errors import MergeswarmError
+from protocol.identity import Identity
+from protocol.record_validator import SwarmRecordValidator, rejection_counts
+from protocol.records import (
+    BODIES,
+    RecordError,
+    _Body,
+    is_swarm_id,
+    open_record,
+    record_key,
+    sign_record,
+)
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "1"
+SWARM_INFO = "mergeswarm.SwarmInfo"
+IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta create`)
+P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id
+SWARM_ID_FILE = "swarm_id"
+MULTIADDRS_FILE = "multiaddrs"
+
+T = TypeVar("T")
+
+
+class SwarmError(MergeswarmError):
+    """Joining or talking to the swarm failed; the message says what to try."""
+
+
+@dataclass
+class SwarmOptions:
+    """How a peer joins.
+
+    :param data_dir: where identity, swarm id and blobs live.
+    :param join: multiaddrs of peers already in the swarm; empty starts a new swarm.
+    :param swarm_id: pin the swarm id (else learned from the swarm, or generated).
+    :param host_maddrs: where to listen (``/ip4/0.0.0.0/tcp/PORT`` for all interfaces).
+    :param announce_maddrs: addresses to advertise instead of the listening ones.
+    :param client_mode: do not serve DHT requests (for peers others cannot dial).
+    :param use_relay: dial peers behind NAT through relays.
+    :param use_auto_relay: look for relays that make this peer reachable behind NAT.
+    """
+
+    data_dir: Path
+    join: list[str] = field(default_factory=list)
+    swarm_id: str | None = None
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    client_mode: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    startup_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Record:
+    """A verified record read from the DHT."""
+
+    author: str
+    body: _Body
+    expires: float
+
+
+class Swarm:
+    """A running peer's view of its swarm. Call :meth:`shutdown` when done."""
+
+    def __init__(self, options: SwarmOptions) -> None:
+        self.options = options
+        self.data_dir = Path(options.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(self.data_dir / IDENTITY_FILE)
+        self.rejected: dict[str, int] = {}  # records dropped on read, by reason
+        self._owned: dict[tuple[str, str], tuple[_Body, float]] = {}
+        self._lock = threading.Lock()
+        self.dht = self._start_dht()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
+        self._thread.start()
+        try:
+            self.p2p: P2P = self.run(self.dht.replicate_p2p())
+            self.peer_id: PeerID = self.dht.peer_id
+            self.swarm_id = self._settle_swarm_id()
+            self.run(
+                self.p2p.add_protobuf_handler(SWARM_INFO, self._swarm_info, pb.SwarmInfoRequest)
+            )
+            self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+            write_atomic(
+                self.data_dir / MULTIADDRS_FILE, "".join(m + "\n" for m in self.maddrs).encode()
+            )
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_dht(self) -> DHT:
+        o = self.options
+        try:
+            return DHT(
+                initial_peers=o.join or None,
+                start=True,
+                client_mode=o.client_mode,
+                record_validators=[SwarmRecordValidator()],
+                identity_path=str(self.data_dir / P2P_IDENTITY_FILE),
+                host_maddrs=o.host_maddrs,
+                announce_maddrs=o.announce_maddrs or None,
+                use_relay=o.use_relay,
+                use_auto_relay=o.use_auto_relay,
+                startup_timeout=o.startup_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - hivemind raises bare Exceptions here
+            hint = (
+                " Check that the --join multiaddrs are reachable from here and include /p2p/<peer id>."
+                if o.join
+                else " Check --host-maddr."
+            )
+            raise SwarmError(f"could not start the DHT: {exc}.{hint}") from None
+
+    def _settle_swarm_id(self) -> str:
+        saved_path = self.data_dir / SWARM_ID_FILE
+        saved = saved_path.read_text().strip() if saved_path.is_file() else None
+        swarm_id = self.options.swarm_id
+        if swarm_id is None and self.options.join:
+            swarm_id = self._ask_swarm_id()
+        swarm_id = swarm_id or saved or f"swarm-{secrets.token_hex(6)}"
+        if not is_swarm_id(swarm_id):
+            raise SwarmError(f"swarm id {swarm_id!r}: use 3-64 of a-z, 0-9 and '-'")
+        if saved is not None and saved != swarm_id:
+            raise SwarmError(
+                f"{self.data_dir} belongs to swarm {saved!r}, not {swarm_id!r}; "
+                "use another --data-dir for another swarm"
+            )
+        if saved is None:
+            write_atomic(saved_path, swarm_id.encode() + b"\n")
+        return swarm_id
+
+    def _ask_swarm_id(self) -> str:
+        errors = []
+        for maddr in self.options.join:
+            peer = maddr.rsplit("/p2p/", 1)[-1] if "/p2p/" in maddr else None
+            if peer is None:
+                errors.append(f"{maddr} has no /p2p/<peer id>")
+                continue
+            try:
+                info = self.run(
+                    self.p2p.call_protobuf_handler(
+                        PeerID.from_base58(peer), SWARM_INFO, pb.SwarmInfoRequest(), pb.SwarmInfo
+                    ),
+                    timeout=15,
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure: try the next peer
+                errors.append(f"{maddr}: {exc or type(exc).__name__}")
+                continue
+            if is_swarm_id(info.swarm_id):
+                return info.swarm_id
+            errors.append(f"{maddr} answered with an invalid swarm id")
+        raise SwarmError(
+            "no --join peer told its swarm id (" + "; ".join(errors) + "); pass --swarm-id"
+        )
+
+    async def _swarm_info(
+        self, _request: pb.SwarmInfoRequest, _context: P2PContext
+    ) -> pb.SwarmInfo:
+        return pb.SwarmInfo(swarm_id=self.swarm_id, version=PROTOCOL_VERSION, maddrs=self.maddrs)
+
+    # -- the asyncio loop ------------------------------------------------------
+
+    def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T], timeout: float | None = 60) -> T:
+        """Run a coroutine on the peer's loop from another thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    # -- records -----------------------------------------------------------------
+
+    def publish(self, kind: str, body: _Body, *, topic: str = "", ttl: float = 600.0) -> bool:
+        """Sign and store a record (this author's entry under its key); remembered for refresh."""
+        expires = get_dht_time() + ttl
+        key, value = sign_record(self.identity, self.swarm_id, kind, topic, body, expires)
+        with self._lock:
+            self._owned[(kind, topic)] = (body, ttl)
+        return bool(self.dht.store(key, value, expires, subkey=self.identity.author))
+
+    def withdraw(self, kind: str, *, topic: str = "") -> None:
+        """Stop refreshing a record; it ages out at its expiration."""
+        with self._lock:
+            self._owned.pop((kind, topic), None)
+
+    def refresh(self) -> int:
+        """Re-publish every owned record with a fresh expiration; returns how many were stored."""
+        with self._lock:
+            owned = list(self._owned.items())
+        stored = 0
+        for (kind, topic), (body, ttl) in owned:
+            stored += self.publish(kind, body, topic=topic, ttl=ttl)
+        return stored
+
+    def read(self, kind: str, *, topic: str = "") -> list[Record]:
+        """Every valid record of ``kind``/``topic``, one per author, verified again here."""
+        if kind not in BODIES:
+            raise ValueError(f"unknown record kind {kind!r}")
+        key = record_key(self.swarm_id, kind, topic)
+        found = self.dht.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = get_dht_time()
+        records = []
+        for subkey, item in found.value.items():
+            try:
+                if not isinstance(item.value, bytes):
+                    raise RecordError("malformed", "record value is not an envelope")
+                env, body = open_record(
+                    item.value,
+                    subkey=subkey,
+                    expiration=item.expiration_time,
+                    now=now,
+                    key=key,
+                    swarm_id=self.swarm_id,
+                )
+            except RecordError as exc:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                logger.info("dropped a %s record: %s", kind, exc)
+                continue
+            records.append(Record(env.author, body, env.expires))
+        return sorted(records, key=lambda r: r.author)
+
+    def rejection_counts(self) -> dict[str, int]:
+        """Records this peer refused: on read here, and by its DHT node (store or lookup)."""
+        counts = dict(self.dht.run_coroutine(rejection_counts))
+        counts.pop("accepted", None)
+        for reason, n in self.rejected.items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    def wait_for(
+        self, check: Callable[[], T | None], timeout: float, interval: float = 0.5
+    ) -> T | None:
+        """Poll ``check`` until it returns something truthy or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value or time.monotonic() >= deadline:
+                return value
+            time.sleep(interval)
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if self.loop.is_running():
+            p2p = getattr(self, "p2p", None)
+            if p2p is not None:
+                try:
+                    self.run(p2p.shutdown(), timeout=10)
+                except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                    logger.debug("p2p replica shutdown: %s", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        self.dht.shutdown()

@@ -1,0 +1,221 @@
+"""Signed DHT records: schemas, keys, envelopes.
+
+Every record lives under a key namespaced by the swarm id,
+``mergeswarm/<swarm>/<kind>[/<topic>]``, with the author's public key (64 hex
+digits) as its subkey, so each author owns one entry per key and a second
+swarm on the same DHT never reads the first one's keys.
+
+The stored value is an envelope, canonical JSON (sorted keys, no spaces)::
+
+    {"v": 1, "swarm": ..., "kind": ..., "key": <the plain DHT key>,
+     "author": <hex>, "expires": <float>, "body": {...}, "sig": <hex>}
+
+The Ed25519 signature covers the envelope without ``sig``, and so binds the
+body to its key (hivemind hashes keys: a validator checks that the plain key
+hashes to the stored one), its swarm, its author and its expiration: a record
+replayed under another key, swarm or author, or kept alive past the
+expiration its author chose, fails verification.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from protocol.errors import MergeswarmError, one_line
+from protocol.identity import Identity, verify
+
+RECORD_VERSION = 1
+MAX_RECORD_BYTES = 4096  # well under hivemind's ~16 KiB host-pipe limit
+MAX_TTL_SECONDS = 7 * 24 * 3600  # how far in the future an expiration may lie
+_KEY_PREFIX = "mergeswarm/"
+
+Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+SwarmId = Annotated[str, StringConstraints(pattern=r"^[0-9a-z][0-9a-z-]{2,63}$")]
+ShortText = Annotated[str, StringConstraints(max_length=128)]
+Maddr = Annotated[str, StringConstraints(pattern=r"^/[\x21-\x7e]{1,255}$")]
+
+
+class RecordError(MergeswarmError):
+    """A record is malformed, forged, expired, oversized or for another swarm/key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # a short label, used as a bounded metric label
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DeltaAnnouncement(_Body):
+    """A volunteer offers a delta trained on ``base_id``."""
+
+    base_id: Hex64
+    delta_id: Hex64  # SHA-256 of the .msd file
+    size: int = Field(ge=0, le=1 << 40)  # bytes of the .msd file
+    round: int = Field(ge=0)  # the head round the delta was trained from
+    tags: tuple[ShortText, ...] = Field(default=(), max_length=16)
+    samples: int = Field(default=0, ge=0)  # samples trained on
+    steps: int = Field(default=0, ge=0)
+    loss_before: float | None = None  # held-out loss on the base
+    loss_after: float | None = None  # held-out loss after training
+
+
+class Provider(_Body):
+    """The author's peer serves blob ``blob_id`` (``complete`` False: still fetching it)."""
+
+    blob_id: Hex64
+    peer_id: Annotated[str, StringConstraints(pattern=r"^[1-9A-HJ-NP-Za-km-z]{20,80}$")]
+    maddrs: tuple[Maddr, ...] = Field(default=(), max_length=8)
+    complete: bool = True
+
+
+class Head(_Body):
+    """An aggregator's current head base."""
+
+    base_id: Hex64
+    round: int = Field(ge=0)
+    parent: Hex64 | None = None
+    deltas: int = Field(ge=0)  # number of deltas merged into it
+    patch_id: Hex64 | None = None  # blob turning the parent into this base
+    snapshot_id: Hex64 | None = None  # blob holding the whole base
+
+
+class Heartbeat(_Body):
+    """A peer is alive; what it does and sees."""
+
+    role: Literal["volunteer", "aggregator", "seed", "monitor"]
+    version: ShortText
+    peer_id: ShortText
+    head_round: int | None = Field(default=None, ge=0)
+    head_id: Hex64 | None = None
+    samples_per_second: float = Field(default=0.0, ge=0)
+    bytes_in: int = Field(default=0, ge=0)
+    bytes_out: int = Field(default=0, ge=0)
+    uptime_seconds: float = Field(default=0.0, ge=0)
+
+
+BODIES: dict[str, type[_Body]] = {
+    "announce": DeltaAnnouncement,
+    "provider": Provider,
+    "head": Head,
+    "heartbeat": Heartbeat,
+}
+
+
+def record_key(swarm_id: str, kind: str, topic: str = "") -> str:
+    """The plain DHT key of records of ``kind`` (and ``topic``, e.g. a base or blob id)."""
+    if kind not in BODIES:
+        raise ValueError(f"unknown record kind {kind!r}")
+    return f"{_KEY_PREFIX}{swarm_id}/{kind}" + (f"/{topic}" if topic else "")
+
+
+def _parse_key(key: str) -> tuple[str, str, str]:
+    """(swarm id, kind, topic) of a plain key made by record_key."""
+    if not key.startswith(_KEY_PREFIX):
+        raise RecordError("bad_key", f"key {key[:80]!r} is not a mergeswarm key")
+    parts = key[len(_KEY_PREFIX) :].split("/")
+    if len(parts) not in (2, 3) or parts[1] not in BODIES:
+        raise RecordError("bad_key", f"key {key[:80]!r} is not <swarm>/<kind>[/<topic>]")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+
+
+class Envelope(BaseModel):
+    """A signed record as stored in the DHT."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    v: Literal[1]
+    swarm: SwarmId
+    kind: str
+    key: Annotated[str, StringConstraints(max_length=256)]
+    author: Hex64
+    expires: float
+    body: dict
+    sig: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
+
+    def signed_bytes(self) -> bytes:
+        return _canonical(self.model_dump(exclude={"sig"}))
+
+    def to_bytes(self) -> bytes:
+        return _canonical(self.model_dump())
+
+
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sign_record(
+    identity: Identity, swarm_id: str, kind: str, topic: str, body: _Body, expires: float
+) -> tuple[str, bytes]:
+    """(plain key, envelope bytes) of ``body`` signed by ``identity``."""
+    if not isinstance(body, BODIES[kind]):
+        raise TypeError(f"a {kind} record holds a {BODIES[kind].__name__}")
+    key = record_key(swarm_id, kind, topic)
+    unsigned = {
+        "v": RECORD_VERSION,
+        "swarm": swarm_id,
+        "kind": kind,
+        "key": key,
+        "author": identity.author,
+        "expires": float(expires),
+        "body": body.model_dump(mode="json"),
+    }
+    sig = identity.sign(_canonical(unsigned)).hex()
+    data = _canonical(unsigned | {"sig": sig})
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError("oversized", f"a {kind} record of {len(data)} bytes is over the cap")
+    return key, data
+
+
+def open_record(
+    data: bytes,
+    *,
+    subkey: str | None,
+    expiration: float,
+    now: float,
+    key: str | None = None,
+    swarm_id: str | None = None,
+) -> tuple[Envelope, _Body]:
+    """Check an envelope and return it with its typed body, or raise RecordError.
+
+    :param subkey: the DHT subkey it was stored under (must be its author).
+    :param expiration: the DHT expiration it was stored with (must be the signed one).
+    :param key: the plain key it was read from, when the caller knows it.
+    :param swarm_id: the caller's swarm, when it has one.
+    """
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError("oversized", f"record of {len(data)} bytes (cap {MAX_RECORD_BYTES})")
+    try:
+        env = Envelope.model_validate_json(data)
+    except ValidationError as exc:
+        raise RecordError("malformed", f"malformed record: {one_line(exc)}") from None
+    swarm, kind, _ = _parse_key(env.key)
+    if swarm != env.swarm or (swarm_id is not None and env.swarm != swarm_id):
+        raise RecordError("wrong_swarm", f"record for swarm {env.swarm!r} under {env.key!r}")
+    if kind != env.kind or (key is not None and key != env.key):
+        raise RecordError("wrong_key", f"a {env.kind} record stored under another key")
+    if subkey != env.author:
+        raise RecordError("forged_author", "record stored under a subkey that is not its author")
+    if not math.isfinite(env.expires) or env.expires != expiration:
+        raise RecordError("bad_expiration", "record's expiration is not the one its author signed")
+    if env.expires <= now:
+        raise RecordError("expired", "record has expired")
+    if env.expires > now + MAX_TTL_SECONDS:
+        raise RecordError("bad_expiration", "record expires too far in the future")
+    if not verify(env.author, bytes.fromhex(env.sig), env.signed_bytes()):
+        raise RecordError("bad_signature", f"signature of a {kind} record does not verify")
+    try:
+        body = BODIES[kind].model_validate_json(_canonical(env.body))
+    except ValidationError as exc:
+        raise RecordError("malformed", f"malformed {kind} record: {one_line(exc)}") from None
+    return env, body
+
+
+def is_swarm_id(value: str) -> bool:
+    return re.fullmatch(r"[0-9a-z][0-9a-z-]{2,63}", value) is not None

@@ -1,0 +1,97 @@
+"""Joining and records on a real hivemind DHT: daemons in their own processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hivemind.utils import get_dht_time
+
+from protocol.identity import Identity
+from protocol.records import Heartbeat, sign_record
+from tests.swarm import start_peer, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+FAST = ("--heartbeat-every", "1", "--no-mirror")
+
+
+def _author(peer) -> str:
+    return Identity.load(peer.data_dir / "identity.pem").author
+
+
+def _heartbeat_authors(observer) -> set[str]:
+    return {r.author for r in observer.read("heartbeat")}
+
+
+def test_five_peers_see_each_other_and_another_swarm_sees_none(tmp_path, local_peer):
+    boot = start_peer(tmp_path / "boot", *FAST)
+    peers = [boot] + [
+        start_peer(tmp_path / f"p{i}", "--join", boot.maddrs[0], *FAST) for i in range(4)
+    ]
+    swarm_ids = {(p.data_dir / "swarm_id").read_text().strip() for p in peers}
+    assert len(swarm_ids) == 1  # learned from the bootstrap peer
+    authors = {_author(p) for p in peers}
+    for i, p in enumerate(peers):  # through each peer's own view of the DHT
+        observer = local_peer(f"observer{i}", join=[p.maddrs[0]])
+        assert observer.swarm_id in swarm_ids
+        wait_for(lambda o=observer: authors <= _heartbeat_authors(o), 30, f"5 heartbeats via {i}")
+
+    other = start_peer(
+        tmp_path / "other", "--join", boot.maddrs[0], "--swarm-id", "other-swarm", *FAST
+    )
+    stranger = local_peer("stranger", join=[boot.maddrs[0]], swarm_id="other-swarm")
+    wait_for(lambda: _author(other) in _heartbeat_authors(stranger), 30, "the other swarm's beat")
+    assert _heartbeat_authors(stranger) == {_author(other)}
+    assert _author(other) not in _heartbeat_authors(observer)
+
+
+def test_a_restarted_peer_keeps_its_peer_id_and_swarm(tmp_path):
+    boot = start_peer(tmp_path / "boot", *FAST)
+    first = start_peer(tmp_path / "p", "--join", boot.maddrs[0], *FAST)
+    peer_id, swarm_id = first.peer_id, (first.data_dir / "swarm_id").read_text()
+    assert first.stop() == 0  # SIGTERM: a clean exit
+    again = start_peer(tmp_path / "p", *FAST)  # no --join: the data dir remembers the swarm
+    assert again.peer_id == peer_id
+    assert (again.data_dir / "swarm_id").read_text() == swarm_id
+
+
+def test_joining_a_swarm_under_another_data_dir_swarm_is_refused(tmp_path):
+    a = start_peer(tmp_path / "a", *FAST)
+    b = start_peer(tmp_path / "b", *FAST)  # a second, separate swarm
+    b.stop()
+    with pytest.raises(AssertionError, match="belongs to swarm"):
+        start_peer(tmp_path / "b", "--join", a.maddrs[0], *FAST)
+
+
+def _store_raw(peer, key: str, value: bytes, expiration: float, subkey: str) -> bool:
+    return bool(peer.dht.store(key, value, expiration, subkey=subkey))
+
+
+def test_forged_wrong_swarm_expired_and_oversized_records_are_rejected_and_counted(local_peer):
+    a = local_peer("a")
+    b = local_peer("b", join=a.maddrs)
+    writer = local_peer("writer", join=a.maddrs)
+    mallory = Identity.generate()
+    beat = Heartbeat(role="seed", version="x", peer_id=a.peer_id.to_base58())
+    expires = get_dht_time() + 60
+    key, good = sign_record(mallory, a.swarm_id, "heartbeat", "", beat, expires)
+    envelope = json.loads(good)
+
+    def tampered(**changes) -> bytes:
+        return json.dumps(envelope | changes, sort_keys=True, separators=(",", ":")).encode()
+
+    assert not _store_raw(writer, key, tampered(sig="0" * 128), expires, mallory.author)
+    assert not _store_raw(writer, key, good, expires, a.identity.author)  # someone else's slot
+    assert not _store_raw(writer, key, tampered(swarm="other-swarm"), expires, mallory.author)
+    past = get_dht_time() - 5
+    _, stale = sign_record(mallory, a.swarm_id, "heartbeat", "", beat, past)
+    assert not _store_raw(writer, key, stale, past, mallory.author)
+    assert not _store_raw(writer, key, good + b" " * 5000, expires, mallory.author)
+    assert _store_raw(writer, key, good, expires, mallory.author)
+
+    assert [r.author for r in b.read("heartbeat")] == [mallory.author]  # only the honest one
+    for peer in (a, b):
+        counts = peer.rejection_counts()
+        for reason in ("bad_signature", "forged_author", "wrong_swarm", "oversized"):
+            assert counts.get(reason, 0) >= 1, (reason, counts)
+        assert counts.get("expired", 0) + counts.get("bad_expiration", 0) >= 1, counts
