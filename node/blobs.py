@@ -18,17 +18,18 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivemind.p2p import P2PContext, PeerID
 
 from node.blobstore import BlobError, BlobStore, Partial, QuotaError, check_manifest
+from node.framing import IO_TIMEOUT, FrameError, read_frame, read_frames, write_frame
 from node.swarm import Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
-from protocol.records import Provider
+from protocol.records import DeltaAnnouncement, Provider
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ PROVIDER_TTL = 300.0
 _RUN = 4  # pieces per request: small runs spread pieces over fetchers quickly
 _STALL = 2.0  # seconds without a new piece before complete sources serve anything
 _REFRESH = 0.5  # seconds between looks for new providers while downloading
+_SMALL = 4096  # cap of a request or result frame
+_TRACKED_BLOBS = 64  # blobs whose per-piece send counts a provider keeps
+_MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
+_UPLOAD_CHUNK = 1 << 20
+SEND = "send"  # an upload's go-ahead, after its header was accepted
+_UPLOAD_FRAME = _UPLOAD_CHUNK + 4096
 
 
 @dataclass
@@ -49,14 +56,14 @@ class ServeLimits:
     :param per_peer: concurrent requests from one peer.
     :param peer_bytes_per_minute: bytes served to one peer per minute (0: no limit).
     :param upload_bytes_per_peer: bytes one peer may push into this store (0: refuse pushes).
-    :param max_upload_bytes: the largest single blob accepted by push.
+    :param upload_slots: pushes received at once.
     """
 
     slots: int = 4
     per_peer: int = 2
     peer_bytes_per_minute: int = 0
     upload_bytes_per_peer: int = 4 << 30
-    max_upload_bytes: int = 4 << 30
+    upload_slots: int = 2
 
 
 @dataclass
@@ -79,14 +86,41 @@ class BlobService:
         self._per_peer: dict[PeerID, int] = defaultdict(int)
         self._window: dict[PeerID, tuple[float, int]] = {}
         self._uploaded: dict[PeerID, int] = defaultdict(int)
+        self._uploading = 0
+        self._sent_counts: dict[str, list[int]] = {}  # blob -> times each piece was sent
 
     def register(self) -> None:
         p2p = self.swarm.p2p
         self.swarm.run(p2p.add_protobuf_handler(HAVE, self._have, pb.HaveRequest))
-        self.swarm.run(
-            p2p.add_protobuf_handler(PIECES, self._pieces, pb.PieceRequest, stream_output=True)
-        )
-        self.swarm.run(p2p.add_protobuf_handler(UPLOAD, self._upload, pb.Upload, stream_input=True))
+        self.swarm.run(p2p.add_binary_stream_handler(PIECES, self._pieces_stream))
+        self.swarm.run(p2p.add_binary_stream_handler(UPLOAD, self._upload_stream))
+
+    async def _pieces_stream(self, info, reader, writer) -> None:
+        try:
+            request = await read_frame(reader, pb.PieceRequest, _SMALL)
+            if request is not None:
+                async for piece in self._pieces(request, info.peer_id):
+                    await write_frame(writer, piece)
+        except (FrameError, ConnectionError) as exc:
+            self._refuse("broken request")
+            logger.debug("pieces for %s: %s", info.peer_id, exc)
+        finally:
+            writer.close()
+
+    async def _upload_stream(self, info, reader, writer) -> None:
+        try:
+            messages = read_frames(reader, pb.Upload, _UPLOAD_FRAME)
+
+            async def go_ahead() -> None:  # the uploader sends its bytes only after this
+                await write_frame(writer, pb.UploadResult(accepted=True, reason=SEND))
+
+            result = await self._upload(messages, info.peer_id, go_ahead)
+            await write_frame(writer, result)
+        except (FrameError, ConnectionError) as exc:
+            self._refuse("broken upload")
+            logger.debug("upload from %s: %s", info.peer_id, exc)
+        finally:
+            writer.close()
 
     def _refuse(self, reason: str) -> str:
         self.stats.refused[reason] += 1
@@ -109,19 +143,43 @@ class BlobService:
         if isinstance(found, str):
             return pb.HaveResponse(error=found)
         manifest, partial = found
-        count = len(manifest.piece_hashes)
-        have = bytes(partial.have) if partial else bytes([255] * ((count + 7) // 8))
-        return pb.HaveResponse(manifest=manifest if request.with_manifest else None, have=have)
+        if partial is not None:
+            have = bytes(partial.have)
+        else:
+            have = self._offer(request.blob_id, len(manifest.piece_hashes), request.mine)
+        return pb.HaveResponse(
+            manifest=manifest if request.with_manifest else None,
+            have=have,
+            served=self.stats.bytes_out,
+            complete=partial is None,
+        )
 
-    async def _pieces(
-        self, request: pb.PieceRequest, context: P2PContext
-    ) -> AsyncIterator[pb.Piece]:
+    def _offer(self, blob_id: str, count: int, mine: bytes) -> bytes:
+        """Super-seeding: of the pieces the asker lacks, those this peer has sent least often."""
+        sent = self._sent_counts.get(blob_id)
+        missing = [i for i in range(count) if not _held(i, mine)]
+        if sent is None or not missing:
+            return bytes([255] * ((count + 7) // 8))
+        least = min(sent[i] for i in missing)
+        offer = bytearray((count + 7) // 8)
+        for i in missing:
+            if sent[i] == least:
+                offer[i // 8] |= 1 << (i % 8)
+        return bytes(offer)
+
+    def _count_sent(self, blob_id: str, count: int, index: int) -> None:
+        sent = self._sent_counts.pop(blob_id, None) or [0] * count
+        sent[index] += 1
+        self._sent_counts[blob_id] = sent  # most recent last
+        while len(self._sent_counts) > _TRACKED_BLOBS:
+            self._sent_counts.pop(next(iter(self._sent_counts)))
+
+    async def _pieces(self, request: pb.PieceRequest, peer: PeerID) -> AsyncIterator[pb.Piece]:
         found = self._lookup(request.swarm_id, request.blob_id)
         if isinstance(found, str):
             yield pb.Piece(error=found)
             return
         manifest, partial = found
-        peer = context.remote_id
         if self._active >= self.limits.slots:
             yield pb.Piece(error=self._refuse("busy"))
             return
@@ -149,6 +207,8 @@ class BlobService:
                     return
                 self.stats.bytes_out += len(data)
                 self._charge(peer, len(data))
+                if partial is None:
+                    self._count_sent(request.blob_id, count, index)
                 yield pb.Piece(index=index, data=data)
         finally:
             self._active -= 1
@@ -171,50 +231,68 @@ class BlobService:
         self._window[peer] = (start, used + nbytes)
 
     async def _upload(
-        self, requests: AsyncIterator[pb.Upload], context: P2PContext
+        self,
+        requests: AsyncIterator[pb.Upload],
+        peer: PeerID,
+        go_ahead: Callable[[], Awaitable[None]],
     ) -> pb.UploadResult:
-        """Accept a blob pushed by a swarm member that others cannot dial."""
-        peer = context.remote_id
+        """Accept a delta pushed by a peer that others cannot dial, if the swarm announced it.
+
+        The first message names the blob (no data); ``go_ahead`` tells the uploader to send
+        the bytes once the push is accepted, so a refusal costs no transfer.
+        """
         first = await anext(requests, None)
         if first is None:
             return pb.UploadResult(reason=self._refuse("empty upload"))
         if first.swarm_id != self.swarm.swarm_id:
             return pb.UploadResult(reason=self._refuse("wrong swarm"))
-        if not is_id(first.blob_id):
+        if not is_id(first.blob_id) or not is_id(first.base_id):
             return pb.UploadResult(reason=self._refuse("bad blob id"))
         if self.store.has(first.blob_id):
             return pb.UploadResult(accepted=True, reason="already held")
-        quota = self.limits.upload_bytes_per_peer - self._uploaded[peer]
-        if first.size > min(quota, self.limits.max_upload_bytes):
+        if first.size > self.limits.upload_bytes_per_peer - self._uploaded[peer]:
             return pb.UploadResult(reason=self._refuse("over the upload quota"))
+        if self._uploading >= self.limits.upload_slots:
+            return pb.UploadResult(reason=self._refuse("busy"))
         loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self._announced, first):
+            return pb.UploadResult(reason=self._refuse("not announced"))
+        self._uploading += 1
+        self._uploaded[peer] += first.size  # charged up front: parallel pushes share the quota
+        incoming = None
         try:
             incoming = await loop.run_in_executor(None, self.store.receive, first.size)
-        except QuotaError:
-            return pb.UploadResult(reason=self._refuse("store full"))
-        try:
-            incoming.write(first.data)
+            await go_ahead()
             async for message in requests:
                 await loop.run_in_executor(None, incoming.write, message.data)
             await loop.run_in_executor(None, incoming.finish, first.blob_id)
-        except BlobError as exc:
-            return pb.UploadResult(reason=self._refuse(str(exc)))
+        except QuotaError:
+            self._uploaded[peer] -= first.size
+            return pb.UploadResult(reason=self._refuse("store full"))
+        except BlobError:
+            self._uploaded[peer] -= first.size
+            return pb.UploadResult(reason=self._refuse("bytes do not match"))
         finally:
-            incoming.discard()
-        blob_id = first.blob_id
-        self._uploaded[peer] += first.size
+            self._uploading -= 1
+            if incoming is not None:
+                incoming.discard()
         self.stats.bytes_in += first.size
-        await loop.run_in_executor(None, announce, self.swarm, blob_id, True)
-        logger.info("accepted a pushed blob %s (%d bytes)", blob_id[:16], first.size)
+        await loop.run_in_executor(None, announce, self.swarm, first.blob_id, True)
+        logger.info("accepted a pushed blob %s (%d bytes)", first.blob_id[:16], first.size)
         return pb.UploadResult(accepted=True)
+
+    def _announced(self, first: pb.Upload) -> bool:
+        """Whether a valid announcement under ``first.base_id`` names this delta and size."""
+        return any(
+            isinstance(r.body, DeltaAnnouncement)
+            and r.body.delta_id == first.blob_id
+            and r.body.size == first.size
+            for r in self.swarm.read("announce", topic=first.base_id)
+        )
 
 
 def _held(index: int, have: bytes) -> bool:
     return index // 8 < len(have) and bool(have[index // 8] >> (index % 8) & 1)
-
-
-def _complete(have: bytes, count: int) -> bool:
-    return bool(have) and all(_held(i, have) for i in range(count))
 
 
 def announce(swarm: Swarm, blob_id: str, complete: bool = True) -> bool:
@@ -247,6 +325,8 @@ class _Source:
     bad_until: float = 0.0
     failures: int = 0
     received: int = 0  # verified bytes from this source
+    served: int | None = None  # what it says it has served to everyone (None: not asked yet)
+    complete: bool = False  # it holds the whole blob (its ``have`` is what it offers)
 
 
 class Fetcher:
@@ -260,6 +340,7 @@ class Fetcher:
         *,
         max_sources: int = 8,
         serve_while_fetching: bool = True,
+        expected_size: int | None = None,
         stats: TransferStats | None = None,
     ) -> None:
         self.swarm = swarm
@@ -268,7 +349,9 @@ class Fetcher:
         self.max_sources = max_sources
         self.serve = serve_while_fetching and not swarm.options.client_mode
         self.stats = stats or TransferStats()
+        self.expected_size = expected_size  # from a signed record, when the caller knows it
         self.sources: dict[PeerID, _Source] = {}
+        self.banned: set[PeerID] = set()
         self.in_flight: set[int] = set()
         self.partial: Partial | None = None
         self.errors: list[str] = []
@@ -281,31 +364,68 @@ class Fetcher:
         deadline = loop.time() + timeout
         rejected_manifests: set[bytes] = set()
         while True:
-            manifest = await self._find_manifest(rejected_manifests, deadline)
-            self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
-            await self._download(deadline)
+            manifest, origin = await self._find_manifest(rejected_manifests, deadline)
+            try:
+                self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
+            except (QuotaError, OSError) as exc:
+                raise FetchError(
+                    self._why(f"no room for {manifest.size:,} bytes ({exc})")
+                ) from None
+            try:
+                await self._download(deadline)
+            except BaseException:
+                await loop.run_in_executor(None, self._pause)
+                raise
             ok = await loop.run_in_executor(None, self.store.finish_partial, self.partial)
+            logger.info(
+                "fetched %s: %s",
+                self.blob_id[:16],
+                ", ".join(
+                    f"{str(s.peer)[-6:]} {s.received >> 20} MiB" for s in self.sources.values()
+                ),
+            )
             if ok:
                 if self.serve:
                     await loop.run_in_executor(None, announce, self.swarm, self.blob_id, True)
                 return
             rejected_manifests.add(manifest.SerializeToString())
-            self.errors.append("a provider's manifest did not add up to the blob id")
+            self._ban(origin, "its manifest did not add up to the blob id")
+
+    def _pause(self) -> None:
+        """A failed or cancelled fetch: keep the pieces for a resume, stop offering them."""
+        self.partial.save_progress()
+        self.store.release_partial(self.partial)
+        if self.serve:
+            self.swarm.withdraw("provider", topic=self.blob_id)
+
+    def _ban(self, source: _Source, why: str) -> None:
+        self.banned.add(source.peer)
+        self.sources.pop(source.peer, None)
+        self.errors.append(f"{source.peer}: {why}")
+        logger.info("fetch %s: dropped %s: %s", self.blob_id[:16], source.peer, why)
 
     async def _refresh_sources(self) -> None:
+        """Add providers (in random order) up to ``max_sources``, never banned ones."""
         loop = asyncio.get_running_loop()
-        for p in await loop.run_in_executor(None, providers, self.swarm, self.blob_id):
+        found = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
+        random.shuffle(found)
+        for p in found:
             if len(self.sources) >= self.max_sources:
                 break
             try:
                 peer = PeerID.from_base58(p.peer_id)
             except Exception:  # noqa: BLE001 - a malformed peer id is just skipped
                 continue
-            self.sources.setdefault(peer, _Source(peer))
+            if peer not in self.banned:
+                self.sources.setdefault(peer, _Source(peer))
 
     async def _ask_have(self, source: _Source, with_manifest: bool) -> pb.HaveResponse | None:
+        mine = bytes(self.partial.have) if self.partial is not None else b""
         request = pb.HaveRequest(
-            swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, with_manifest=with_manifest
+            swarm_id=self.swarm.swarm_id,
+            blob_id=self.blob_id,
+            with_manifest=with_manifest,
+            mine=mine,
         )
         try:
             response = await asyncio.wait_for(
@@ -319,9 +439,13 @@ class Fetcher:
             self._fail(source, f"{source.peer}: {response.error}", backoff=2)
             return None
         source.have = response.have
+        source.served = response.served
+        source.complete = response.complete
         return response
 
-    async def _find_manifest(self, rejected: set[bytes], deadline: float) -> pb.Manifest:
+    async def _find_manifest(
+        self, rejected: set[bytes], deadline: float
+    ) -> tuple[pb.Manifest, _Source]:
         loop = asyncio.get_running_loop()
         while loop.time() < deadline:
             await self._refresh_sources()
@@ -332,12 +456,14 @@ class Fetcher:
                 if response is None or not response.HasField("manifest"):
                     continue
                 try:
-                    check_manifest(response.manifest, self.blob_id)
+                    check_manifest(response.manifest, self.blob_id, self.expected_size)
                 except BlobError as exc:
-                    self._fail(source, f"{source.peer}: {exc}", backoff=300)
+                    self._ban(source, str(exc))
                     continue
-                if response.manifest.SerializeToString() not in rejected:
-                    return response.manifest
+                if response.manifest.SerializeToString() in rejected:
+                    self._ban(source, "it offers a manifest already found wrong")
+                    continue
+                return response.manifest, source
             await asyncio.sleep(0.5)
         raise FetchError(self._why("no provider answered with a manifest"))
 
@@ -347,6 +473,8 @@ class Fetcher:
         last_refresh = 0.0
         saved_at = 0
         announced = False
+        # Know every source's load and holdings before choosing whom to ask for what.
+        await asyncio.gather(*(self._ask_have(s, False) for s in list(self.sources.values())))
         try:
             while not self.partial.complete:
                 if loop.time() > deadline:
@@ -378,22 +506,27 @@ class Fetcher:
         """Up to _RUN consecutive pieces this source has and nobody is fetching: rarest first.
 
         A source holding the whole blob is asked only for pieces no partial holder
-        has (unless the download has stalled), so the origin sends each piece about
-        once and the fetchers trade the rest among themselves.
+        has, and only if it is among the less busy half of the complete sources
+        (unless the download has stalled): the origin sends each piece about once,
+        later fetchers spare it, and the fetchers trade the rest among themselves.
         """
         partial = self.partial
         now = time.monotonic()
-        sharers = [
-            s
-            for s in self.sources.values()
-            if not _complete(s.have, partial.count) and s.bad_until <= now
-        ]
+        usable = [s for s in self.sources.values() if s.bad_until <= now]
+        sharers = [s for s in usable if not s.complete]
+        completes = sorted(
+            (s for s in usable if s.complete and s.served is not None), key=lambda s: s.served
+        )
+        stalled = now - self._last_piece >= _STALL
+        spared = completes[max(1, len(completes) // 2) :]
+        if not stalled and any(s is source for s in spared):
+            return []
         wanted = [
             i
             for i in range(partial.count)
             if not partial.has(i) and i not in self.in_flight and _held(i, source.have)
         ]
-        if _complete(source.have, partial.count) and now - self._last_piece < _STALL:
+        if source.complete and not stalled:
             wanted = [i for i in wanted if not any(_held(i, s.have) for s in sharers)]
         if not wanted:
             return []
@@ -427,47 +560,59 @@ class Fetcher:
             swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, first=run[0], count=len(run)
         )
         loop = asyncio.get_running_loop()
-        expected = iter(run)
+        cap = self.partial.manifest.piece_size + 1024
+        writer = None
         try:
-            stream = await self.swarm.p2p.iterate_protobuf_handler(
-                source.peer, PIECES, request, pb.Piece
+            _, reader, writer = await asyncio.wait_for(
+                self.swarm.p2p.call_binary_stream_handler(source.peer, PIECES), IO_TIMEOUT
             )
-            async for piece in stream:
+            await write_frame(writer, request)
+            for index in run:
+                piece = await read_frame(reader, pb.Piece, cap)
+                if piece is None:
+                    raise FrameError(f"the stream ended before piece {index}")
                 if piece.error:
-                    backoff = 0.5 if piece.error in ("busy", "too many requests") else 5
+                    busy = piece.error in ("busy", "too many requests")
                     self._fail(
-                        source, f"{source.peer}: {piece.error}", backoff=backoff, count=False
+                        source,
+                        f"{source.peer}: {piece.error}",
+                        backoff=0.5 if busy else 5,
+                        count=not busy,
                     )
                     return
-                if piece.index != next(expected, None):
+                if piece.index != index:
                     self._fail(
-                        source, f"{source.peer}: sent piece {piece.index} out of order", backoff=60
+                        source, f"{source.peer}: sent piece {piece.index}, not {index}", backoff=60
                     )
                     return
-                ok = await loop.run_in_executor(
-                    None, self.partial.write_piece, piece.index, piece.data
-                )
+                ok = await loop.run_in_executor(None, self.partial.write_piece, index, piece.data)
                 if not ok:
                     self.stats.bad_pieces += 1
                     self._fail(
-                        source,
-                        f"{source.peer}: piece {piece.index} does not match its hash",
-                        backoff=120,
+                        source, f"{source.peer}: piece {index} does not match its hash", backoff=120
                     )
                     return
                 self.stats.bytes_in += len(piece.data)
                 source.received += len(piece.data)
                 self._last_piece = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - a broken stream: the pieces go elsewhere
+        except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
             self._fail(
-                source, f"{source.peer}: stream broke ({type(exc).__name__} {exc})", backoff=2
+                source, f"{source.peer}: stream broke ({exc or type(exc).__name__})", backoff=2
             )
+        except Exception as exc:  # noqa: BLE001 - p2pd errors have no common base; the pieces go elsewhere
+            self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=2)
+        finally:
+            if writer is not None:
+                writer.close()
 
     def _fail(self, source: _Source, message: str, *, backoff: float, count: bool = True) -> None:
         if count:
             source.failures += 1
             self.errors.append(message)
             logger.info("fetch %s: %s", self.blob_id[:16], message)
+            if source.failures >= _MAX_FAILURES:  # make room for other providers
+                self._ban(source, f"{source.failures} failures")
+                return
         source.bad_until = time.monotonic() + backoff * (
             2 ** min(source.failures, 5) if count else 1
         )
@@ -488,23 +633,35 @@ def fetch(
     return fetcher
 
 
-async def _upload_messages(swarm_id: str, path: Path) -> AsyncIterator[pb.Upload]:
-    size = path.stat().st_size
+async def _upload_data(path: Path) -> AsyncIterator[pb.Upload]:
     loop = asyncio.get_running_loop()
     with open(path, "rb") as f:
-        data = await loop.run_in_executor(None, f.read, 1 << 20)
-        yield pb.Upload(swarm_id=swarm_id, blob_id=path.name, size=size, data=data)
-        while data := await loop.run_in_executor(None, f.read, 1 << 20):
+        while data := await loop.run_in_executor(None, f.read, _UPLOAD_CHUNK):
             yield pb.Upload(data=data)
 
 
-def push(swarm: Swarm, store: BlobStore, blob_id: str, peer: PeerID) -> pb.UploadResult:
-    """Send a blob to a reachable peer, which verifies it and becomes its provider."""
+def push(swarm: Swarm, store: BlobStore, blob_id: str, base: str, peer: PeerID) -> pb.UploadResult:
+    """Send an announced delta (trained on ``base``) to a reachable peer, which verifies it and
+    becomes its provider."""
     path = store.path(blob_id)
 
     async def call() -> pb.UploadResult:
-        return await swarm.p2p.call_protobuf_handler(
-            peer, UPLOAD, _upload_messages(swarm.swarm_id, path), pb.UploadResult
-        )
+        _, reader, writer = await swarm.p2p.call_binary_stream_handler(peer, UPLOAD)
+        try:
+            size = path.stat().st_size
+            header = pb.Upload(swarm_id=swarm.swarm_id, blob_id=blob_id, size=size, base_id=base)
+            await write_frame(writer, header)
+            reply = await read_frame(reader, pb.UploadResult, _SMALL, timeout=60)
+            if reply is None or reply.reason != SEND:
+                return reply or pb.UploadResult(reason="the peer closed the stream")
+            async for message in _upload_data(path):
+                await write_frame(writer, message)
+            writer.write_eof()
+            result = await read_frame(reader, pb.UploadResult, _SMALL, timeout=120)
+        finally:
+            writer.close()
+        if result is None:
+            raise FrameError("the peer closed the stream without a result")
+        return result
 
-    return swarm.run(call(), timeout=600)
+    return swarm.run(call(), timeout=900)

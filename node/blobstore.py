@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from protocol import transfer_pb2 as pb
@@ -31,7 +32,7 @@ from protocol.ids import is_id
 logger = logging.getLogger(__name__)
 
 PIECE_SIZE = 1 << 20
-MAX_PIECES = 1 << 20  # 1 TiB at the default piece size: bounds a manifest from a peer
+MAX_PIECES = 1 << 16  # 64 GiB blobs: bounds a manifest from a peer (~2 MiB)
 _COPY = 1 << 20
 
 
@@ -47,12 +48,18 @@ def piece_count(size: int, piece_size: int) -> int:
     return max(1, -(-size // piece_size))
 
 
-def check_manifest(manifest: pb.Manifest, blob_id: str) -> None:
-    """Raise BlobError unless ``manifest`` is well-formed for ``blob_id`` (sizes bounded)."""
+def check_manifest(manifest: pb.Manifest, blob_id: str, size: int | None = None) -> None:
+    """Raise BlobError unless ``manifest`` is well-formed for ``blob_id`` (and ``size``).
+
+    Manifests are deterministic (PIECE_SIZE pieces), so a provider cannot choose another
+    cut, and the piece count (hence the manifest) is bounded by MAX_PIECES.
+    """
     if manifest.blob_id != blob_id:
         raise BlobError(f"manifest is for {manifest.blob_id[:16]!r}, not {blob_id[:16]}")
-    if not 1024 <= manifest.piece_size <= 64 << 20:
-        raise BlobError(f"manifest piece size {manifest.piece_size} is out of range")
+    if manifest.piece_size != PIECE_SIZE:
+        raise BlobError(f"manifest piece size {manifest.piece_size}; pieces are {PIECE_SIZE}")
+    if size is not None and manifest.size != size:
+        raise BlobError(f"manifest says {manifest.size:,} bytes; the blob has {size:,}")
     n = piece_count(manifest.size, manifest.piece_size)
     if n > MAX_PIECES or len(manifest.piece_hashes) != n:
         raise BlobError(f"manifest lists {len(manifest.piece_hashes)} pieces for {n}")
@@ -116,10 +123,10 @@ class Partial:
 
     def save_progress(self) -> None:
         """Persist which pieces are in (after fsyncing them), so a restart resumes."""
+        with self._lock:
+            have = bytes(self.have)  # pieces marked before the fsync reach the disk with it
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
-        with self._lock:
-            have = bytes(self.have)
         write_atomic(self.path.with_name(self.blob_id + ".have"), have)
 
 
@@ -134,8 +141,10 @@ class BlobStore:
         self._lock = threading.RLock()
         self._pins: dict[str, list[str]] = self._load_pins()
         self._partials: dict[str, Partial] = {}
+        stale = time.time() - 3600  # older than any write in progress (another process may write)
         for leftover in self.root.glob(".*.tmp-*"):  # a crash mid-write
-            leftover.unlink(missing_ok=True)
+            if leftover.stat().st_mtime < stale:
+                leftover.unlink(missing_ok=True)
 
     # -- complete blobs ----------------------------------------------------------
 
@@ -347,8 +356,6 @@ class BlobStore:
 
     def finish_partial(self, partial: Partial, *, pin: str | None = None) -> bool:
         """Move a complete download in if it hashes to its id; otherwise discard it."""
-        with self._lock:
-            self._partials.pop(partial.blob_id, None)
         h = hashlib.sha256()
         with open(partial.path, "rb") as f:
             while chunk := f.read(_COPY):
@@ -368,6 +375,11 @@ class BlobStore:
                 )
         self.abandon_partial(partial)
         return ok
+
+    def release_partial(self, partial: Partial) -> None:
+        """Stop serving and counting a paused download; its files stay for a later resume."""
+        with self._lock:
+            self._partials.pop(partial.blob_id, None)
 
     def abandon_partial(self, partial: Partial) -> None:
         with self._lock:

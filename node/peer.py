@@ -13,6 +13,8 @@ from hivemind.p2p import PeerID
 from node.blobs import BlobService, ServeLimits, announce, push
 from node.blobstore import BlobStore
 from node.swarm import Swarm
+from protocol.container import DeltaReader
+from protocol.errors import DeltaFormatError
 from protocol.records import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class PeerDaemon:
 
     role = "seed"
     heartbeat_every = HEARTBEAT_EVERY
+    upload = True  # False: fetch but never offer blobs to others (metered links, baselines)
 
     def __init__(self, swarm: Swarm, store: BlobStore, limits: ServeLimits | None = None) -> None:
         self.swarm = swarm
@@ -68,7 +71,13 @@ class PeerDaemon:
 
     def share_new_blobs(self) -> None:
         """Announce blobs that appeared in the store; a peer others cannot dial pushes them."""
-        for blob_id in self.store.ids():
+        if not self.upload:
+            return
+        held = set(self.store.ids())
+        for gone in self.shared - held:  # garbage-collected: stop offering it
+            self.swarm.withdraw("provider", topic=gone)
+            self.shared.discard(gone)
+        for blob_id in sorted(held):
             if blob_id in self.shared:
                 continue
             if not self.swarm.options.client_mode:
@@ -78,12 +87,21 @@ class PeerDaemon:
                 self.shared.add(blob_id)
 
     def _push_somewhere(self, blob_id: str) -> bool:
+        """Push a delta to a reachable seed or aggregator; True once one took it (or it is
+        not a delta, which nobody would take)."""
+        try:
+            with DeltaReader(self.store.path(blob_id)) as reader:
+                base = reader.header.base_id
+        except DeltaFormatError:
+            return True
         for record in self.swarm.read("heartbeat"):
             body = record.body
             if not isinstance(body, Heartbeat) or body.role not in REACHABLE_ROLES:
                 continue
             try:
-                result = push(self.swarm, self.store, blob_id, PeerID.from_base58(body.peer_id))
+                result = push(
+                    self.swarm, self.store, blob_id, base, PeerID.from_base58(body.peer_id)
+                )
             except Exception as exc:  # noqa: BLE001 - try the next reachable peer
                 logger.info("pushing %s to %s failed: %s", blob_id[:16], body.peer_id, exc)
                 continue

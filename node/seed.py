@@ -10,11 +10,18 @@ collection.
 from __future__ import annotations
 
 import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-from node.blobs import FetchError, fetch
-from node.blobstore import QuotaError
+from node.blobs import fetch
+from node.blobstore import BlobStore
 from node.peer import PeerDaemon
+from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
+from protocol.model_dir import ModelDir
+from protocol.patch import write_patch
 from protocol.records import DeltaAnnouncement, Head
 
 logger = logging.getLogger(__name__)
@@ -28,35 +35,73 @@ class Seed(PeerDaemon):
     mirror = True
     fetch_timeout = 600.0
 
-    def tick(self) -> None:
-        super().tick()
-        if self.mirror:
-            self.mirror_once()
+    @property
+    def trusted(self) -> set[str]:
+        return set(self.trusted_aggregators)
 
-    def wanted(self) -> dict[str, str]:
-        """Blob id -> pin reason, for what the swarm currently needs."""
+    def __init__(self, *args, trusted_aggregators: list[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trusted_aggregators = list(trusted_aggregators or [])
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    def wanted(self) -> dict[str, tuple[str, int | None]]:
+        """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
         heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
-        chosen = choose_head(heads)
+        chosen = choose_head(heads, self.trusted)
         if chosen is None:
             return {}
         head = chosen[1]
-        wanted = {b: HEAD_PIN for b in (head.patch_id, head.snapshot_id) if b}
+        wanted = {b: (HEAD_PIN, None) for b in (head.patch_id, head.snapshot_id) if b}
         for record in self.swarm.read("announce", topic=head.base_id):
             if isinstance(record.body, DeltaAnnouncement):
-                wanted[record.body.delta_id] = DELTA_PIN
+                wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
         return wanted
 
-    def mirror_once(self) -> None:
+    def mirror_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
+        """The mirroring thread: housekeeping (heartbeats, records) goes on while it fetches."""
+        while not stop.is_set():
+            if self.mirror:
+                try:
+                    self.mirror_once(stop)
+                except Exception:  # noqa: BLE001 - a bad round of mirroring must not stop the seed
+                    logger.exception("mirroring failed; retrying in %.0f s", interval)
+            stop.wait(interval)
+
+    def mirror_once(self, stop: threading.Event) -> None:
         wanted = self.wanted()
         for reason in (HEAD_PIN, DELTA_PIN):
             for blob_id in self.store.ids():
-                if reason in self.store.pins(blob_id) and wanted.get(blob_id) != reason:
+                if reason in self.store.pins(blob_id) and wanted.get(blob_id, ("",))[0] != reason:
                     self.store.unpin(blob_id, reason)
-        for blob_id, reason in wanted.items():
+        for blob_id, (reason, size) in wanted.items():
+            if stop.is_set():
+                return
+            if time.monotonic() < self._retry_at.get(blob_id, 0.0):
+                continue
             if not self.store.has(blob_id):
                 try:
-                    fetch(self.swarm, self.store, blob_id, timeout=self.fetch_timeout)
-                except (FetchError, QuotaError) as exc:
+                    fetch(
+                        self.swarm,
+                        self.store,
+                        blob_id,
+                        timeout=self.fetch_timeout,
+                        serve_while_fetching=self.upload,
+                        expected_size=size,
+                    )
+                except (MergeswarmError, OSError, TimeoutError) as exc:
+                    failures = self._failures.get(blob_id, 0) + 1
+                    self._failures[blob_id] = failures
+                    self._retry_at[blob_id] = time.monotonic() + min(30 * 2**failures, 3600)
                     logger.warning("mirroring %s: %s", blob_id[:16], exc)
                     continue
             self.store.pin(blob_id, reason)
+
+
+def genesis_head(store: BlobStore, model_dir: Path, round_: int = 0) -> Head:
+    """A stand-in head for a model directory (before an aggregator exists): snapshot it."""
+    with tempfile.TemporaryDirectory(dir=store.root) as tmp:
+        path = Path(tmp) / "snapshot.msp"
+        base = write_patch(ModelDir(model_dir), path)
+        snapshot = store.add_file(path, pin="head")
+    return Head(base_id=base, round=round_, deltas=0, snapshot_id=snapshot)

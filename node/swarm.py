@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.utils import get_dht_time
 
+from node.config import SwarmOptions
 from protocol import transfer_pb2 as pb
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
@@ -55,31 +56,6 @@ class SwarmError(MergeswarmError):
     """Joining or talking to the swarm failed; the message says what to try."""
 
 
-@dataclass
-class SwarmOptions:
-    """How a peer joins.
-
-    :param data_dir: where identity, swarm id and blobs live.
-    :param join: multiaddrs of peers already in the swarm; empty starts a new swarm.
-    :param swarm_id: pin the swarm id (else learned from the swarm, or generated).
-    :param host_maddrs: where to listen (``/ip4/0.0.0.0/tcp/PORT`` for all interfaces).
-    :param announce_maddrs: addresses to advertise instead of the listening ones.
-    :param client_mode: do not serve DHT requests (for peers others cannot dial).
-    :param use_relay: dial peers behind NAT through relays.
-    :param use_auto_relay: look for relays that make this peer reachable behind NAT.
-    """
-
-    data_dir: Path
-    join: list[str] = field(default_factory=list)
-    swarm_id: str | None = None
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
-    announce_maddrs: list[str] = field(default_factory=list)
-    client_mode: bool = False
-    use_relay: bool = True
-    use_auto_relay: bool = False
-    startup_timeout: float = 30.0
-
-
 @dataclass(frozen=True)
 class Record:
     """A verified record read from the DHT."""
@@ -100,6 +76,7 @@ class Swarm:
         self.rejected: dict[str, int] = {}  # records dropped on read, by reason
         self._owned: dict[tuple[str, str], tuple[_Body, float]] = {}
         self._lock = threading.Lock()
+        self._pipe = threading.Lock()
         self.dht = self._start_dht()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
@@ -192,8 +169,16 @@ class Swarm:
     # -- the asyncio loop ------------------------------------------------------
 
     def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T], timeout: float | None = 60) -> T:
-        """Run a coroutine on the peer's loop from another thread and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+        """Run a coroutine on the peer's loop from another thread and wait for it.
+
+        On timeout (or when the waiting thread is interrupted) the coroutine is cancelled.
+        """
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -202,11 +187,18 @@ class Swarm:
 
     def publish(self, kind: str, body: _Body, *, topic: str = "", ttl: float = 600.0) -> bool:
         """Sign and store a record (this author's entry under its key); remembered for refresh."""
-        expires = get_dht_time() + ttl
-        key, value = sign_record(self.identity, self.swarm_id, kind, topic, body, expires)
         with self._lock:
             self._owned[(kind, topic)] = (body, ttl)
-        return bool(self.dht.store(key, value, expires, subkey=self.identity.author))
+        return self._store(kind, topic, body, ttl)
+
+    def _store(self, kind: str, topic: str, body: _Body, ttl: float) -> bool:
+        expires = get_dht_time() + ttl
+        key, value = sign_record(self.identity, self.swarm_id, kind, topic, body, expires)
+        with self._pipe:  # hivemind's host-to-DHT pipe is not safe for concurrent writers
+            future = self.dht.store(
+                key, value, expires, subkey=self.identity.author, return_future=True
+            )
+        return bool(future.result())
 
     def withdraw(self, kind: str, *, topic: str = "") -> None:
         """Stop refreshing a record; it ages out at its expiration."""
@@ -219,7 +211,10 @@ class Swarm:
             owned = list(self._owned.items())
         stored = 0
         for (kind, topic), (body, ttl) in owned:
-            stored += self.publish(kind, body, topic=topic, ttl=ttl)
+            with self._lock:
+                if self._owned.get((kind, topic)) != (body, ttl):
+                    continue  # replaced or withdrawn meanwhile
+            stored += self._store(kind, topic, body, ttl)
         return stored
 
     def read(self, kind: str, *, topic: str = "") -> list[Record]:
@@ -227,7 +222,9 @@ class Swarm:
         if kind not in BODIES:
             raise ValueError(f"unknown record kind {kind!r}")
         key = record_key(self.swarm_id, kind, topic)
-        found = self.dht.get(key, latest=True)
+        with self._pipe:
+            future = self.dht.get(key, latest=True, return_future=True)
+        found = future.result()
         if found is None or not isinstance(found.value, dict):
             return []
         now = get_dht_time()
@@ -253,7 +250,9 @@ class Swarm:
 
     def rejection_counts(self) -> dict[str, int]:
         """Records this peer refused: on read here, and by its DHT node (store or lookup)."""
-        counts = dict(self.dht.run_coroutine(rejection_counts))
+        with self._pipe:
+            future = self.dht.run_coroutine(rejection_counts, return_future=True)
+        counts = dict(future.result())
         counts.pop("accepted", None)
         for reason, n in self.rejected.items():
             counts[reason] = counts.get(reason, 0) + n

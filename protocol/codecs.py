@@ -37,7 +37,7 @@ TINY_BLOCK = 127 * 2.0**-126  # int8 blocks below this absmax are stored as zero
 _U2 = np.dtype("<u2")
 
 
-def _to_planes(raw: np.ndarray, width: int, chunk: int = 1 << 16) -> np.ndarray:
+def to_planes(raw: np.ndarray, width: int, chunk: int = 1 << 16) -> np.ndarray:
     """(n * width,) little-endian bytes -> width planes of n bytes each, as one uint8 array."""
     columns = raw.view(np.uint8).reshape(-1, width)  # (n, width)
     planes = np.empty((width, columns.shape[0]), np.uint8)
@@ -47,8 +47,8 @@ def _to_planes(raw: np.ndarray, width: int, chunk: int = 1 << 16) -> np.ndarray:
     return planes.reshape(-1)
 
 
-def _from_planes(buf: Buffer, width: int) -> np.ndarray:
-    """Inverse of _to_planes: a (n * width,) uint8 array in element order."""
+def from_planes(buf: Buffer, width: int) -> np.ndarray:
+    """Inverse of to_planes: a (n * width,) uint8 array in element order."""
     planes = np.frombuffer(buf, dtype=np.uint8).reshape(width, -1)  # (width, n)
     columns = np.empty((planes.shape[1], width), np.uint8)
     for k in range(width):
@@ -111,11 +111,11 @@ class Fp32Codec(ValueCodec):
         return 4 * count
 
     def encode(self, values: np.ndarray) -> np.ndarray:
-        return _to_planes(np.ascontiguousarray(values, dtype=_F4), 4)
+        return to_planes(np.ascontiguousarray(values, dtype=_F4), 4)
 
     def decode(self, buf: Buffer, count: int) -> np.ndarray:
         self._check_size(buf, count)
-        return _from_planes(buf, 4).view(_F4)
+        return from_planes(buf, 4).view(_F4)
 
 
 class Fp16Codec(ValueCodec):
@@ -132,11 +132,11 @@ class Fp16Codec(ValueCodec):
         # torch's conversion is IEEE round-to-nearest-even like numpy's, and 5x faster;
         # tests pin it against numpy. float32 subnormals all round to 0 in fp16 either way.
         half = torch.from_numpy(x).to(torch.float16).numpy()
-        return _to_planes(half, 2)
+        return to_planes(half, 2)
 
     def decode(self, buf: Buffer, count: int) -> np.ndarray:
         self._check_size(buf, count)
-        return torch.from_numpy(_from_planes(buf, 2).view("<f2")).float().numpy()
+        return torch.from_numpy(from_planes(buf, 2).view("<f2")).float().numpy()
 
 
 class Bf16Codec(ValueCodec):
@@ -155,11 +155,11 @@ class Bf16Codec(ValueCodec):
             raise ValueError(
                 f"codec bf16: |value| {worst:g} exceeds the largest bfloat16; use fp32"
             )
-        return _to_planes(_bf16_bits(x), 2)
+        return to_planes(_bf16_bits(x), 2)
 
     def decode(self, buf: Buffer, count: int) -> np.ndarray:
         self._check_size(buf, count)
-        bits = _from_planes(buf, 2).view(_U2).astype("<u4")
+        bits = from_planes(buf, 2).view(_U2).astype("<u4")
         np.left_shift(bits, np.uint32(16), out=bits)
         return bits.view(_F4)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,29 @@ def new_seed() -> int:
     return secrets.randbits(63)
 
 
+class TensorMap:
+    """Trained tensors held in memory, readable where a fine-tuned model directory is.
+
+    :param tensors: name -> tensor, the base's names and shapes (any float dtype).
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "<trained model>") -> None:
+        self._tensors = tensors
+        self.path = Path(label)
+        self.tensors = {n: _Shape(tuple(t.shape)) for n, t in tensors.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach().cpu()
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+
+
 def create_delta(
     base: str | os.PathLike[str],
-    finetuned: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str] | TensorMap,
     out: str | os.PathLike[str],
     *,
     identity: Identity,
@@ -54,7 +75,8 @@ def create_delta(
 
     The base id is hashed in the same pass. ``progress`` receives base bytes processed.
     """
-    base_md, ft_md = ModelDir(base), ModelDir(finetuned)
+    base_md = ModelDir(base)
+    ft_md = finetuned if isinstance(finetuned, TensorMap) else ModelDir(finetuned)
     _check_same_tensors(base_md, ft_md)
     hasher = BaseHasher()
     placeholder = "0" * 64  # the real id is known once every base tensor is hashed
@@ -80,7 +102,7 @@ def create_delta(
                 writer.add(name, info.dtype, f.to(wide) - b.to(wide))
             elif not torch.equal(b, f.to(b.dtype)):
                 raise BaseMismatchError(
-                    f"{finetuned}: non-float tensor {name!r} differs from the base; "
+                    f"{ft_md.path}: non-float tensor {name!r} differs from the base; "
                     "only floating-point weights can be trained into a delta"
                 )
             _tick(progress, info.nbytes)
@@ -90,7 +112,7 @@ def create_delta(
         return delta_id, reader.header
 
 
-def _check_same_tensors(base: ModelDir, finetuned: ModelDir) -> None:
+def _check_same_tensors(base: ModelDir, finetuned: ModelDir | TensorMap) -> None:
     missing = sorted(set(base.tensors) - set(finetuned.tensors))
     extra = sorted(set(finetuned.tensors) - set(base.tensors))
     if missing or extra:

@@ -253,13 +253,15 @@ def write_model_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     float_dtype: str | None = None,
     extra_files: Callable[[], dict[str, bytes]] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a model directory shaped like ``template`` with new tensor values.
 
     ``tensors`` must yield every tensor of ``template`` exactly once, in
     ``template.names()`` order, with the template's shape and dtype (or
     ``float_dtype`` for floating-point tensors, when given). Config, tokenizer
-    and other non-weight files are copied from the template; ``extra_files``
+    and other non-weight files are copied from the template (or are ``files``,
+    when given); ``extra_files``
     is called once the tensors are written and its files are added. The
     directory appears atomically: it is built beside ``out`` and renamed.
     """
@@ -297,9 +299,10 @@ def write_model_dir(
                 "weight_map": weight_map,
             }
             write_synced(work / INDEX_FILE, json.dumps(index, indent=2).encode())
-        for src in sorted(template.path.iterdir()):
-            if src.is_file() and src.name != INDEX_FILE and not src.name.endswith(_WEIGHT_SUFFIXES):
-                write_synced(work / src.name, src.read_bytes())
+        for fname, data in sorted(
+            (carried_files(template.path) if files is None else files).items()
+        ):
+            write_synced(work / fname, data)
         for fname, data in (extra_files() if extra_files else {}).items():
             write_synced(work / fname, data)
         fsync_dir(work)
@@ -311,6 +314,21 @@ def write_model_dir(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def carried_files(model_dir: Path) -> dict[str, bytes]:
+    """The non-weight files of a model directory (config, tokenizer, ...), by name.
+
+    Hidden files (temporary or tool files such as ``.gitattributes``) are left out.
+    """
+    return {
+        src.name: src.read_bytes()
+        for src in sorted(model_dir.iterdir())
+        if src.is_file()
+        and not src.name.startswith(".")
+        and src.name != INDEX_FILE
+        and not src.name.endswith(_WEIGHT_SUFFIXES)
+    }
 
 
 def _write_shard(

@@ -31,7 +31,7 @@ from protocol.identity import Identity, verify
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # well under hivemind's ~16 KiB host-pipe limit
-MAX_TTL_SECONDS = 7 * 24 * 3600  # how far in the future an expiration may lie
+MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 _KEY_PREFIX = "mergeswarm/"
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -208,11 +208,15 @@ def open_record(
         raise RecordError("expired", "record has expired")
     if env.expires > now + MAX_TTL_SECONDS:
         raise RecordError("bad_expiration", "record expires too far in the future")
-    if not verify(env.author, bytes.fromhex(env.sig), env.signed_bytes()):
+    try:
+        signed = env.signed_bytes()
+    except ValueError:  # NaN or Infinity inside the body: not canonical JSON
+        raise RecordError("malformed", "record body holds a non-finite number") from None
+    if not verify(env.author, bytes.fromhex(env.sig), signed):
         raise RecordError("bad_signature", f"signature of a {kind} record does not verify")
     try:
         body = BODIES[kind].model_validate_json(_canonical(env.body))
-    except ValidationError as exc:
+    except (ValidationError, ValueError) as exc:
         raise RecordError("malformed", f"malformed {kind} record: {one_line(exc)}") from None
     return env, body
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0etransfer.proto\x12\x13mergeswarm.transfer\"\x12\n\x10SwarmInfoRequest\">\n\tSwarmInfo\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06maddrs\x18\x03 \x03(\t\"S\n\x08Manifest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\npiece_size\x18\x03 \x01(\r\x12\x14\n\x0cpiece_hashes\x18\x04 \x03(\x0c\"G\n\x0bHaveRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x15\n\rwith_manifest\x18\x03 \x01(\x08\"\\\n\x0cHaveResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.mergeswarm.transfer.Manifest\x12\x0c\n\x04have\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"O\n\x0cPieceRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\"3\n\x05Piece\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"G\n\x06Upload\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"0\n\x0cUploadResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0etransfer.proto\x12\x13mergeswarm.transfer\"\x12\n\x10SwarmInfoRequest\">\n\tSwarmInfo\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06maddrs\x18\x03 \x03(\t\"S\n\x08Manifest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\npiece_size\x18\x03 \x01(\r\x12\x14\n\x0cpiece_hashes\x18\x04 \x03(\x0c\"U\n\x0bHaveRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x15\n\rwith_manifest\x18\x03 \x01(\x08\x12\x0c\n\x04mine\x18\x04 \x01(\x0c\"~\n\x0cHaveResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.mergeswarm.transfer.Manifest\x12\x0c\n\x04have\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06served\x18\x04 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\"O\n\x0cPieceRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\"3\n\x05Piece\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"X\n\x06Upload\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0f\n\x07\x62\x61se_id\x18\x05 \x01(\t\"0\n\x0cUploadResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFEST']._serialized_start=123
   _globals['_MANIFEST']._serialized_end=206
   _globals['_HAVEREQUEST']._serialized_start=208
-  _globals['_HAVEREQUEST']._serialized_end=279
-  _globals['_HAVERESPONSE']._serialized_start=281
-  _globals['_HAVERESPONSE']._serialized_end=373
-  _globals['_PIECEREQUEST']._serialized_start=375
-  _globals['_PIECEREQUEST']._serialized_end=454
-  _globals['_PIECE']._serialized_start=456
-  _globals['_PIECE']._serialized_end=507
-  _globals['_UPLOAD']._serialized_start=509
-  _globals['_UPLOAD']._serialized_end=580
-  _globals['_UPLOADRESULT']._serialized_start=582
-  _globals['_UPLOADRESULT']._serialized_end=630
+  _globals['_HAVEREQUEST']._serialized_end=293
+  _globals['_HAVERESPONSE']._serialized_start=295
+  _globals['_HAVERESPONSE']._serialized_end=421
+  _globals['_PIECEREQUEST']._serialized_start=423
+  _globals['_PIECEREQUEST']._serialized_end=502
+  _globals['_PIECE']._serialized_start=504
+  _globals['_PIECE']._serialized_end=555
+  _globals['_UPLOAD']._serialized_start=557
+  _globals['_UPLOAD']._serialized_end=645
+  _globals['_UPLOADRESULT']._serialized_start=647
+  _globals['_UPLOADRESULT']._serialized_end=695
 # @@protoc_insertion_point(module_scope)

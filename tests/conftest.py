@@ -52,7 +52,8 @@ def reap_peers():
 @pytest.fixture
 def local_peer(tmp_path: Path):
     """Make in-process swarm peers (real DHT and p2pd on loopback), shut down afterwards."""
-    from node.swarm import Swarm, SwarmOptions
+    from node.config import SwarmOptions
+    from node.swarm import Swarm
     from tests.swarm import LOOPBACK
 
     made = []

@@ -10,7 +10,8 @@ import pytest
 
 from node.blobs import Fetcher, providers
 from node.blobstore import BlobStore
-from protocol.records import Head, Heartbeat
+from protocol.delta import create_delta
+from protocol.records import DeltaAnnouncement, Head, Heartbeat
 from tests.swarm import run_cli, start_peer, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -65,6 +66,7 @@ def test_a_blob_spreads_to_six_peers_and_the_origin_sends_under_two_copies(tmp_p
         return beat.bytes_out if settled else None
 
     sent = wait_for(origin_sent, 30, "the origin's heartbeat")
+    print(f"origin sent {sent / len(data):.2f} copies")
     assert sent < 2 * len(data), f"origin uploaded {sent / len(data):.2f} copies"
 
 
@@ -118,7 +120,9 @@ def test_killing_a_provider_mid_transfer_and_a_corrupting_one_do_not_stop_a_down
     assert served[origin.peer_id] > 0
 
 
-def test_a_client_mode_peer_pushes_its_blob_to_a_seed_that_then_serves_it(tmp_path):
+def test_a_client_mode_peer_pushes_its_delta_to_a_seed_that_then_serves_it(
+    tmp_path, local_peer, tiny_base, tiny_finetuned, identity
+):
     seed = start_peer(tmp_path / "seed", "--heartbeat-every", "1", "--no-mirror")
     volunteer = start_peer(
         tmp_path / "volunteer",
@@ -129,14 +133,26 @@ def test_a_client_mode_peer_pushes_its_blob_to_a_seed_that_then_serves_it(tmp_pa
         "1",
         "--no-mirror",
     )
-    blob_id, data = _blob(tmp_path / "delta.msd", 3 * MB)
-    _add(volunteer, tmp_path / "delta.msd")
-    wait_for(lambda: (seed.data_dir / "blobs" / blob_id).is_file(), 60, "the push to the seed")
+    delta = tmp_path / "delta.msd"
+    delta_id, header = create_delta(tiny_base, tiny_finetuned, delta, identity=identity)
+    observer = local_peer("observer", join=[seed.maddrs[0]])
+    unannounced = tmp_path / "junk.bin"
+    unannounced.write_bytes(os.urandom(MB))
+    _add(volunteer, unannounced)  # not a delta: a seed would not take it, so it is not pushed
+    announcement = DeltaAnnouncement(
+        base_id=header.base_id, delta_id=delta_id, size=delta.stat().st_size, round=0
+    )
+    observer.publish("announce", announcement, topic=header.base_id)
+    _add(volunteer, delta)
+    wait_for(lambda: (seed.data_dir / "blobs" / delta_id).is_file(), 60, "the push to the seed")
+    assert not (
+        seed.data_dir / "blobs" / hashlib.sha256(unannounced.read_bytes()).hexdigest()
+    ).exists()
     volunteer.kill9()  # the seed alone must now serve it
     out = run_cli(
         "blob",
         "get",
-        blob_id,
+        delta_id,
         "--join",
         seed.maddrs[0],
         "-o",
@@ -147,9 +163,23 @@ def test_a_client_mode_peer_pushes_its_blob_to_a_seed_that_then_serves_it(tmp_pa
         "60",
     )
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "got").read_bytes() == data
+    assert (tmp_path / "got").read_bytes() == delta.read_bytes()
     listing = run_cli("blob", "ls", "--data-dir", str(seed.data_dir))
-    assert blob_id in listing.stdout
+    assert delta_id in listing.stdout
+
+
+def test_a_push_of_an_unannounced_blob_is_refused(tmp_path, local_peer):
+    from node.blobs import BlobService, push
+
+    server = local_peer("server")
+    client = local_peer("client", join=server.maddrs)
+    service = BlobService(server, BlobStore(tmp_path / "server" / "blobs"))
+    service.register()
+    store = BlobStore(tmp_path / "client" / "blobs")
+    blob_id = store.add_bytes(os.urandom(MB))
+    result = push(client, store, blob_id, "ab" * 32, server.peer_id)
+    assert not result.accepted and result.reason == "not announced"
+    assert service.store.ids() == []
 
 
 def test_blob_get_of_an_unknown_id_fails_in_one_line(tmp_path):
@@ -171,3 +201,41 @@ def test_blob_get_of_an_unknown_id_fails_in_one_line(tmp_path):
     assert out.stderr.startswith("mergeswarm: error: blob cdcdcdcdcdcdcdcd: no provider")
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_providers_refuse_unknown_ids_other_swarms_and_greedy_peers(tmp_path, local_peer):
+    from node.blobs import HAVE, PIECES, BlobService, ServeLimits
+    from node.framing import read_frames, write_frame
+    from protocol import transfer_pb2 as pb
+
+    server = local_peer("server")
+    client = local_peer("client", join=server.maddrs)
+    store = BlobStore(tmp_path / "server" / "blobs")
+    service = BlobService(server, store, ServeLimits(peer_bytes_per_minute=3 * MB))
+    service.register()
+    blob_id = store.add_bytes(os.urandom(8 * MB))
+
+    def have(swarm_id: str, wanted: str) -> pb.HaveResponse:
+        request = pb.HaveRequest(swarm_id=swarm_id, blob_id=wanted, with_manifest=True)
+        return client.run(
+            client.p2p.call_protobuf_handler(server.peer_id, HAVE, request, pb.HaveResponse)
+        )
+
+    assert have(server.swarm_id, "cd" * 32).error == "unknown blob"
+    assert have("other-swarm", blob_id).error == "wrong swarm"
+    assert have(server.swarm_id, "../etc/passwd").error == "bad blob id"
+    assert have(server.swarm_id, blob_id).manifest.size == 8 * MB
+
+    async def pieces() -> list[pb.Piece]:
+        request = pb.PieceRequest(swarm_id=server.swarm_id, blob_id=blob_id, first=0, count=8)
+        _, reader, writer = await client.p2p.call_binary_stream_handler(server.peer_id, PIECES)
+        await write_frame(writer, request)
+        got = [p async for p in read_frames(reader, pb.Piece, 2 * MB)]
+        writer.close()
+        return got
+
+    got = client.run(pieces())
+    assert [p.index for p in got if p.data] == [0, 1, 2]  # 3 MB a minute for this peer
+    assert got[-1].error == "peer byte budget"
+    assert service.stats.refused["unknown blob"] == 1
+    assert service.stats.bytes_out == 3 * MB

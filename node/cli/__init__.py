@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from protocol.errors import MergeswarmError
 
-from . import delta, demo, merge, swarm
+from . import delta, demo, merge, node, swarm
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.register(sub)
     demo.register(sub)
     swarm.register(sub)
+    node.register(sub)
     return parser
 
 

@@ -12,52 +12,18 @@ from pathlib import Path
 
 from . import common
 
+HEAD_TTL = 3600.0  # a published head is refreshed by its publisher while it runs
+
 
 def add_join_args(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
-    """The flags every peer takes to start or join a swarm."""
-    g = p.add_argument_group("joining a swarm")
-    g.add_argument(
-        "--join",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="a peer already in the swarm, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo... "
-        "(repeatable); none starts a new swarm",
-    )
-    g.add_argument(
-        "--swarm-id", help="pin the swarm id (default: learned from the --join peer, or new)"
-    )
-    g.add_argument(
-        "--host-maddr",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="where to listen (repeatable; default /ip4/0.0.0.0/tcp/0: all interfaces, any port)",
-    )
-    g.add_argument(
-        "--announce-maddr",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="address others should dial, when it differs from the listening one "
-        "(a public IP or a forwarded port; the port must not be 0)",
-    )
-    g.add_argument(
-        "--client-mode",
-        action="store_true",
-        help="for peers others cannot reach (behind NAT): serve no DHT requests; "
-        "your blobs are pushed to a reachable seed or aggregator",
-    )
-    g.add_argument(
-        "--no-relay", action="store_true", help="do not dial peers behind NAT through relays"
-    )
-    g.add_argument(
-        "--auto-relay",
-        action="store_true",
-        help="behind NAT: find relays through which others can reach this peer",
-    )
+    """The flags every peer takes to start or join a swarm (from JoinSettings)."""
+    from node.config import JoinSettings
+    from node.settings import add_flags
+
+    add_flags(p, JoinSettings)
+    p.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file (TOML)")
     if data_dir:
-        g.add_argument(
+        p.add_argument(
             "--data-dir",
             type=Path,
             default=common.default_data_dir(),
@@ -66,20 +32,11 @@ def add_join_args(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
 
 
 def swarm_options(args: argparse.Namespace, data_dir: Path):
-    from node.swarm import SwarmOptions
+    from node.config import JoinSettings
+    from node.settings import load_settings
 
-    options = SwarmOptions(
-        data_dir=data_dir,
-        join=list(args.join),
-        swarm_id=args.swarm_id,
-        announce_maddrs=list(args.announce_maddr),
-        client_mode=args.client_mode,
-        use_relay=not args.no_relay,
-        use_auto_relay=args.auto_relay,
-    )
-    if args.host_maddr:
-        options.host_maddrs = list(args.host_maddr)
-    return options
+    settings = load_settings(JoinSettings, args, config_file=args.config)
+    return settings.options(data_dir)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +51,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quota-gb", type=float, default=0.0, help="blob store size limit in GB (0: none)"
     )
     p.add_argument("--no-mirror", action="store_true", help="serve only what is added locally")
+    p.add_argument(
+        "--publish-head",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="snapshot this model directory and publish it as the swarm's head (round 0) "
+        "until an aggregator publishes newer ones: how a swarm starts before aggregators exist",
+    )
+    p.add_argument(
+        "--trusted-aggregator",
+        action="append",
+        default=[],
+        metavar="AUTHOR",
+        help="follow heads only from this author key (64 hex; repeatable; none: any)",
+    )
+    p.add_argument(
+        "--no-upload",
+        action="store_true",
+        help="fetch what the swarm needs but offer nothing to others (metered links)",
+    )
     p.add_argument(
         "--heartbeat-every",
         type=float,
@@ -125,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(run=run_blob_ls)
 
 
-def _stop_event() -> threading.Event:
+def stop_event() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -144,14 +120,24 @@ def run_seed(args: argparse.Namespace) -> int:
     from node.seed import Seed
     from node.swarm import Swarm
 
-    stop = _stop_event()
+    stop = stop_event()
     swarm = Swarm(swarm_options(args, args.data_dir))
     try:
         store = BlobStore(args.data_dir / "blobs", int(args.quota_gb * 1e9))
-        seed = Seed(swarm, store)
+        seed = Seed(swarm, store, trusted_aggregators=args.trusted_aggregator)
         seed.mirror = not args.no_mirror
         seed.heartbeat_every = args.heartbeat_every
+        seed.upload = not args.no_upload
+        if args.publish_head is not None:
+            from node.seed import genesis_head
+
+            head = genesis_head(store, args.publish_head)
+            seed.share_new_blobs()
+            swarm.publish("head", head, ttl=HEAD_TTL)
+            print(f"published head: round {head.round}, base {head.base_id}", flush=True)
         print_join_line(swarm)
+        mirror = threading.Thread(target=seed.mirror_forever, args=(stop,), daemon=True)
+        mirror.start()
         run_until(seed, stop, interval=min(2.0, args.heartbeat_every))
     finally:
         swarm.shutdown()
@@ -170,14 +156,17 @@ def run_blob_add(args: argparse.Namespace) -> int:
 def run_blob_get(args: argparse.Namespace) -> int:
     from node.blobs import fetch
     from node.blobstore import BlobStore
+    from node.settings import SettingsError
     from node.swarm import Swarm
 
-    if not args.join:
-        raise SystemExit("mergeswarm: error: blob get needs --join MULTIADDR")
+    options = swarm_options(args, Path("."))
+    if not options.join:
+        raise SettingsError("blob get needs --join MULTIADDR")
     tmp = None if args.data_dir else tempfile.TemporaryDirectory(prefix="mergeswarm-get-")
     data_dir = args.data_dir or Path(tmp.name)
     try:
-        swarm = Swarm(swarm_options(args, data_dir))
+        options.data_dir = data_dir
+        swarm = Swarm(options)
         try:
             store = BlobStore(data_dir / "blobs")
             fetch(swarm, store, args.blob_id, timeout=args.timeout, serve_while_fetching=False)

@@ -1,0 +1,101 @@
+"""``mergeswarm node``: run a volunteer — join, sync the head, train, publish deltas."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from pathlib import Path
+
+from . import common
+from .swarm import print_join_line, stop_event
+
+logger = logging.getLogger(__name__)
+
+
+def _settings_model():
+    from node.config import JoinSettings, NodeSettings
+
+    class VolunteerSettings(JoinSettings, NodeSettings):
+        """Everything ``mergeswarm node`` takes."""
+
+    return VolunteerSettings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from node.settings import add_flags
+
+    p = sub.add_parser(
+        "node",
+        help="run a volunteer: train on your data, publish deltas to the swarm",
+        description="Join a swarm, fetch its head base, fine-tune it on your data round after "
+        "round, and publish each round's DARE delta. Settings come from flags, then "
+        "MERGESWARM_* environment variables, then --config FILE.toml, then defaults.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file (TOML)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=common.default_data_dir(),
+        help="identity, blobs, bases and checkpoints (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on this port (0: any free one)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
+    add_flags(p, _settings_model())
+    p.set_defaults(run=run_node)
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from node.blobstore import BlobStore
+    from node.data import read_examples
+    from node.metrics import MetricsServer
+    from node.peer import run_until
+    from node.settings import SettingsError, load_settings
+    from node.swarm import Swarm
+    from node.volunteer import Volunteer
+
+    settings = load_settings(_settings_model(), args, config_file=args.config)
+    if not settings.data:
+        raise SettingsError("give your training data: --data FILE (JSONL or text; repeatable)")
+    for path in settings.data:  # fail before joining, not minutes later
+        read_examples(path)
+    stop = stop_event()
+    swarm = Swarm(settings.options(args.data_dir))
+    server = None
+    failure: list[BaseException] = []
+    try:
+        volunteer = Volunteer(swarm, BlobStore(args.data_dir / "blobs"), settings)
+        volunteer.reannounce()
+        if args.metrics_port is not None:
+            server = MetricsServer(
+                volunteer.metrics.registry, volunteer.health, args.metrics_host, args.metrics_port
+            )
+            (args.data_dir / "metrics_port").write_text(f"{server.port}\n")
+            print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
+        print_join_line(swarm)
+
+        def train() -> None:
+            try:
+                volunteer.train_forever(stop)
+            except BaseException as exc:  # reported by the main thread, which exits non-zero
+                failure.append(exc)
+                stop.set()
+
+        trainer = threading.Thread(target=train, name="train", daemon=True)
+        trainer.start()
+        run_until(volunteer, stop)
+        trainer.join(timeout=120)  # the current step finishes and a checkpoint is written
+    finally:
+        if server is not None:
+            server.close()
+        swarm.shutdown()
+    if failure:
+        raise failure[0]
+    return 0

@@ -1,0 +1,145 @@
+"""Settings models of the daemons: what each role takes, with defaults in one place.
+
+Pydantic models (and one dataclass) only, so that building the command line
+imports neither torch nor hivemind. Flags, ``MERGESWARM_*`` variables and
+TOML keys derive from these fields (see node.settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass
+class SwarmOptions:
+    """How a peer joins.
+
+    :param data_dir: where identity, swarm id and blobs live.
+    :param join: multiaddrs of peers already in the swarm; empty starts a new swarm.
+    :param swarm_id: pin the swarm id (else learned from the swarm, or generated).
+    :param host_maddrs: where to listen (``/ip4/0.0.0.0/tcp/PORT`` for all interfaces).
+    :param announce_maddrs: addresses to advertise instead of the listening ones.
+    :param client_mode: do not serve DHT requests (for peers others cannot dial).
+    :param use_relay: dial peers behind NAT through relays.
+    :param use_auto_relay: look for relays that make this peer reachable behind NAT.
+    """
+
+    data_dir: Path
+    join: list[str] = field(default_factory=list)
+    swarm_id: str | None = None
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    client_mode: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    startup_timeout: float = 30.0
+
+
+class JoinSettings(BaseModel):
+    """How a daemon joins its swarm (flags, ``MERGESWARM_*`` env and TOML keys of every role)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    join: list[str] = Field(
+        json_schema_extra={"metavar": "MULTIADDR"},
+        default_factory=list,
+        description="multiaddr of a peer in the swarm, e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...; "
+        "none starts a new swarm",
+    )
+    swarm_id: str | None = Field(
+        None, description="pin the swarm id (default: learned from the --join peer, or new)"
+    )
+    host_maddr: list[str] = Field(
+        json_schema_extra={"metavar": "MULTIADDR"},
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
+        description="where to listen (all interfaces, any port by default)",
+    )
+    announce_maddr: list[str] = Field(
+        json_schema_extra={"metavar": "MULTIADDR"},
+        default_factory=list,
+        description="address others should dial when it differs from the listening one "
+        "(public IP or forwarded port; not port 0)",
+    )
+    client_mode: bool = Field(
+        False,
+        description="for peers others cannot reach (behind NAT): serve no DHT requests; "
+        "blobs are pushed to a reachable seed or aggregator",
+    )
+    relay: bool = Field(True, description="dial peers behind NAT through relays")
+    auto_relay: bool = Field(
+        False, description="behind NAT: find relays through which others can reach this peer"
+    )
+
+    def options(self, data_dir: Path) -> SwarmOptions:
+        return SwarmOptions(
+            data_dir=data_dir,
+            join=list(self.join),
+            swarm_id=self.swarm_id,
+            host_maddrs=list(self.host_maddr),
+            announce_maddrs=list(self.announce_maddr),
+            client_mode=self.client_mode,
+            use_relay=self.relay,
+            use_auto_relay=self.auto_relay,
+        )
+
+
+class TrainOptions(BaseModel):
+    """How a volunteer trains (every field is also a node flag, env variable and TOML key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(128, ge=8, le=1 << 16, description="tokens per packed training block")
+    batch_size: int = Field(8, ge=1, description="blocks per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    decay_steps: int = Field(
+        1000, ge=1, description="cosine decay to 10% of --lr over this many steps, then flat"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    lora: bool = Field(False, description="train LoRA adapters instead of every weight")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names LoRA adapts",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA (bf16 autocast where supported) when present, else CPU"
+    )
+    seed: int = Field(0, ge=0, description="seed of the data order and LoRA init")
+    eval_blocks: int = Field(
+        64, ge=1, description="held-out blocks measured before and after each round"
+    )
+
+
+class NodeSettings(TrainOptions):
+    """A volunteer's settings beyond joining (flags, ``MERGESWARM_*`` env, TOML keys)."""
+
+    data: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"metavar": "FILE"},
+        description="training data: JSONL ({'text'} or {'prompt','completion'}) or text files",
+    )
+    round_steps: int | None = Field(50, ge=1, description="optimizer steps per round")
+    round_minutes: float | None = Field(
+        None, gt=0, description="minutes per round (with --round-steps: whichever comes first)"
+    )
+    on_new_head: Literal["finish", "restart"] = Field(
+        "finish",
+        description="a new head during a round: finish it (the delta is one round stale) "
+        "or restart on the new base",
+    )
+    drop_rate: float = Field(0.9, ge=0, lt=1, description="DARE drop rate of published deltas")
+    codec: Literal["bf16", "fp16", "fp32", "int8"] = Field("bf16", description="delta value codec")
+    checkpoint_every: int = Field(25, ge=1, description="save training state every N steps")
+    trusted_aggregators: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"metavar": "AUTHOR"},
+        description="follow heads only from these authors (64-hex keys); none: any",
+    )

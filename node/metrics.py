@@ -1,0 +1,126 @@
+"""Prometheus metrics of a peer and the HTTP endpoint serving them with ``/healthz``.
+
+Metrics live on an explicit registry per daemon (never the global one), with
+a ``mergeswarm_`` prefix, base units in names, ``_total`` on counters and
+labels of bounded cardinality only (reasons, roles; never a peer or blob id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class PeerMetrics:
+    """What every peer exports; roles add their own on the same registry."""
+
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.info = Gauge("mergeswarm_peer_info", "This peer's role", ["role"], registry=r)
+        self.info.labels(role=role).set(1)
+        self.bytes_sent = Counter(
+            "mergeswarm_blob_sent_bytes_total", "Blob bytes served to other peers", registry=r
+        )
+        self.bytes_received = Counter(
+            "mergeswarm_blob_received_bytes_total",
+            "Blob bytes fetched from other peers",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "mergeswarm_rejected_total",
+            "Inputs refused from peers, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.head_round = Gauge(
+            "mergeswarm_head_round", "Round of the newest head seen", registry=r
+        )
+        self.uptime = Gauge(
+            "mergeswarm_uptime_seconds", "Seconds since the daemon started", registry=r
+        )
+
+
+class NodeMetrics(PeerMetrics):
+    """A volunteer's training and publishing."""
+
+    def __init__(self) -> None:
+        super().__init__("volunteer")
+        r = self.registry
+        self.loss = Gauge("mergeswarm_training_loss", "Training loss of the last step", registry=r)
+        self.heldout_loss = Gauge(
+            "mergeswarm_heldout_loss", "Held-out loss after the last round", registry=r
+        )
+        self.steps = Counter("mergeswarm_training_steps_total", "Optimizer steps", registry=r)
+        self.samples = Counter(
+            "mergeswarm_training_samples_total", "Training blocks consumed", registry=r
+        )
+        self.samples_per_second = Gauge(
+            "mergeswarm_training_samples_per_second",
+            "Training throughput of the last round",
+            registry=r,
+        )
+        self.deltas = Counter(
+            "mergeswarm_deltas_published_total", "Deltas announced by this volunteer", registry=r
+        )
+        self.publish_seconds = Gauge(
+            "mergeswarm_delta_publish_seconds",
+            "Seconds from the end of training to the delta being announced",
+            registry=r,
+        )
+        self.head_lag = Gauge(
+            "mergeswarm_head_lag_rounds",
+            "Rounds between the newest head and the trained one",
+            registry=r,
+        )
+
+
+class MetricsServer:
+    """Serves ``/metrics`` and ``/healthz`` on ``host:port`` (port 0 picks one) in a thread."""
+
+    def __init__(
+        self, registry: CollectorRegistry, health: Callable[[], dict], host: str, port: int
+    ) -> None:
+        registry_ = registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] == "/metrics":
+                    body, ctype = generate_latest(registry_), CONTENT_TYPE_LATEST
+                elif self.path.split("?")[0] == "/healthz":
+                    body, ctype = json.dumps(health()).encode(), "application/json"
+                else:
+                    self.send_error(404, "try /metrics or /healthz")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # scrapes are not news
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,311 @@
+"""The volunteer role: sync the head, train a round, publish the DARE delta, follow new heads.
+
+Two threads: the daemon's housekeeping loop (records, heartbeats, head
+following; :meth:`Volunteer.tick`) and the training loop
+(:meth:`Volunteer.train_forever`). Everything lives in the data directory:
+
+    bases/<base id>/     model directories, each checked against its id
+    checkpoint/          trainer state (weights, optimizer moments, step, data position)
+    node.json            the head trained on and the deltas announced (re-announced on restart)
+    blobs/               the blob store (own deltas pinned until merged or expired)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from node.blobs import fetch
+from node.blobstore import BlobStore
+from node.config import NodeSettings
+from node.data import Dataset, load_dataset
+from node.metrics import NodeMetrics
+from node.peer import PeerDaemon
+from node.swarm import Swarm
+from node.trainer import Trainer
+from protocol.delta import TensorMap, create_delta
+from protocol.durable import write_atomic
+from protocol.errors import MergeswarmError
+from protocol.forkchoice import choose_head, head_order
+from protocol.model_dir import ModelDir
+from protocol.patch import apply_patch
+from protocol.records import DeltaAnnouncement, Head, Heartbeat
+
+logger = logging.getLogger(__name__)
+
+OWN_DELTA = "own-delta"
+ANNOUNCE_TTL = 6 * 3600.0  # refreshed while the daemon runs; well under the 24 h cap
+STATE_FILE = "node.json"
+
+
+class Volunteer(PeerDaemon):
+    role = "volunteer"
+
+    def __init__(self, swarm: Swarm, store: BlobStore, settings: NodeSettings) -> None:
+        super().__init__(swarm, store)
+        self.settings = settings
+        self.root = swarm.data_dir
+        self.bases = self.root / "bases"
+        self.bases.mkdir(exist_ok=True)
+        self.head: Head | None = None  # the head being trained on
+        self.latest: Head | None = None  # the newest head seen
+        self.new_head = threading.Event()
+        self.status = "waiting for a head"
+        self.rounds_done = 0
+        self.state = self._load_state()
+        self._data: Dataset | None = None
+        self.metrics = NodeMetrics()
+        self.samples_per_second = 0.0
+        self._sent_reported = 0
+
+    # -- state that survives restarts ---------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        path = self.root / STATE_FILE
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                logger.warning("%s is unreadable; starting with empty state", path)
+        return {"announced": []}
+
+    def _save_state(self) -> None:
+        write_atomic(self.root / STATE_FILE, json.dumps(self.state, indent=2).encode())
+
+    def reannounce(self) -> None:
+        """After a restart: announce again every delta that is still pinned (not yet merged)."""
+        for item in self.state["announced"]:
+            try:
+                announcement = DeltaAnnouncement.model_validate_json(json.dumps(item))
+            except ValueError as exc:
+                logger.warning("%s: skipping an unreadable announcement (%s)", STATE_FILE, exc)
+                continue
+            delta = announcement.delta_id
+            if self.store.has(delta) and OWN_DELTA in self.store.pins(delta):
+                self.swarm.publish(
+                    "announce", announcement, topic=announcement.base_id, ttl=ANNOUNCE_TTL
+                )
+
+    # -- housekeeping thread -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        super().tick()
+        self.follow_head()
+        m = self.metrics
+        m.uptime.set(time.monotonic() - self.started)
+        sent = self.service.stats.bytes_out
+        m.bytes_sent.inc(sent - self._sent_reported)
+        self._sent_reported = sent
+        if self.latest is not None:
+            m.head_round.set(self.latest.round)
+            if self.head is not None:
+                m.head_lag.set(self.latest.round - self.head.round)
+
+    def heartbeat(self) -> Heartbeat:
+        beat = super().heartbeat()
+        head = self.head
+        return beat.model_copy(
+            update={
+                "head_round": head.round if head else None,
+                "head_id": head.base_id if head else None,
+                "samples_per_second": round(self.samples_per_second, 3),
+            }
+        )
+
+    def health(self) -> dict:
+        """What ``/healthz`` says."""
+        return {
+            "ok": True,
+            "role": self.role,
+            "status": self.status,
+            "swarm": self.swarm.swarm_id,
+            "head_round": self.head.round if self.head else None,
+            "rounds_done": self.rounds_done,
+        }
+
+    def follow_head(self) -> None:
+        trusted = set(self.settings.trusted_aggregators)
+        heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
+        chosen = choose_head(heads, trusted)
+        if chosen is None:
+            return
+        head = chosen[1]
+        if self.latest is None or head_order(head) > head_order(self.latest):
+            self.latest = head
+            if self.head is None or head.base_id != self.head.base_id:
+                logger.info("new head: round %d, base %s", head.round, head.base_id[:16])
+                self.new_head.set()
+
+    # -- base sync -------------------------------------------------------------------------------
+
+    def base_dir(self, base: str) -> Path:
+        return self.bases / base
+
+    def sync(self, head: Head) -> Path:
+        """The head's model directory: patched from its parent when held, else from a snapshot."""
+        out = self.base_dir(head.base_id)
+        if out.is_dir():
+            return out
+        parent = self.base_dir(head.parent) if head.parent else None
+        self.status = f"fetching base {head.base_id[:16]}"
+        errors = []
+        for blob, source in ((head.patch_id, parent), (head.snapshot_id, None)):
+            if not blob or (blob == head.patch_id and (source is None or not source.is_dir())):
+                continue
+            try:
+                fetch(self.swarm, self.store, blob, timeout=600)
+                child = apply_patch(
+                    self.store.path(blob), out, ModelDir(source) if source else None
+                )
+            except (MergeswarmError, OSError, TimeoutError) as exc:
+                errors.append(str(exc))
+                logger.warning("base %s from %s: %s", head.base_id[:16], blob[:16], exc)
+                continue
+            if child != head.base_id:  # the patch's header named another base
+                shutil.rmtree(out, ignore_errors=True)
+                errors.append(f"blob {blob[:16]} makes base {child[:16]}, not the head's")
+                continue
+            self.store.pin(blob, "head")
+            return out
+        raise MergeswarmError(
+            f"cannot get base {head.base_id[:16]}: " + ("; ".join(errors) or "no patch or snapshot")
+        )
+
+    # -- training thread ---------------------------------------------------------------------------
+
+    def dataset(self, tokenizer_dir: Path) -> Dataset:
+        if self._data is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self._data = load_dataset(self.settings.data, tokenizer, seq_len=self.settings.seq_len)
+        return self._data
+
+    def train_forever(self, stop: threading.Event) -> None:
+        """Train round after round on the newest head until ``stop`` is set."""
+        while not stop.is_set():
+            if self.latest is None:
+                self.status = "waiting for a head"
+                stop.wait(1.0)
+                continue
+            self.new_head.clear()
+            head = self.latest
+            try:
+                base = self.sync(head)
+            except MergeswarmError as exc:  # a bad or unreachable base: keep the old one, retry
+                self.metrics.rejected.labels(reason="base").inc()
+                logger.warning("%s; retrying in 30 s", exc)
+                self.status = "cannot get the head's base"
+                stop.wait(30.0)
+                continue
+            self.head = head
+            self._train_on(head, base, stop)
+
+    def _train_on(self, head: Head, base: Path, stop: threading.Event) -> None:
+        s = self.settings
+        trainer = Trainer(base, self.dataset(base), s)
+        checkpoint = self.root / "checkpoint"
+        found = Trainer.latest(checkpoint)
+        if found is not None:
+            saved = trainer.load(found) if self._checkpoint_base(found) == head.base_id else None
+            if saved is None:  # trained on an older base: keep the step and data position only
+                old = json.loads((found / "state.json").read_text())
+                trainer.step, trainer.position = old["step"], old["position"]
+        restart = s.on_new_head == "restart"
+        while not stop.is_set():
+            self.status = f"training on round {head.round}"
+            loss_before = trainer.evaluate()
+
+            def on_step(step: int, loss: float, trainer=trainer) -> None:
+                self.metrics.loss.set(loss)
+                self.metrics.steps.inc()
+                self.metrics.samples.inc(s.batch_size * s.grad_accum)
+                if trainer.step % s.checkpoint_every == 0:
+                    trainer.save(checkpoint, {"base_id": head.base_id})
+
+            stats = trainer.train_round(
+                max_steps=s.round_steps,
+                max_seconds=s.round_minutes * 60 if s.round_minutes else None,
+                should_stop=lambda: stop.is_set() or (restart and self.new_head.is_set()),
+                on_step=on_step,
+            )
+            trainer.save(checkpoint, {"base_id": head.base_id})
+            if stop.is_set() or stats.stopped == "interrupted" or stats.steps == 0:
+                return  # stopping, or restarting on the new head
+            self.samples_per_second = stats.samples / max(stats.seconds, 1e-9)
+            self.metrics.samples_per_second.set(self.samples_per_second)
+            loss_after = trainer.evaluate()
+            self.metrics.heldout_loss.set(loss_after)
+            self.status = "publishing a delta"
+            self.publish_delta(head, base, trainer, stats, loss_before, loss_after)
+            self.rounds_done += 1
+            if self.new_head.is_set():
+                return  # move to the new head
+
+    @staticmethod
+    def _checkpoint_base(found: Path) -> str | None:
+        try:
+            return json.loads((found / "state.json").read_text()).get("base_id")
+        except (OSError, ValueError):
+            return None
+
+    def publish_delta(self, head, base, trainer, stats, loss_before, loss_after) -> str:
+        """Delta = trained - base, DARE-sparsified, signed, stored, announced and served."""
+        s = self.settings
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            out = Path(tmp) / "delta.msd"
+            metadata = {
+                "round": head.round,
+                "steps": stats.steps,
+                "samples": stats.samples,
+                "loss_before": round(loss_before, 6),
+                "loss_after": round(loss_after, 6),
+            }
+            delta_id, header = create_delta(
+                base,
+                TensorMap(trainer.trained_weights()),
+                out,
+                identity=self.swarm.identity,
+                drop_rate=s.drop_rate,
+                codec=s.codec,
+                metadata=metadata,
+            )
+            self.store.add_file(out, pin=OWN_DELTA)
+        announcement = DeltaAnnouncement(
+            base_id=head.base_id,
+            delta_id=delta_id,
+            size=self.store.size(delta_id),
+            round=head.round,
+            samples=stats.samples,
+            steps=stats.steps,
+            loss_before=metadata["loss_before"],
+            loss_after=metadata["loss_after"],
+        )
+        for old in self.state["announced"]:  # one delta per author and base: this one replaces
+            if old["base_id"] == head.base_id and old["delta_id"] != delta_id:
+                self.store.unpin(old["delta_id"], OWN_DELTA)
+        self.state["announced"] = [
+            a for a in self.state["announced"] if a["base_id"] != head.base_id
+        ] + [announcement.model_dump(mode="json")]
+        self.state["head"] = head.base_id
+        self._save_state()  # before announcing: a crash after it re-announces on restart
+        self.swarm.publish("announce", announcement, topic=head.base_id, ttl=ANNOUNCE_TTL)
+        self.share_new_blobs()  # provider record, or a push when others cannot dial us
+        self.metrics.deltas.inc()
+        self.metrics.publish_seconds.set(time.monotonic() - started)
+        logger.info(
+            "round %d: delta %s (%d bytes) announced %.1f s after training; loss %.4f -> %.4f",
+            head.round,
+            delta_id[:16],
+            announcement.size,
+            time.monotonic() - started,
+            loss_before,
+            loss_after,
+        )
+        return delta_id

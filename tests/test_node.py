@@ -1,0 +1,141 @@
+"""The volunteer daemon on a real swarm: sync a head, train, publish; restart; bad input."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from node.blobs import fetch, providers
+from node.blobstore import BlobStore
+from node.tiny_model import CORPUS
+from protocol.container import DeltaReader
+from protocol.delta import apply_deltas
+from protocol.identity import Identity
+from protocol.ids import base_id
+from protocol.records import DeltaAnnouncement
+from tests.swarm import run_cli, start_peer, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
+TRAIN = ("--round-steps", "8", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4")
+TRAIN += ("--lr", "2e-3", "--warmup-steps", "2", "--drop-rate", "0.5")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"text": t} for t in CORPUS * 3]
+    rows += [{"prompt": "Q: " + t[:10], "completion": t[10:]} for t in CORPUS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _announcements(observer, base: str, author: str) -> list[DeltaAnnouncement]:
+    return [
+        r.body
+        for r in observer.read("announce", topic=base)
+        if r.author == author and isinstance(r.body, DeltaAnnouncement)
+    ]
+
+
+def test_a_node_syncs_the_head_trains_and_publishes_a_delta_others_can_apply(
+    tmp_path, local_peer, tiny_base, corpus
+):
+    seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
+    node = start_peer(
+        tmp_path / "node",
+        "--join",
+        seed.maddrs[0],
+        "--data",
+        str(corpus),
+        "--metrics-port",
+        "0",
+        *TRAIN,
+        command="node",
+    )
+    author = Identity.load(node.data_dir / "identity.pem").author
+    observer = local_peer("observer", join=[seed.maddrs[0]])
+    genesis = base_id(tiny_base)
+    found = wait_for(lambda: _announcements(observer, genesis, author), 240, "the node's delta")
+    announcement = found[0]  # the latest round's: each round's delta replaces the last
+    assert announcement.loss_after < _genesis_loss(tiny_base, corpus)  # it learned something
+    assert announcement.steps == 8 and announcement.round == 0
+
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    fetch(observer, store, announcement.delta_id, timeout=60, serve_while_fetching=False)
+    with DeltaReader(store.path(announcement.delta_id)) as reader:
+        assert reader.header.author == author and reader.header.base_id == genesis
+        assert reader.header.sparsifier.drop_rate == 0.5
+        assert reader.header.metadata["steps"] == 8
+    child = apply_deltas(tiny_base, [store.path(announcement.delta_id)], tmp_path / "child")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(child)
+
+    port = int((node.data_dir / "metrics_port").read_text())
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    published = [
+        ln for ln in metrics.splitlines() if ln.startswith("mergeswarm_deltas_published_total ")
+    ]
+    assert float(published[0].split()[1]) >= 1
+    health = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read()
+    )
+    assert health["ok"] and health["swarm"] == observer.swarm_id
+
+    # kill -9 and restart: same peer, the delta is announced and served again, training resumes
+    peer_id = node.peer_id
+    step_before = _checkpoint_step(node.data_dir)
+    node.kill9()
+    again = start_peer(node.data_dir, *_node_args(seed, corpus), command="node")
+    assert again.peer_id == peer_id
+    wait_for(
+        lambda: again.peer_id in {p.peer_id for p in providers(observer, announcement.delta_id)},
+        60,
+        "the restarted node to serve its delta",
+    )
+    wait_for(lambda: _checkpoint_step(node.data_dir) > step_before, 240, "training to resume")
+    assert _checkpoint_step(node.data_dir) > step_before >= 8
+
+
+def _genesis_loss(model, corpus) -> float:
+    from node.config import TrainOptions
+    from node.data import load_dataset
+    from node.tiny_model import build_tokenizer
+    from node.trainer import Trainer
+
+    data = load_dataset([corpus], build_tokenizer(), seq_len=32)
+    options = TrainOptions(seq_len=32, batch_size=4, eval_blocks=4)
+    return Trainer(model, data, options).evaluate()
+
+
+def _node_args(seed, corpus) -> tuple[str, ...]:
+    return ("--join", seed.maddrs[0], "--data", str(corpus), *TRAIN)
+
+
+def _checkpoint_step(data_dir) -> int:
+    latest = data_dir / "checkpoint" / "latest"
+    if not latest.is_file():
+        return 0
+    state = data_dir / "checkpoint" / latest.read_text().strip() / "state.json"
+    return json.loads(state.read_text())["step"] if state.is_file() else 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such data file"),
+        ("", "the data file is empty"),
+        ("{not json\n", "data.jsonl:1: not a JSON line"),
+        ('{"title": "x"}\n', 'data.jsonl:1: expected {"text": ...}'),
+    ],
+)
+def test_bad_data_is_one_clear_line_before_joining(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    out = run_cli("node", "--data-dir", str(tmp_path / "d"), "--data", str(path), timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith("mergeswarm: error: ") and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
