@@ -24,8 +24,16 @@ from pathlib import Path
 
 from hivemind.p2p import P2PContext, PeerID
 
-from node.blobstore import BlobError, BlobStore, Partial, QuotaError, check_manifest
-from node.framing import IO_TIMEOUT, FrameError, read_frame, read_frames, write_frame
+from node.blobstore import BlobError, BlobStore, Partial, QuotaError, check_manifest, piece_range
+from node.framing import (
+    IO_TIMEOUT,
+    FrameError,
+    read_frame,
+    read_frames,
+    read_raw,
+    write_frame,
+    write_raw,
+)
 from node.swarm import Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
@@ -37,7 +45,8 @@ HAVE = "mergeswarm.Have"
 PIECES = "mergeswarm.Pieces"
 UPLOAD = "mergeswarm.Upload"
 PROVIDER_TTL = 300.0
-_RUN = 4  # pieces per request: small runs spread pieces over fetchers quickly
+_RUN = 4  # pieces per request while others trade the blob: pieces spread quickly
+_LONG_RUN = 32  # pieces per request otherwise: fewer round trips
 _STALL = 2.0  # seconds without a new piece before complete sources serve anything
 _REFRESH = 0.5  # seconds between looks for new providers while downloading
 _SMALL = 4096  # cap of a request or result frame
@@ -99,8 +108,10 @@ class BlobService:
         try:
             request = await read_frame(reader, pb.PieceRequest, _SMALL)
             if request is not None:
-                async for piece in self._pieces(request, info.peer_id):
+                async for piece, data in self._pieces(request, info.peer_id):
                     await write_frame(writer, piece)
+                    if data:
+                        await write_raw(writer, data)
         except (FrameError, ConnectionError) as exc:
             self._refuse("broken request")
             logger.debug("pieces for %s: %s", info.peer_id, exc)
@@ -174,17 +185,20 @@ class BlobService:
         while len(self._sent_counts) > _TRACKED_BLOBS:
             self._sent_counts.pop(next(iter(self._sent_counts)))
 
-    async def _pieces(self, request: pb.PieceRequest, peer: PeerID) -> AsyncIterator[pb.Piece]:
+    async def _pieces(
+        self, request: pb.PieceRequest, peer: PeerID
+    ) -> AsyncIterator[tuple[pb.Piece, bytes | None]]:
+        """(header, bytes) for each piece of the run, or a final header with an error."""
         found = self._lookup(request.swarm_id, request.blob_id)
         if isinstance(found, str):
-            yield pb.Piece(error=found)
+            yield pb.Piece(error=found), None
             return
         manifest, partial = found
         if self._active >= self.limits.slots:
-            yield pb.Piece(error=self._refuse("busy"))
+            yield pb.Piece(error=self._refuse("busy")), None
             return
         if self._per_peer[peer] >= self.limits.per_peer:
-            yield pb.Piece(error=self._refuse("too many requests"))
+            yield pb.Piece(error=self._refuse("too many requests")), None
             return
         count = len(manifest.piece_hashes)
         last = min(request.first + max(request.count, 1), count)
@@ -193,7 +207,7 @@ class BlobService:
         try:
             for index in range(request.first, last):
                 if not self._within_budget(peer, manifest.piece_size):
-                    yield pb.Piece(index=index, error=self._refuse("peer byte budget"))
+                    yield pb.Piece(index=index, error=self._refuse("peer byte budget")), None
                     return
                 loop = asyncio.get_running_loop()
                 if partial is not None:
@@ -203,13 +217,13 @@ class BlobService:
                         None, self.store.read_piece, request.blob_id, manifest, index
                     )
                 if data is None:
-                    yield pb.Piece(index=index, error=self._refuse("piece not held"))
+                    yield pb.Piece(index=index, error=self._refuse("piece not held")), None
                     return
                 self.stats.bytes_out += len(data)
                 self._charge(peer, len(data))
                 if partial is None:
                     self._count_sent(request.blob_id, count, index)
-                yield pb.Piece(index=index, data=data)
+                yield pb.Piece(index=index, size=len(data)), data
         finally:
             self._active -= 1
             self._per_peer[peer] -= 1
@@ -534,7 +548,10 @@ class Fetcher:
         rarest = min(holders.values())
         start = random.choice([i for i in wanted if holders[i] == rarest])
         run = [start]
-        while len(run) < _RUN and run[-1] + 1 in holders and holders[run[-1] + 1] == rarest:
+        # Long runs when nobody else is trading pieces of it (fewer round trips); short ones
+        # while others are, so that pieces spread over the fetchers quickly.
+        longest = _RUN if sharers else _LONG_RUN
+        while len(run) < longest and run[-1] + 1 in holders and holders[run[-1] + 1] == rarest:
             run.append(run[-1] + 1)
         return run
 
@@ -556,19 +573,36 @@ class Fetcher:
                 return
 
     async def _fetch_run(self, source: _Source, run: list[int]) -> None:
+        """Fetch a run of pieces from one source; hashing and writing overlap the next read."""
         request = pb.PieceRequest(
             swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, first=run[0], count=len(run)
         )
         loop = asyncio.get_running_loop()
-        cap = self.partial.manifest.piece_size + 1024
+        manifest = self.partial.manifest
         writer = None
+        pending: list[tuple[int, int, asyncio.Future]] = []  # (index, size, write future)
+
+        async def settle(keep: int) -> bool:
+            while len(pending) > keep:
+                index, size, future = pending.pop(0)
+                if not await future:
+                    self.stats.bad_pieces += 1
+                    self._fail(
+                        source, f"{source.peer}: piece {index} does not match its hash", backoff=120
+                    )
+                    return False
+                self.stats.bytes_in += size
+                source.received += size
+                self._last_piece = time.monotonic()
+            return True
+
         try:
             _, reader, writer = await asyncio.wait_for(
                 self.swarm.p2p.call_binary_stream_handler(source.peer, PIECES), IO_TIMEOUT
             )
             await write_frame(writer, request)
             for index in run:
-                piece = await read_frame(reader, pb.Piece, cap)
+                piece = await read_frame(reader, pb.Piece, _SMALL)
                 if piece is None:
                     raise FrameError(f"the stream ended before piece {index}")
                 if piece.error:
@@ -579,22 +613,25 @@ class Fetcher:
                         backoff=0.5 if busy else 5,
                         count=not busy,
                     )
-                    return
-                if piece.index != index:
+                    break
+                if piece.index != index or piece.size != piece_range(manifest, index)[1]:
                     self._fail(
-                        source, f"{source.peer}: sent piece {piece.index}, not {index}", backoff=60
+                        source,
+                        f"{source.peer}: sent piece {piece.index} of {piece.size} bytes for {index}",
+                        backoff=60,
                     )
-                    return
-                ok = await loop.run_in_executor(None, self.partial.write_piece, index, piece.data)
-                if not ok:
-                    self.stats.bad_pieces += 1
-                    self._fail(
-                        source, f"{source.peer}: piece {index} does not match its hash", backoff=120
+                    break
+                data = await read_raw(reader, piece.size)
+                pending.append(
+                    (
+                        index,
+                        piece.size,
+                        loop.run_in_executor(None, self.partial.write_piece, index, data),
                     )
-                    return
-                self.stats.bytes_in += len(piece.data)
-                source.received += len(piece.data)
-                self._last_piece = time.monotonic()
+                )
+                if not await settle(keep=2):
+                    break
+            await settle(keep=0)
         except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
             self._fail(
                 source, f"{source.peer}: stream broke ({exc or type(exc).__name__})", backoff=2
@@ -602,6 +639,8 @@ class Fetcher:
         except Exception as exc:  # noqa: BLE001 - p2pd errors have no common base; the pieces go elsewhere
             self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=2)
         finally:
+            for _, _, future in pending:  # let writes in flight land before the pieces are re-asked
+                await asyncio.wait([future])
             if writer is not None:
                 writer.close()
 

@@ -69,3 +69,22 @@ async def read_frames(
 ) -> AsyncIterator[M]:
     while (message := await read_frame(reader, kind, max_bytes, timeout)) is not None:
         yield message
+
+
+async def write_raw(writer: asyncio.StreamWriter, data: bytes, timeout: float = IO_TIMEOUT) -> None:
+    """Bytes announced by the frame before them."""
+    writer.write(data)
+    try:
+        await asyncio.wait_for(writer.drain(), timeout)
+    except TimeoutError:
+        raise FrameError(f"the peer did not read for {timeout:.0f} s") from None
+
+
+async def read_raw(reader: asyncio.StreamReader, size: int, timeout: float = IO_TIMEOUT) -> bytes:
+    """Exactly ``size`` bytes (the caller has checked ``size`` against its cap)."""
+    try:
+        return await asyncio.wait_for(reader.readexactly(size), timeout)
+    except asyncio.IncompleteReadError:
+        raise FrameError(f"the stream ended inside {size} raw bytes") from None
+    except TimeoutError:
+        raise FrameError(f"the peer stalled for {timeout:.0f} s inside raw bytes") from None

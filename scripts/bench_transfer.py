@@ -46,7 +46,7 @@ RAW = "bench.raw"
 
 
 def serve(args: argparse.Namespace) -> int:
-    from node.blobs import BlobService
+    from node.blobs import BlobService, announce
     from node.blobstore import BlobStore
     from node.config import SwarmOptions
     from node.swarm import Swarm
@@ -56,6 +56,7 @@ def serve(args: argparse.Namespace) -> int:
     store = BlobStore(data_dir / "blobs")
     blob_id = store.add_file(args.blob)
     BlobService(swarm, store).register()
+    announce(swarm, blob_id)
     data = Path(args.blob).read_bytes()
 
     async def raw(_info, _reader, writer: asyncio.StreamWriter) -> None:

@@ -7,14 +7,15 @@ import urllib.request
 
 import pytest
 
-from node.blobs import fetch, providers
+from node.blobs import BlobService, announce, fetch, providers
 from node.blobstore import BlobStore
+from node.seed import genesis_head
 from node.tiny_model import CORPUS
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas
 from protocol.identity import Identity
 from protocol.ids import base_id
-from protocol.records import DeltaAnnouncement
+from protocol.records import DeltaAnnouncement, Heartbeat
 from tests.swarm import run_cli, start_peer, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
@@ -139,3 +140,41 @@ def test_bad_data_is_one_clear_line_before_joining(tmp_path, content, message):
     assert out.returncode == 1
     assert out.stderr.startswith("mergeswarm: error: ") and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("policy", ["restart", "finish"])
+def test_a_new_head_mid_round_is_followed_as_configured(
+    tmp_path, local_peer, tiny_base, tiny_finetuned, corpus, policy
+):
+    seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
+    steps = "100000" if policy == "restart" else "60"  # restart: the round would never end
+    args = ("--join", seed.maddrs[0], "--data", str(corpus), *TRAIN, "--round-steps", steps)
+    node = start_peer(
+        tmp_path / "node",
+        *args,
+        "--on-new-head",
+        policy,
+        "--checkpoint-every",
+        "1000",
+        command="node",
+    )
+    author = Identity.load(node.data_dir / "identity.pem").author
+    observer = local_peer("observer", join=[seed.maddrs[0]])
+
+    def heartbeat() -> Heartbeat | None:
+        beats = [r.body for r in observer.read("heartbeat") if r.author == author]
+        return beats[0] if beats else None
+
+    genesis = base_id(tiny_base)
+    wait_for(lambda: (b := heartbeat()) and b.head_id == genesis, 120, "training on genesis")
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    newer = genesis_head(store, tiny_finetuned, round_=1)
+    BlobService(observer, store).register()
+    announce(observer, newer.snapshot_id)
+    observer.publish("head", newer)
+    wait_for(lambda: (b := heartbeat()) and b.head_id == newer.base_id, 180, "the move to round 1")
+    old = _announcements(observer, genesis, author)
+    if policy == "restart":
+        assert old == []  # the interrupted round published nothing
+    else:
+        assert old and old[0].steps == 60  # the round was finished, then the node moved on

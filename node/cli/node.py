@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
     )
+    p.add_argument(
+        "--heartbeat-every",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="publish this peer's heartbeat record this often (default 15)",
+    )
     add_flags(p, _settings_model())
     p.set_defaults(run=run_node)
 
@@ -72,6 +79,7 @@ def run_node(args: argparse.Namespace) -> int:
     failure: list[BaseException] = []
     try:
         volunteer = Volunteer(swarm, BlobStore(args.data_dir / "blobs"), settings)
+        volunteer.heartbeat_every = args.heartbeat_every
         volunteer.reannounce()
         if args.metrics_port is not None:
             server = MetricsServer(
@@ -90,7 +98,7 @@ def run_node(args: argparse.Namespace) -> int:
 
         trainer = threading.Thread(target=train, name="train", daemon=True)
         trainer.start()
-        run_until(volunteer, stop)
+        run_until(volunteer, stop, interval=min(2.0, args.heartbeat_every))
         trainer.join(timeout=120)  # the current step finishes and a checkpoint is written
     finally:
         if server is not None:
