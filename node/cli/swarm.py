@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "until an aggregator publishes newer ones: how a swarm starts before aggregators exist",
     )
     p.add_argument(
-        "--trusted-aggregator",
+        "--trusted-aggregators",
         action="append",
         default=[],
         metavar="AUTHOR",
@@ -124,7 +124,7 @@ def run_seed(args: argparse.Namespace) -> int:
     swarm = Swarm(swarm_options(args, args.data_dir))
     try:
         store = BlobStore(args.data_dir / "blobs", int(args.quota_gb * 1e9))
-        seed = Seed(swarm, store, trusted_aggregators=args.trusted_aggregator)
+        seed = Seed(swarm, store, trusted_aggregators=args.trusted_aggregators)
         seed.mirror = not args.no_mirror
         seed.heartbeat_every = args.heartbeat_every
         seed.upload = not args.no_upload
