@@ -143,9 +143,11 @@ class Trainer:
         max_steps: int | None,
         max_seconds: float | None,
         should_stop: Callable[[], bool] = lambda: False,
+        should_finish: Callable[[], bool] = lambda: False,
         on_step: Callable[[int, float], None] | None = None,
     ) -> RoundStats:
-        """Train until the step or time budget is spent, or ``should_stop`` says so."""
+        """Train until the step or time budget is spent, or ``should_stop`` says so (the round
+        is then "interrupted"), or ``should_finish`` ends it early as if its budget were spent."""
         if not max_steps and not max_seconds:
             raise TrainError("a round needs a budget: --round-steps or --round-minutes")
         o = self.options
@@ -159,6 +161,8 @@ class Trainer:
                 break
             if should_stop():
                 stopped = "interrupted"
+                break
+            if steps and should_finish():
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)

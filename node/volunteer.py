@@ -55,6 +55,8 @@ class Volunteer(PeerDaemon):
         self.head: Head | None = None  # the head being trained on
         self.latest: Head | None = None  # the newest head seen
         self.new_head = threading.Event()
+        self.paused = threading.Event()  # set: training waits between steps
+        self.publish_now = threading.Event()  # set: end the round after the current step
         self.status = "waiting for a head"
         self.rounds_done = 0
         self.state = self._load_state()
@@ -228,12 +230,21 @@ class Volunteer(PeerDaemon):
                 if trainer.step % s.checkpoint_every == 0:
                     trainer.save(checkpoint, {"base_id": head.base_id})
 
+            def should_stop(head=head) -> bool:
+                while self.paused.is_set() and not stop.is_set():
+                    self.status = "paused"
+                    stop.wait(0.5)
+                self.status = f"training on round {head.round}"
+                return stop.is_set() or (restart and self.new_head.is_set())
+
             stats = trainer.train_round(
                 max_steps=s.round_steps,
                 max_seconds=s.round_minutes * 60 if s.round_minutes else None,
-                should_stop=lambda: stop.is_set() or (restart and self.new_head.is_set()),
+                should_stop=should_stop,
+                should_finish=self.publish_now.is_set,
                 on_step=on_step,
             )
+            self.publish_now.clear()
             trainer.save(checkpoint, {"base_id": head.base_id})
             if stop.is_set() or stats.stopped == "interrupted" or stats.steps == 0:
                 return  # stopping, or restarting on the new head

@@ -4,3 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" -m grpc_tools.protoc -I protocol/proto --python_out=protocol protocol/proto/transfer.proto
+"$PY" -m grpc_tools.protoc -I node/proto --python_out=node --grpc_python_out=node node/proto/control.proto
+# grpc_tools writes a top-level import; the module lives in the node package
+sed -i 's/^import control_pb2 as control__pb2$/from node import control_pb2 as control__pb2/' node/control_pb2_grpc.py

@@ -85,6 +85,16 @@ def test_a_node_syncs_the_head_trains_and_publishes_a_delta_others_can_apply(
     )
     assert health["ok"] and health["swarm"] == observer.swarm_id
 
+    status = _status(node)
+    assert status["swarm_id"] == observer.swarm_id and status["head_round"] == 0
+    assert status["rounds_done"] >= 1 and len(status["announced"]) == 1  # one per base
+    assert run_cli("node", "pause", "--data-dir", str(node.data_dir)).returncode == 0
+    wait_for(lambda: _status(node)["status"] == "paused", 60, "the node to pause")
+    rounds = _status(node)["rounds_done"]
+    assert _status(node)["rounds_done"] == rounds  # nothing moves while paused
+    assert run_cli("node", "resume", "--data-dir", str(node.data_dir)).returncode == 0
+    wait_for(lambda: _status(node)["rounds_done"] > rounds, 60, "training to go on")
+
     # kill -9 and restart: same peer, the delta is announced and served again, training resumes
     peer_id = node.peer_id
     step_before = _checkpoint_step(node.data_dir)
@@ -98,6 +108,12 @@ def test_a_node_syncs_the_head_trains_and_publishes_a_delta_others_can_apply(
     )
     wait_for(lambda: _checkpoint_step(node.data_dir) > step_before, 240, "training to resume")
     assert _checkpoint_step(node.data_dir) > step_before >= 8
+
+
+def _status(node) -> dict:
+    out = run_cli("node", "status", "--json", "--data-dir", str(node.data_dir), timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def _genesis_loss(model, corpus) -> float:
@@ -176,5 +192,8 @@ def test_a_new_head_mid_round_is_followed_as_configured(
     old = _announcements(observer, genesis, author)
     if policy == "restart":
         assert old == []  # the interrupted round published nothing
+        # the round on the new base would never end; publish-now ends it
+        assert run_cli("node", "publish-now", "--data-dir", str(node.data_dir)).returncode == 0
+        wait_for(lambda: _announcements(observer, newer.base_id, author), 120, "publish-now")
     else:
         assert old and old[0].steps == 60  # the round was finished, then the node moved on

@@ -32,6 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "round, and publish each round's DARE delta. Settings come from flags, then "
         "MERGESWARM_* environment variables, then --config FILE.toml, then defaults.",
     )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("status", "pause", "resume", "publish-now"),
+        help="talk to the node already running with --data-dir instead of starting one: "
+        "print its status (--json for scripts), pause or resume training, or end the "
+        "current round now and publish its delta",
+    )
+    p.add_argument("--json", action="store_true", help="with `status`: print JSON")
     p.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file (TOML)")
     p.add_argument(
         "--data-dir",
@@ -59,8 +68,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_node)
 
 
+def control(args: argparse.Namespace) -> int:
+    """`mergeswarm node status|pause|resume|publish-now`: one call to the running node."""
+    import json
+
+    from node.control import call
+
+    method = {"status": "Status", "pause": "Pause", "resume": "Resume"}.get(
+        args.action, "PublishNow"
+    )
+    reply = call(args.data_dir, method)
+    if args.action != "status":
+        print(reply.message)
+        return 0
+    if args.json:
+        fields = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+        print(json.dumps(fields | {"announced": list(reply.announced)}))
+        return 0
+    head = (
+        f"round {reply.head_round}, base {reply.head_id[:16]}"
+        if reply.head_round >= 0
+        else "none yet"
+    )
+    rows = [
+        (
+            "status",
+            reply.status + (" (paused)" if reply.paused and reply.status != "paused" else ""),
+        ),
+        ("swarm", reply.swarm_id),
+        ("peer", reply.peer_id),
+        ("head", head),
+        ("rounds done", str(reply.rounds_done)),
+        ("samples/s", f"{reply.samples_per_second:.2f}"),
+        ("deltas", ", ".join(d[:16] for d in reply.announced) or "-"),
+    ]
+    for key, value in rows:
+        print(f"{key:<12} {value}")
+    return 0
+
+
 def run_node(args: argparse.Namespace) -> int:
     from node.blobstore import BlobStore
+    from node.control import serve as serve_control
     from node.data import read_examples
     from node.metrics import MetricsServer
     from node.peer import run_until
@@ -68,6 +117,8 @@ def run_node(args: argparse.Namespace) -> int:
     from node.swarm import Swarm
     from node.volunteer import Volunteer
 
+    if args.action is not None:
+        return control(args)
     settings = load_settings(_settings_model(), args, config_file=args.config)
     if not settings.data:
         raise SettingsError("give your training data: --data FILE (JSONL or text; repeatable)")
@@ -75,12 +126,13 @@ def run_node(args: argparse.Namespace) -> int:
         read_examples(path)
     stop = stop_event()
     swarm = Swarm(settings.options(args.data_dir))
-    server = None
+    server = control_server = None
     failure: list[BaseException] = []
     try:
         volunteer = Volunteer(swarm, BlobStore(args.data_dir / "blobs"), settings)
         volunteer.heartbeat_every = args.heartbeat_every
         volunteer.reannounce()
+        control_server = serve_control(volunteer, args.data_dir)
         if args.metrics_port is not None:
             server = MetricsServer(
                 volunteer.metrics.registry, volunteer.health, args.metrics_host, args.metrics_port
@@ -101,6 +153,8 @@ def run_node(args: argparse.Namespace) -> int:
         run_until(volunteer, stop, interval=min(2.0, args.heartbeat_every))
         trainer.join(timeout=120)  # the current step finishes and a checkpoint is written
     finally:
+        if control_server is not None:
+            control_server.stop(grace=1)
         if server is not None:
             server.close()
         swarm.shutdown()
