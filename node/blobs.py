@@ -520,8 +520,8 @@ class Fetcher:
         """Up to _RUN consecutive pieces this source has and nobody is fetching: rarest first.
 
         A source holding the whole blob is asked only for pieces no partial holder
-        has, and only if it is among the less busy half of the complete sources
-        (unless the download has stalled): the origin sends each piece about once,
+        has, and only if it has not served much more than the least busy complete
+        source (unless the download has stalled): the origin sends each piece about once,
         later fetchers spare it, and the fetchers trade the rest among themselves.
         """
         partial = self.partial
@@ -532,7 +532,10 @@ class Fetcher:
             (s for s in usable if s.complete and s.served is not None), key=lambda s: s.served
         )
         stalled = now - self._last_piece >= _STALL
-        spared = completes[max(1, len(completes) // 2) :]
+        # A complete source that has served half a copy more than the least busy one is spared:
+        # the origin after the first fetchers, never the only source.
+        least = completes[0].served if completes else 0
+        spared = [s for s in completes[1:] if s.served > least + partial.manifest.size // 2]
         if not stalled and any(s is source for s in spared):
             return []
         wanted = [

@@ -108,7 +108,14 @@ def test_killing_a_provider_mid_transfer_and_a_corrupting_one_do_not_stop_a_down
     store = BlobStore(tmp_path / "observer" / "blobs")
     fetcher, thread, errors = _fetch_in_thread(observer, store, blob_id)
     victim = mirrors[0]
-    wait_for(lambda: fetcher.partial is not None and fetcher.partial.done >= 4, 60, "first pieces")
+
+    def victim_serving() -> bool:
+        return any(
+            str(peer) == victim.peer_id and source.received > 0
+            for peer, source in list(fetcher.sources.items())
+        )
+
+    wait_for(victim_serving, 60, "the victim to serve pieces")
     victim.kill9()
     thread.join(timeout=150)
     assert not errors, errors

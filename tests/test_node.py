@@ -197,3 +197,66 @@ def test_a_new_head_mid_round_is_followed_as_configured(
         wait_for(lambda: _announcements(observer, newer.base_id, author), 120, "publish-now")
     else:
         assert old and old[0].steps == 60  # the round was finished, then the node moved on
+
+
+def test_a_lora_node_publishes_a_dense_delta(tmp_path, local_peer, tiny_base, corpus):
+    seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
+    node = start_peer(
+        tmp_path / "node", *_node_args(seed, corpus), "--lora", "--lora-rank", "4", command="node"
+    )
+    author = Identity.load(node.data_dir / "identity.pem").author
+    observer = local_peer("observer", join=[seed.maddrs[0]])
+    genesis = base_id(tiny_base)
+    found = wait_for(lambda: _announcements(observer, genesis, author), 240, "a LoRA delta")
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    fetch(observer, store, found[0].delta_id, timeout=60, serve_while_fetching=False)
+    with DeltaReader(store.path(found[0].delta_id)) as reader:
+        moved = {n for n in reader.names() if reader.read_values(n).any()}
+    assert moved and all(
+        n.rsplit(".", 2)[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for n in moved
+    )
+
+
+def test_a_head_whose_blob_makes_another_base_is_rejected_and_counted(
+    tmp_path, local_peer, tiny_base, tiny_finetuned, corpus
+):
+    seed = start_peer(tmp_path / "seed", "--no-mirror", "--heartbeat-every", "1")
+    observer = local_peer("observer", join=[seed.maddrs[0]])
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    real = genesis_head(store, tiny_base)
+    BlobService(observer, store).register()
+    announce(observer, real.snapshot_id)
+    lie = real.model_copy(update={"base_id": base_id(tiny_finetuned)})  # names another base
+    observer.publish("head", lie)
+    node = start_peer(
+        tmp_path / "node",
+        "--join",
+        seed.maddrs[0],
+        "--data",
+        str(corpus),
+        *TRAIN,
+        "--metrics-port",
+        "0",
+        command="node",
+    )
+    port = int(wait_for(lambda: _read(node.data_dir / "metrics_port"), 60, "metrics"))
+
+    def rejected() -> float:
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
+        line = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith('mergeswarm_rejected_total{reason="base"}')
+        ]
+        return float(line[0].split()[1]) if line else 0.0
+
+    wait_for(rejected, 120, "the bad base to be counted")
+    assert _status(node)["status"] == "cannot get the head's base"
+    assert not (node.data_dir / "bases" / lie.base_id).exists()
+    assert list((node.data_dir / "bases").iterdir()) == []  # nothing half-written
+
+
+def _read(path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
