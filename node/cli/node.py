@@ -116,6 +116,7 @@ def run_node(args: argparse.Namespace) -> int:
     from node.settings import SettingsError, load_settings
     from node.swarm import Swarm
     from node.volunteer import Volunteer
+    from protocol.durable import write_atomic
 
     if args.action is not None:
         return control(args)
@@ -137,7 +138,7 @@ def run_node(args: argparse.Namespace) -> int:
             server = MetricsServer(
                 volunteer.metrics.registry, volunteer.health, args.metrics_host, args.metrics_port
             )
-            (args.data_dir / "metrics_port").write_text(f"{server.port}\n")
+            write_atomic(args.data_dir / "metrics_port", f"{server.port}\n".encode())
             print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
         print_join_line(swarm)
 
