@@ -99,10 +99,6 @@ class Packed:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
-
 
 def pack(tokenizer, examples: Sequence[Example], seq_len: int) -> Packed:
     """Tokenize, join with EOS and cut into full blocks of ``seq_len`` (the tail is padded)."""

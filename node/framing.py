@@ -30,11 +30,7 @@ async def write_frame(
     writer: asyncio.StreamWriter, message: Message, timeout: float = IO_TIMEOUT
 ) -> None:
     data = message.SerializeToString()
-    writer.write(_LEN.pack(len(data)) + data)
-    try:
-        await asyncio.wait_for(writer.drain(), timeout)
-    except TimeoutError:
-        raise FrameError(f"the peer did not read for {timeout:.0f} s") from None
+    await write_raw(writer, _LEN.pack(len(data)) + data, timeout)
 
 
 async def read_frame(

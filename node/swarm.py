@@ -13,9 +13,7 @@ import asyncio
 import logging
 import secrets
 import threading
-import time
-from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import Future
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,9 +178,6 @@ class Swarm:
             future.cancel()
             raise
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
     # -- records -----------------------------------------------------------------
 
     def publish(self, kind: str, body: _Body, *, topic: str = "", ttl: float = 600.0) -> bool:
@@ -257,17 +252,6 @@ class Swarm:
         for reason, n in self.rejected.items():
             counts[reason] = counts.get(reason, 0) + n
         return counts
-
-    def wait_for(
-        self, check: Callable[[], T | None], timeout: float, interval: float = 0.5
-    ) -> T | None:
-        """Poll ``check`` until it returns something truthy or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value or time.monotonic() >= deadline:
-                return value
-            time.sleep(interval)
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", False):

@@ -35,7 +35,8 @@ MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 _KEY_PREFIX = "mergeswarm/"
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-SwarmId = Annotated[str, StringConstraints(pattern=r"^[0-9a-z][0-9a-z-]{2,63}$")]
+_SWARM_ID = r"[0-9a-z][0-9a-z-]{2,63}"
+SwarmId = Annotated[str, StringConstraints(pattern=f"^{_SWARM_ID}$")]
 ShortText = Annotated[str, StringConstraints(max_length=128)]
 Maddr = Annotated[str, StringConstraints(pattern=r"^/[\x21-\x7e]{1,255}$")]
 
@@ -222,4 +223,4 @@ def open_record(
 
 
 def is_swarm_id(value: str) -> bool:
-    return re.fullmatch(r"[0-9a-z][0-9a-z-]{2,63}", value) is not None
+    return re.fullmatch(_SWARM_ID, value) is not None

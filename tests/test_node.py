@@ -45,15 +45,7 @@ def test_a_node_syncs_the_head_trains_and_publishes_a_delta_others_can_apply(
 ):
     seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
     node = start_peer(
-        tmp_path / "node",
-        "--join",
-        seed.maddrs[0],
-        "--data",
-        str(corpus),
-        "--metrics-port",
-        "0",
-        *TRAIN,
-        command="node",
+        tmp_path / "node", *_node_args(seed, corpus), "--metrics-port", "0", command="node"
     )
     author = Identity.load(node.data_dir / "identity.pem").author
     observer = local_peer("observer", join=[seed.maddrs[0]])
@@ -229,15 +221,7 @@ def test_a_head_whose_blob_makes_another_base_is_rejected_and_counted(
     lie = real.model_copy(update={"base_id": base_id(tiny_finetuned)})  # names another base
     observer.publish("head", lie)
     node = start_peer(
-        tmp_path / "node",
-        "--join",
-        seed.maddrs[0],
-        "--data",
-        str(corpus),
-        *TRAIN,
-        "--metrics-port",
-        "0",
-        command="node",
+        tmp_path / "node", *_node_args(seed, corpus), "--metrics-port", "0", command="node"
     )
     port = int(wait_for(lambda: _read(node.data_dir / "metrics_port"), 60, "metrics"))
 

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from . import common
-from .swarm import print_join_line, stop_event
+from .swarm import add_heartbeat_arg, print_join_line, stop_event
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
     )
-    p.add_argument(
-        "--heartbeat-every",
-        type=float,
-        default=15.0,
-        metavar="SECONDS",
-        help="publish this peer's heartbeat record this often (default 15)",
-    )
+    add_heartbeat_arg(p)
     add_flags(p, _settings_model())
     p.set_defaults(run=run_node)
 

@@ -31,6 +31,16 @@ def add_join_args(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
         )
 
 
+def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heartbeat-every",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="publish this peer's heartbeat record this often (default 15)",
+    )
+
+
 def swarm_options(args: argparse.Namespace, data_dir: Path):
     from node.config import JoinSettings
     from node.settings import load_settings
@@ -70,13 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fetch what the swarm needs but offer nothing to others (metered links)",
     )
-    p.add_argument(
-        "--heartbeat-every",
-        type=float,
-        default=15.0,
-        metavar="SECONDS",
-        help="publish this peer's heartbeat record this often (default 15)",
-    )
+    add_heartbeat_arg(p)
     p.set_defaults(run=run_seed)
 
     blob = sub.add_parser("blob", help="put, fetch and list blobs (debugging a swarm)")
