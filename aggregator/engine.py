@@ -38,11 +38,14 @@ class MergeInput:
     :param path: a model directory, a LoRA adapter directory or a ``.msd`` file.
     :param weight: multiplies the task vector (see aggregator.methods).
     :param density: keep fraction for trimming or DARE; None takes the recipe-wide one.
+    :param trained_on: for a stale ``.msd`` delta, the ancestor base it was made against
+        (same tensor layout); it is merged onto the base as it is.
     """
 
     path: Path
     weight: float = 1.0
     density: float | None = None
+    trained_on: str | None = None
 
 
 @dataclass
@@ -78,8 +81,8 @@ def _plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], dry_run: b
         base_hex = None
         if dry_run or any(src.needs_base_id for src in sources):
             base_hex = base_id(base_md)
-        for src in sources:
-            src.check(base_md, base_hex)
+        for src, item in zip(sources, inputs, strict=True):
+            src.check(base_md, item.trained_on or base_hex)
         order = _canonical_order(sources, inputs)
     except BaseException:
         for src in sources:

@@ -121,6 +121,12 @@ class TrainOptions(BaseModel):
 class NodeSettings(TrainOptions):
     """A volunteer's settings beyond joining (flags, ``MERGESWARM_*`` env, TOML keys)."""
 
+    swarm_config: Path | None = Field(
+        None,
+        json_schema_extra={"metavar": "swarm.toml"},
+        description="the swarm's config (default: as published by its aggregators, then kept "
+        "in the data dir)",
+    )
     data: list[str] = Field(
         default_factory=list,
         json_schema_extra={"metavar": "FILE"},

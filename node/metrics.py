@@ -18,6 +18,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
 )
 
@@ -43,6 +44,12 @@ class PeerMetrics:
         self.rejected = Counter(
             "mergeswarm_rejected_total",
             "Inputs refused from peers, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.records_rejected = Counter(
+            "mergeswarm_records_rejected_total",
+            "DHT records refused (bad signature, forged author, wrong swarm, ...), by reason",
             ["reason"],
             registry=r,
         )
@@ -124,3 +131,52 @@ class MetricsServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class AggregatorMetrics(PeerMetrics):
+    """An aggregator's rounds."""
+
+    def __init__(self) -> None:
+        super().__init__("aggregator")
+        r = self.registry
+        self.round = Gauge(
+            "mergeswarm_round", "Round of the last head this peer merged", registry=r
+        )
+        self.round_seconds = Histogram(
+            "mergeswarm_round_duration_seconds",
+            "Seconds from taking the lease to publishing the head",
+            buckets=(1, 5, 15, 60, 300, 900, 3600),
+            registry=r,
+        )
+        self.deltas_received = Counter(
+            "mergeswarm_deltas_received_total", "Deltas fetched for a round", registry=r
+        )
+        self.deltas_accepted = Counter(
+            "mergeswarm_deltas_accepted_total", "Deltas merged into a head", registry=r
+        )
+        self.deltas_rejected = Counter(
+            "mergeswarm_deltas_rejected_total",
+            "Deltas refused, by reason (bad_signature, non_finite, norm, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.merge_seconds = Histogram(
+            "mergeswarm_merge_duration_seconds",
+            "Seconds spent merging one round",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900),
+            registry=r,
+        )
+        self.merge_bytes_per_second = Gauge(
+            "mergeswarm_merge_throughput_bytes_per_second",
+            "Base bytes merged per second in the last round",
+            registry=r,
+        )
+        self.published_bytes = Counter(
+            "mergeswarm_published_bytes_total", "Bytes of patches and snapshots made", registry=r
+        )
+        self.lease_held = Gauge(
+            "mergeswarm_lease_held", "1 while this aggregator holds the round's lease", registry=r
+        )
+        self.heads_published = Counter(
+            "mergeswarm_heads_published_total", "Heads this aggregator published", registry=r
+        )

@@ -10,12 +10,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from hivemind.p2p import PeerID
 
-from node.blobs import BlobService, ServeLimits, announce, push
+from node.blobs import BlobService, Fetcher, ServeLimits, announce, fetch, push
 from node.blobstore import BlobStore
+from node.metrics import PeerMetrics
 from node.swarm import Swarm
 from protocol.container import DeltaReader
 from protocol.errors import DeltaFormatError
-from protocol.records import Heartbeat
+from protocol.records import Head, Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class PeerDaemon:
     """A peer's housekeeping; call :meth:`tick` every few seconds from the daemon's loop."""
 
     role = "seed"
+    head: Head | None = None  # the head this peer works on (roles that follow heads set it)
+    status = "running"
     heartbeat_every = HEARTBEAT_EVERY
     upload = True  # False: fetch but never offer blobs to others (metered links, baselines)
 
@@ -48,9 +51,15 @@ class PeerDaemon:
         self.shared: set[str] = set()  # blobs announced (or pushed, in client mode)
         self._last_refresh = time.monotonic()
         self._last_heartbeat = 0.0
+        self.metrics = self.new_metrics()
+        self._reported: dict[str, float] = {}  # counter totals already added to the metrics
+
+    def new_metrics(self) -> PeerMetrics:
+        return PeerMetrics(self.role)
 
     def tick(self) -> None:
         self.share_new_blobs()
+        self.update_metrics()
         now = time.monotonic()
         if now - self._last_heartbeat >= self.heartbeat_every:
             self._last_heartbeat = now
@@ -59,15 +68,45 @@ class PeerDaemon:
             self._last_refresh = now
             self.swarm.refresh()
 
+    def fetch(self, blob_id: str, **kwargs) -> Fetcher:
+        """Download a blob into this peer's store, counting its bytes in this peer's stats."""
+        return fetch(self.swarm, self.store, blob_id, stats=self.service.stats, **kwargs)
+
+    def update_metrics(self) -> None:
+        """Bring the metrics up to the blob service's and the DHT's own counts."""
+        m = self.metrics
+        m.uptime.set(time.monotonic() - self.started)
+        self._add(m.bytes_sent, "sent", self.service.stats.bytes_out)
+        self._add(m.bytes_received, "received", self.service.stats.bytes_in)
+        for reason, total in self.swarm.rejection_counts().items():
+            self._add(m.records_rejected.labels(reason=reason), f"record:{reason}", total)
+
+    def _add(self, counter, name: str, total: float) -> None:
+        counter.inc(max(0.0, total - self._reported.get(name, 0.0)))
+        self._reported[name] = total
+
     def heartbeat(self) -> Heartbeat:
+        head = self.head
         return Heartbeat(
             role=self.role,
             version=package_version(),
             peer_id=self.swarm.peer_id.to_base58(),
+            head_round=head.round if head else None,
+            head_id=head.base_id if head else None,
             bytes_in=self.service.stats.bytes_in,
             bytes_out=self.service.stats.bytes_out,
             uptime_seconds=round(time.monotonic() - self.started, 1),
         )
+
+    def health(self) -> dict:
+        """What ``/healthz`` says; roles add their own fields."""
+        return {
+            "ok": True,
+            "role": self.role,
+            "status": self.status,
+            "swarm": self.swarm.swarm_id,
+            "head_round": self.head.round if self.head else None,
+        }
 
     def share_new_blobs(self) -> None:
         """Announce blobs that appeared in the store; a peer others cannot dial pushes them."""

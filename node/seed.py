@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-from node.blobs import fetch
 from node.blobstore import BlobStore
 from node.peer import PeerDaemon
 from protocol.errors import MergeswarmError
@@ -81,9 +80,7 @@ class Seed(PeerDaemon):
                 continue
             if not self.store.has(blob_id):
                 try:
-                    fetch(
-                        self.swarm,
-                        self.store,
+                    self.fetch(
                         blob_id,
                         timeout=self.fetch_timeout,
                         serve_while_fetching=self.upload,

@@ -42,29 +42,41 @@ def _kind(annotation: Any) -> tuple[type, bool]:
 
 
 def add_flags(
-    parser: argparse.ArgumentParser, model: type[BaseModel], skip: frozenset[str] = frozenset()
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    skip: frozenset[str] = frozenset(),
+    title: str = "settings (flags > MERGESWARM_* env > --config file)",
 ) -> None:
     """One flag per field; flags default to None so that only given ones override."""
-    group = parser.add_argument_group("settings (flags > MERGESWARM_* env > --config file)")
+    group = parser.add_argument_group(title)
     for name, field in model.model_fields.items():
-        if name in skip:
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if name in skip or extra.get("cli") is False:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + str(extra.get("flag", name)).replace("_", "-")
         scalar, is_list = _kind(field.annotation)
         default = field.get_default(call_default_factory=True)
         text = f"{field.description or ''} (default: {default})".strip().replace("%", "%%")
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         metavar = str(extra.get("metavar", name.upper()))
         if scalar is bool and not is_list:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         elif is_list:
             group.add_argument(
-                flag, action="append", default=None, metavar=metavar, help=text + "; repeatable"
+                flag,
+                dest=name,
+                action="append",
+                default=None,
+                metavar=metavar,
+                help=text + "; repeatable",
             )
         else:
             literal = typing.get_origin(field.annotation) is typing.Literal
             choices = typing.get_args(field.annotation) if literal else None
-            group.add_argument(flag, default=None, metavar=metavar, choices=choices, help=text)
+            group.add_argument(
+                flag, dest=name, default=None, metavar=metavar, choices=choices, help=text
+            )
 
 
 def load_settings(

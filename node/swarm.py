@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import threading
+import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +33,12 @@ from protocol.record_validator import SwarmRecordValidator, rejection_counts
 from protocol.records import (
     BODIES,
     RecordError,
-    _Body,
     is_swarm_id,
     open_record,
     record_key,
     sign_record,
 )
+from protocol.schema import Body
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta c
 P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id
 SWARM_ID_FILE = "swarm_id"
 MULTIADDRS_FILE = "multiaddrs"
+TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
 T = TypeVar("T")
 
@@ -59,7 +62,7 @@ class Record:
     """A verified record read from the DHT."""
 
     author: str
-    body: _Body
+    body: Body
     expires: float
 
 
@@ -72,10 +75,11 @@ class Swarm:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(self.data_dir / IDENTITY_FILE)
         self.rejected: dict[str, int] = {}  # records dropped on read, by reason
-        self._owned: dict[tuple[str, str], tuple[_Body, float]] = {}
+        self._owned: dict[tuple[str, str], tuple[Body, float]] = {}
         self._lock = threading.Lock()
         self._pipe = threading.Lock()
         self.dht = self._start_dht()
+        self.dht.run_coroutine(_exit_with_host)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
         self._thread.start()
@@ -95,6 +99,17 @@ class Swarm:
             raise
 
     def _start_dht(self) -> DHT:
+        for attempt in range(TAKEN_RETRIES + 1):
+            try:
+                return self._try_start_dht()
+            except SwarmError as exc:
+                # The DHT process of a killed predecessor exits about a second after it.
+                if "already taken" not in str(exc) or attempt == TAKEN_RETRIES:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def _try_start_dht(self) -> DHT:
         o = self.options
         try:
             return DHT(
@@ -180,13 +195,13 @@ class Swarm:
 
     # -- records -----------------------------------------------------------------
 
-    def publish(self, kind: str, body: _Body, *, topic: str = "", ttl: float = 600.0) -> bool:
+    def publish(self, kind: str, body: Body, *, topic: str = "", ttl: float = 600.0) -> bool:
         """Sign and store a record (this author's entry under its key); remembered for refresh."""
         with self._lock:
             self._owned[(kind, topic)] = (body, ttl)
         return self._store(kind, topic, body, ttl)
 
-    def _store(self, kind: str, topic: str, body: _Body, ttl: float) -> bool:
+    def _store(self, kind: str, topic: str, body: Body, ttl: float) -> bool:
         expires = get_dht_time() + ttl
         key, value = sign_record(self.identity, self.swarm_id, kind, topic, body, expires)
         with self._pipe:  # hivemind's host-to-DHT pipe is not safe for concurrent writers
@@ -267,3 +282,22 @@ class Swarm:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
         self.dht.shutdown()
+
+
+async def _exit_with_host(_dht: object, node: Any) -> None:
+    """For ``DHT.run_coroutine``: end the DHT process, and its p2pd, once the host is gone.
+
+    hivemind's DHT is a forked process that outlives a host killed with SIGKILL, holding
+    the peer id (so a restart cannot join) and its ports. It polls its parent instead.
+    """
+    host = os.getppid()
+
+    async def watch() -> None:
+        while os.getppid() == host:
+            await asyncio.sleep(0.5)
+        try:
+            await asyncio.wait_for(node.p2p.shutdown(), timeout=5)
+        finally:
+            os._exit(0)
+
+    node.mergeswarm_watchdog = asyncio.get_running_loop().create_task(watch())

@@ -270,3 +270,9 @@ class Trainer:
                 }
         self.step, self.position = int(state["step"]), int(state["position"])
         return state
+
+
+def heldout_loss(base_dir: Path, data: Dataset, *, blocks: int = 64, batch_size: int = 8) -> float:
+    """Mean loss of the model in ``base_dir`` on ``data``'s held-out blocks (CPU or GPU)."""
+    options = TrainOptions(eval_blocks=blocks, batch_size=batch_size)
+    return Trainer(base_dir, data, options).evaluate()

@@ -20,10 +20,14 @@ import threading
 import time
 from pathlib import Path
 
-from node.blobs import fetch
+from tqdm import tqdm
+
+from node.bases import Bases
 from node.blobstore import BlobStore
 from node.config import NodeSettings
 from node.data import Dataset, load_dataset
+from node.faults import crash_point
+from node.history import find_config
 from node.metrics import NodeMetrics
 from node.peer import PeerDaemon
 from node.swarm import Swarm
@@ -32,15 +36,16 @@ from protocol.delta import TensorMap, create_delta
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head, head_order
-from protocol.model_dir import ModelDir
-from protocol.patch import apply_patch
 from protocol.records import DeltaAnnouncement, Head, Heartbeat
+from protocol.swarm_config import SwarmConfig, load_swarm_config
 
 logger = logging.getLogger(__name__)
 
 OWN_DELTA = "own-delta"
 ANNOUNCE_TTL = 6 * 3600.0  # refreshed while the daemon runs; well under the 24 h cap
 STATE_FILE = "node.json"
+CONFIG_FILE = "swarm.toml"  # the swarm's config, as adopted (or pinned)
+LOG_EVERY = 10  # steps between training log lines when no progress bar is shown
 
 
 class Volunteer(PeerDaemon):
@@ -50,8 +55,11 @@ class Volunteer(PeerDaemon):
         super().__init__(swarm, store)
         self.settings = settings
         self.root = swarm.data_dir
-        self.bases = self.root / "bases"
-        self.bases.mkdir(exist_ok=True)
+        self.config = self._pinned_config()
+        self.bases = Bases(self.root / "bases", store, lambda blob: self.fetch(blob, timeout=600))
+        self.scratch = self.root / "tmp"  # half-written files of a killed run are dropped here
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir()
         self.head: Head | None = None  # the head being trained on
         self.latest: Head | None = None  # the newest head seen
         self.new_head = threading.Event()
@@ -61,9 +69,42 @@ class Volunteer(PeerDaemon):
         self.rounds_done = 0
         self.state = self._load_state()
         self._data: Dataset | None = None
-        self.metrics = NodeMetrics()
         self.samples_per_second = 0.0
-        self._sent_reported = 0
+
+    def new_metrics(self) -> NodeMetrics:
+        return NodeMetrics()
+
+    # -- the swarm's config --------------------------------------------------------------------
+
+    def _pinned_config(self) -> SwarmConfig | None:
+        """--swarm-config, else the config adopted on an earlier run (trust on first use)."""
+        path = self.settings.swarm_config or self.root / CONFIG_FILE
+        if self.settings.swarm_config is None and not path.is_file():
+            return None
+        config = load_swarm_config(path)
+        if config.swarm_id != self.swarm.swarm_id:
+            raise MergeswarmError(
+                f"{path} is the config of swarm {config.swarm_id!r}, not {self.swarm.swarm_id!r}"
+            )
+        return config
+
+    def adopt_config(self) -> None:
+        if self.config is not None:
+            return
+        config = find_config(self.swarm)
+        if config is not None:
+            write_atomic(self.root / CONFIG_FILE, config.to_toml().encode())
+            self.config = config
+            logger.info("adopted the config of swarm %s", config.swarm_id)
+
+    @property
+    def trusted(self) -> set[str]:
+        own = set(self.settings.trusted_aggregators)
+        return own | set(self.config.aggregators) if self.config else own
+
+    def rule(self, name: str):
+        """A swarm-wide rule (drop rate, codec, rebase policy): the swarm's config wins."""
+        return getattr(self.config if self.config else self.settings, name)
 
     # -- state that survives restarts ---------------------------------------------------------
 
@@ -80,7 +121,15 @@ class Volunteer(PeerDaemon):
         write_atomic(self.root / STATE_FILE, json.dumps(self.state, indent=2).encode())
 
     def reannounce(self) -> None:
-        """After a restart: announce again every delta that is still pinned (not yet merged)."""
+        """After a restart: announce again every delta that is still pinned (not yet merged).
+
+        A delta stored but never recorded as announced (killed in between) is unpinned: it
+        was never offered, and the resumed training makes a fresh one.
+        """
+        recorded = {item.get("delta_id") for item in self.state["announced"]}
+        for blob_id in self.store.ids():
+            if blob_id not in recorded and OWN_DELTA in self.store.pins(blob_id):
+                self.store.unpin(blob_id, OWN_DELTA)
         for item in self.state["announced"]:
             try:
                 announcement = DeltaAnnouncement.model_validate_json(json.dumps(item))
@@ -99,10 +148,6 @@ class Volunteer(PeerDaemon):
         super().tick()
         self.follow_head()
         m = self.metrics
-        m.uptime.set(time.monotonic() - self.started)
-        sent = self.service.stats.bytes_out
-        m.bytes_sent.inc(sent - self._sent_reported)
-        self._sent_reported = sent
         if self.latest is not None:
             m.head_round.set(self.latest.round)
             if self.head is not None:
@@ -110,30 +155,15 @@ class Volunteer(PeerDaemon):
 
     def heartbeat(self) -> Heartbeat:
         beat = super().heartbeat()
-        head = self.head
-        return beat.model_copy(
-            update={
-                "head_round": head.round if head else None,
-                "head_id": head.base_id if head else None,
-                "samples_per_second": round(self.samples_per_second, 3),
-            }
-        )
+        return beat.model_copy(update={"samples_per_second": round(self.samples_per_second, 3)})
 
     def health(self) -> dict:
-        """What ``/healthz`` says."""
-        return {
-            "ok": True,
-            "role": self.role,
-            "status": self.status,
-            "swarm": self.swarm.swarm_id,
-            "head_round": self.head.round if self.head else None,
-            "rounds_done": self.rounds_done,
-        }
+        return super().health() | {"rounds_done": self.rounds_done}
 
     def follow_head(self) -> None:
-        trusted = set(self.settings.trusted_aggregators)
+        self.adopt_config()
         heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
-        chosen = choose_head(heads, trusted)
+        chosen = choose_head(heads, self.trusted)
         if chosen is None:
             return
         head = chosen[1]
@@ -145,38 +175,10 @@ class Volunteer(PeerDaemon):
 
     # -- base sync -------------------------------------------------------------------------------
 
-    def base_dir(self, base: str) -> Path:
-        return self.bases / base
-
     def sync(self, head: Head) -> Path:
-        """The head's model directory: patched from its parent when held, else from a snapshot."""
-        out = self.base_dir(head.base_id)
-        if out.is_dir():
-            return out
-        parent = self.base_dir(head.parent) if head.parent else None
-        self.status = f"fetching base {head.base_id[:16]}"
-        errors = []
-        for blob, source in ((head.patch_id, parent), (head.snapshot_id, None)):
-            if not blob or (blob == head.patch_id and (source is None or not source.is_dir())):
-                continue
-            try:
-                fetch(self.swarm, self.store, blob, timeout=600)
-                child = apply_patch(
-                    self.store.path(blob), out, ModelDir(source) if source else None
-                )
-            except (MergeswarmError, OSError, TimeoutError) as exc:
-                errors.append(str(exc))
-                logger.warning("base %s from %s: %s", head.base_id[:16], blob[:16], exc)
-                continue
-            if child != head.base_id:  # the patch's header named another base
-                shutil.rmtree(out, ignore_errors=True)
-                errors.append(f"blob {blob[:16]} makes base {child[:16]}, not the head's")
-                continue
-            self.store.pin(blob, "head")
-            return out
-        raise MergeswarmError(
-            f"cannot get base {head.base_id[:16]}: " + ("; ".join(errors) or "no patch or snapshot")
-        )
+        if not self.bases.has(head.base_id):
+            self.status = f"fetching base {head.base_id[:16]}"
+        return self.bases.sync(head)
 
     # -- training thread ---------------------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class Volunteer(PeerDaemon):
                 stop.wait(30.0)
                 continue
             self.head = head
+            self.bases.keep_only({head.base_id})  # the next patch needs this base only
             self._train_on(head, base, stop)
 
     def _train_on(self, head: Head, base: Path, stop: threading.Event) -> None:
@@ -218,17 +221,30 @@ class Volunteer(PeerDaemon):
             if saved is None:  # trained on an older base: keep the step and data position only
                 old = json.loads((found / "state.json").read_text())
                 trainer.step, trainer.position = old["step"], old["position"]
-        restart = s.on_new_head == "restart"
+        restart = self.rule("on_new_head") == "restart"
         while not stop.is_set():
             self.status = f"training on round {head.round}"
             loss_before = trainer.evaluate()
 
-            def on_step(step: int, loss: float, trainer=trainer) -> None:
+            bar = tqdm(total=s.round_steps, desc=f"round {head.round}", unit="step", disable=None)
+
+            def on_step(step: int, loss: float, trainer=trainer, bar=bar) -> None:
                 self.metrics.loss.set(loss)
                 self.metrics.steps.inc()
                 self.metrics.samples.inc(s.batch_size * s.grad_accum)
                 if trainer.step % s.checkpoint_every == 0:
                     trainer.save(checkpoint, {"base_id": head.base_id})
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.update()
+                if bar.disable and trainer.step % LOG_EVERY == 0:  # no terminal: a log line instead
+                    fields = {"round": head.round, "step": trainer.step, "loss": round(loss, 5)}
+                    logger.info(
+                        "round %d, step %d: loss %.4f",
+                        head.round,
+                        trainer.step,
+                        loss,
+                        extra={"fields": fields},
+                    )
 
             def should_stop(head=head) -> bool:
                 while self.paused.is_set() and not stop.is_set():
@@ -244,6 +260,7 @@ class Volunteer(PeerDaemon):
                 should_finish=self.publish_now.is_set,
                 on_step=on_step,
             )
+            bar.close()
             self.publish_now.clear()
             trainer.save(checkpoint, {"base_id": head.base_id})
             if stop.is_set() or stats.stopped == "interrupted" or stats.steps == 0:
@@ -267,9 +284,8 @@ class Volunteer(PeerDaemon):
 
     def publish_delta(self, head, base, trainer, stats, loss_before, loss_after) -> str:
         """Delta = trained - base, DARE-sparsified, signed, stored, announced and served."""
-        s = self.settings
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+        with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
             out = Path(tmp) / "delta.msd"
             metadata = {
                 "round": head.round,
@@ -283,11 +299,12 @@ class Volunteer(PeerDaemon):
                 TensorMap(trainer.trained_weights()),
                 out,
                 identity=self.swarm.identity,
-                drop_rate=s.drop_rate,
-                codec=s.codec,
+                drop_rate=self.rule("drop_rate"),
+                codec=self.rule("codec"),
                 metadata=metadata,
             )
             self.store.add_file(out, pin=OWN_DELTA)
+        crash_point("publish:stored")
         announcement = DeltaAnnouncement(
             base_id=head.base_id,
             delta_id=delta_id,
@@ -306,17 +323,21 @@ class Volunteer(PeerDaemon):
         ] + [announcement.model_dump(mode="json")]
         self.state["head"] = head.base_id
         self._save_state()  # before announcing: a crash after it re-announces on restart
+        crash_point("publish:saved")
         self.swarm.publish("announce", announcement, topic=head.base_id, ttl=ANNOUNCE_TTL)
+        crash_point("publish:announced")
         self.share_new_blobs()  # provider record, or a push when others cannot dial us
         self.metrics.deltas.inc()
         self.metrics.publish_seconds.set(time.monotonic() - started)
+        seconds = time.monotonic() - started
         logger.info(
             "round %d: delta %s (%d bytes) announced %.1f s after training; loss %.4f -> %.4f",
             head.round,
             delta_id[:16],
             announcement.size,
-            time.monotonic() - started,
+            seconds,
             loss_before,
             loss_after,
+            extra={"fields": announcement.model_dump(mode="json") | {"seconds": round(seconds, 3)}},
         )
         return delta_id

@@ -28,17 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from protocol.errors import MergeswarmError, one_line
 from protocol.identity import Identity, verify
+from protocol.schema import SWARM_ID_PATTERN, Body, Hex64, Maddr, ShortText, SwarmId
+from protocol.swarm_config import SwarmConfig
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # well under hivemind's ~16 KiB host-pipe limit
 MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 _KEY_PREFIX = "mergeswarm/"
-
-Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-_SWARM_ID = r"[0-9a-z][0-9a-z-]{2,63}"
-SwarmId = Annotated[str, StringConstraints(pattern=f"^{_SWARM_ID}$")]
-ShortText = Annotated[str, StringConstraints(max_length=128)]
-Maddr = Annotated[str, StringConstraints(pattern=r"^/[\x21-\x7e]{1,255}$")]
 
 
 class RecordError(MergeswarmError):
@@ -49,11 +45,7 @@ class RecordError(MergeswarmError):
         self.reason = reason  # a short label, used as a bounded metric label
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class DeltaAnnouncement(_Body):
+class DeltaAnnouncement(Body):
     """A volunteer offers a delta trained on ``base_id``."""
 
     base_id: Hex64
@@ -67,7 +59,7 @@ class DeltaAnnouncement(_Body):
     loss_after: float | None = None  # held-out loss after training
 
 
-class Provider(_Body):
+class Provider(Body):
     """The author's peer serves blob ``blob_id`` (``complete`` False: still fetching it)."""
 
     blob_id: Hex64
@@ -76,7 +68,7 @@ class Provider(_Body):
     complete: bool = True
 
 
-class Head(_Body):
+class Head(Body):
     """An aggregator's current head base."""
 
     base_id: Hex64
@@ -87,7 +79,7 @@ class Head(_Body):
     snapshot_id: Hex64 | None = None  # blob holding the whole base
 
 
-class Heartbeat(_Body):
+class Heartbeat(Body):
     """A peer is alive; what it does and sees."""
 
     role: Literal["volunteer", "aggregator", "seed", "monitor"]
@@ -101,11 +93,27 @@ class Heartbeat(_Body):
     uptime_seconds: float = Field(default=0.0, ge=0)
 
 
-BODIES: dict[str, type[_Body]] = {
+class Lease(Body):
+    """An aggregator holds (or claims) the merge of round ``round`` on ``parent``.
+
+    The earliest live claim wins (then the smaller author); the holder names the deltas
+    it merges, so that a standby taking over a lapsed lease merges the same ones.
+    """
+
+    round: int = Field(ge=0)
+    parent: Hex64
+    claimed_at: float
+    deltas: tuple[Hex64, ...] = Field(default=(), max_length=64)
+
+
+BODIES: dict[str, type[Body]] = {
     "announce": DeltaAnnouncement,
     "provider": Provider,
     "head": Head,
+    "base": Head,  # under topic <base id>: a past head, for walking the chain back
     "heartbeat": Heartbeat,
+    "lease": Lease,
+    "config": SwarmConfig,
 }
 
 
@@ -152,7 +160,7 @@ def _canonical(obj: dict) -> bytes:
 
 
 def sign_record(
-    identity: Identity, swarm_id: str, kind: str, topic: str, body: _Body, expires: float
+    identity: Identity, swarm_id: str, kind: str, topic: str, body: Body, expires: float
 ) -> tuple[str, bytes]:
     """(plain key, envelope bytes) of ``body`` signed by ``identity``."""
     if not isinstance(body, BODIES[kind]):
@@ -182,7 +190,7 @@ def open_record(
     now: float,
     key: str | None = None,
     swarm_id: str | None = None,
-) -> tuple[Envelope, _Body]:
+) -> tuple[Envelope, Body]:
     """Check an envelope and return it with its typed body, or raise RecordError.
 
     :param subkey: the DHT subkey it was stored under (must be its author).
@@ -223,4 +231,4 @@ def open_record(
 
 
 def is_swarm_id(value: str) -> bool:
-    return re.fullmatch(_SWARM_ID, value) is not None
+    return re.fullmatch(SWARM_ID_PATTERN, value) is not None

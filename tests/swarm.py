@@ -52,7 +52,11 @@ class PeerProcess:
 
 
 def start_peer(
-    data_dir: Path, *args: str, command: str = "seed", timeout: float = 60
+    data_dir: Path,
+    *args: str,
+    command: str = "seed",
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> PeerProcess:
     """Start ``mergeswarm <command>`` on loopback and wait for its multiaddrs file."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,11 @@ def start_peer(
     cmd = [MERGESWARM, command, "--data-dir", str(data_dir), "--host-maddr", LOOPBACK, *args]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=_env()
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=_env() | (env or {}),
         )
     _running.append(proc)
     peer = PeerProcess(proc, data_dir, log, [])

@@ -9,14 +9,16 @@ import pytest
 
 from node.blobs import BlobService, announce, fetch, providers
 from node.blobstore import BlobStore
+from node.faults import ENV as ENV_CRASH
 from node.seed import genesis_head
 from node.tiny_model import CORPUS
+from node.volunteer import OWN_DELTA
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas
 from protocol.identity import Identity
 from protocol.ids import base_id
 from protocol.records import DeltaAnnouncement, Heartbeat
-from tests.swarm import run_cli, start_peer, wait_for
+from tests.swarm import LOOPBACK, run_cli, start_peer, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 TRAIN = ("--round-steps", "8", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4")
@@ -225,18 +227,11 @@ def test_a_head_whose_blob_makes_another_base_is_rejected_and_counted(
     )
     port = int(wait_for(lambda: _read(node.data_dir / "metrics_port"), 60, "metrics"))
 
-    def rejected() -> float:
-        text = (
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        )
-        line = [
-            ln
-            for ln in text.splitlines()
-            if ln.startswith('mergeswarm_rejected_total{reason="base"}')
-        ]
-        return float(line[0].split()[1]) if line else 0.0
-
-    wait_for(rejected, 120, "the bad base to be counted")
+    wait_for(
+        lambda: _metric(port, 'mergeswarm_rejected_total{reason="base"}'),
+        120,
+        "the bad base to be counted",
+    )
     assert _status(node)["status"] == "cannot get the head's base"
     assert not (node.data_dir / "bases" / lie.base_id).exists()
     assert list((node.data_dir / "bases").iterdir()) == []  # nothing half-written
@@ -244,3 +239,75 @@ def test_a_head_whose_blob_makes_another_base_is_rejected_and_counted(
 
 def _read(path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
+
+
+@pytest.mark.parametrize("point", ["publish:stored", "publish:saved"])
+def test_kill_9_during_publication_loses_no_announced_delta(
+    tmp_path, local_peer, tiny_base, corpus, point
+):
+    seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
+    args = _node_args(seed, corpus)
+    node = start_peer(tmp_path / "node", *args, command="node", env={ENV_CRASH: point})
+    assert node.proc.wait(timeout=240) == -9, node.log_tail()
+    recorded = [
+        a["delta_id"]
+        for a in json.loads(_read(node.data_dir / "node.json") or "{}").get("announced", [])
+    ]
+    assert recorded == ([] if point == "publish:stored" else recorded[:1]) and len(recorded) < 2
+
+    again = start_peer(node.data_dir, *args, command="node")
+    assert again.peer_id == node.peer_id
+    author = Identity.load(node.data_dir / "identity.pem").author
+    observer = local_peer("observer", join=[seed.maddrs[0]])
+    genesis = base_id(tiny_base)
+    found = wait_for(lambda: _announcements(observer, genesis, author), 240, "an announcement")
+    if recorded:  # recorded before the kill: announced after the restart, not lost
+        assert found[0].delta_id == recorded[0]
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    fetch(observer, store, found[0].delta_id, timeout=60, serve_while_fetching=False)
+    with DeltaReader(store.path(found[0].delta_id)) as reader:
+        assert reader.header.author == author and reader.header.base_id == genesis
+    own = BlobStore(node.data_dir / "blobs")
+    pinned = {b for b in own.ids() if OWN_DELTA in own.pins(b)}
+    announced = {a["delta_id"] for a in json.loads(_read(node.data_dir / "node.json"))["announced"]}
+    assert pinned <= announced  # a delta stored but never announced does not stay pinned
+    assert not list((node.data_dir / "tmp").iterdir())
+
+
+def test_a_head_record_that_fails_validation_is_dropped_and_counted(tmp_path, corpus):
+    import hivemind
+    from hivemind.utils import get_dht_time
+
+    from protocol.records import Head, sign_record
+
+    seed = start_peer(tmp_path / "seed", "--no-mirror")
+    node = start_peer(
+        tmp_path / "node", *_node_args(seed, corpus), "--metrics-port", "0", command="node"
+    )
+    swarm_id = (seed.data_dir / "swarm_id").read_text().strip()
+    # A peer without the swarm's validator, so that nothing stops it before the others do.
+    hostile = hivemind.DHT(initial_peers=[seed.maddrs[0]], host_maddrs=[LOOPBACK], start=True)
+    try:
+        forger = Identity.generate()
+        head = Head(base_id="ab" * 32, round=7, deltas=3, snapshot_id="cd" * 32)
+        expires = get_dht_time() + 300
+        key, data = sign_record(forger, swarm_id, "head", "", head, expires)
+        tampered = json.loads(data) | {"body": head.model_dump() | {"round": 8}}
+        forged = json.dumps(tampered, sort_keys=True, separators=(",", ":")).encode()
+        hostile.store(key, forged, expires, subkey=forger.author)  # refused by every peer
+        port = int(wait_for(lambda: _read(node.data_dir / "metrics_port"), 60, "metrics"))
+        wait_for(
+            lambda: _metric(port, 'mergeswarm_records_rejected_total{reason="bad_signature"}'),
+            120,
+            "the forged head to be counted",
+        )
+    finally:
+        hostile.shutdown()
+    assert _status(node)["status"] == "waiting for a head"
+    assert list((node.data_dir / "bases").iterdir()) == []
+
+
+def _metric(port: int, series: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = [ln for ln in text.splitlines() if ln.startswith(series + " ")]
+    return float(found[0].split()[1]) if found else 0.0

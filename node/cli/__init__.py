@@ -8,9 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from node import logs
 from protocol.errors import MergeswarmError
 
-from . import delta, demo, merge, node, swarm
+from . import delta, demo, merge, node, rounds, swarm
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     swarm.register(sub)
     node.register(sub)
+    rounds.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.verbose)
     # hivemind reads its level once, at import (done lazily by the subcommands): its INFO
     # lines (new identities, DHT chatter) are noise unless asked for.
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if args.verbose else "WARNING")

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from . import common
-from .swarm import add_heartbeat_arg, print_join_line, stop_event
+from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=common.default_data_dir(),
         help="identity, blobs, bases and checkpoints (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve Prometheus /metrics and /healthz on this port (0: any free one)",
-    )
-    p.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
-    )
+    add_metrics_args(p)
     add_heartbeat_arg(p)
     add_flags(p, _settings_model())
     p.set_defaults(run=run_node)
@@ -105,12 +97,10 @@ def run_node(args: argparse.Namespace) -> int:
     from node.blobstore import BlobStore
     from node.control import serve as serve_control
     from node.data import read_examples
-    from node.metrics import MetricsServer
     from node.peer import run_until
     from node.settings import SettingsError, load_settings
     from node.swarm import Swarm
     from node.volunteer import Volunteer
-    from protocol.durable import write_atomic
 
     if args.action is not None:
         return control(args)
@@ -128,12 +118,7 @@ def run_node(args: argparse.Namespace) -> int:
         volunteer.heartbeat_every = args.heartbeat_every
         volunteer.reannounce()
         control_server = serve_control(volunteer, args.data_dir)
-        if args.metrics_port is not None:
-            server = MetricsServer(
-                volunteer.metrics.registry, volunteer.health, args.metrics_host, args.metrics_port
-            )
-            write_atomic(args.data_dir / "metrics_port", f"{server.port}\n".encode())
-            print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
+        server = serve_metrics(volunteer, args, args.data_dir)
         print_join_line(swarm)
 
         def train() -> None:

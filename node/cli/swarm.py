@@ -41,6 +41,33 @@ def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on this port (0: any free one)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
+
+
+def serve_metrics(daemon, args: argparse.Namespace, data_dir: Path):
+    """Start the daemon's metrics endpoint when --metrics-port was given (None otherwise)."""
+    from node.metrics import MetricsServer
+    from protocol.durable import write_atomic
+
+    if args.metrics_port is None:
+        return None
+    server = MetricsServer(
+        daemon.metrics.registry, daemon.health, args.metrics_host, args.metrics_port
+    )
+    write_atomic(data_dir / "metrics_port", f"{server.port}\n".encode())
+    print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
+    return server
+
+
 def swarm_options(args: argparse.Namespace, data_dir: Path):
     from node.config import JoinSettings
     from node.settings import load_settings

@@ -1,0 +1,414 @@
+"""The aggregator role: each round, merge the announced deltas into the head and publish the child.
+
+Two threads, as for the volunteer: housekeeping (:meth:`Aggregator.tick`:
+records, heartbeats, following the head, keeping a held lease alive) and the
+round loop (:meth:`Aggregator.run_rounds`). One round:
+
+1. wait ``round_period`` seconds after the head appeared, and for ``min_deltas``;
+2. take the round's lease (earliest live claim wins) naming the deltas it will
+   merge: at most one per author, trained on the head or on an ancestor within
+   the staleness window;
+3. fetch and inspect each one (signature, author, base, layout, finite values),
+   screen their norms against the round's median, discount stale ones;
+4. merge them into the head with the swarm's recipe (streaming, deterministic);
+5. optionally refuse a child whose loss on an evaluation set rose too far;
+6. store the patch (and a snapshot every ``snapshot_every`` rounds), then
+   announce the head.
+
+A standby that sees the lease lapse before a head appears takes the round
+over with the deltas the lapsed lease named, so the round publishes the same
+base whichever aggregator finishes it. Nothing is announced before the blobs
+it names are stored, so a kill -9 at any instant publishes nothing half-made.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemind.utils import get_dht_time
+
+from aggregator.engine import REPORT_FILE, MergeInput, merge_models
+from aggregator.methods import Recipe
+from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
+from node.bases import HEAD_PIN, Bases
+from node.blobstore import BlobStore
+from node.faults import crash_point
+from node.metrics import AggregatorMetrics
+from node.peer import PeerDaemon
+from node.swarm import Swarm
+from protocol.errors import MergeswarmError
+from protocol.forkchoice import choose_head, head_order
+from protocol.ids import base_id
+from protocol.model_dir import ModelDir, write_model_dir
+from protocol.patch import write_patch
+from protocol.records import DeltaAnnouncement, Head, Lease
+from protocol.swarm_config import SwarmConfig
+
+logger = logging.getLogger(__name__)
+
+HEAD_TTL = 3600.0  # refreshed by the owner while it runs
+CONFIG_TTL = 3600.0
+LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
+FETCH_TIMEOUT = 300.0
+KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
+
+
+@dataclass(frozen=True)
+class EvalGate:
+    """Refuse a child whose held-out loss exceeds the parent's by more than ``max_increase``
+    (a fraction: 0.05 = 5%)."""
+
+    data: list[str]
+    max_increase: float = 0.05
+    blocks: int = 64
+
+
+class Aggregator(PeerDaemon):
+    role = "aggregator"
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        store: BlobStore,
+        config: SwarmConfig,
+        *,
+        genesis: Path | None = None,
+        lease_seconds: float = 30.0,
+        gate: EvalGate | None = None,
+    ) -> None:
+        super().__init__(swarm, store)
+        if swarm.swarm_id != config.swarm_id:
+            raise MergeswarmError(
+                f"the config is for swarm {config.swarm_id!r}, but this peer is in "
+                f"{swarm.swarm_id!r}; use another --data-dir"
+            )
+        self.config = config
+        self.lease_seconds = lease_seconds
+        self.gate = gate
+        self.root = swarm.data_dir
+        self.scratch = self.root / "tmp"
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir()
+        self.bases = Bases(
+            self.root / "bases", store, lambda blob: self.fetch(blob, timeout=FETCH_TIMEOUT)
+        )
+        self.head: Head | None = None
+        self.head_seen_at = time.monotonic()
+        self.chain: dict[str, Head] = {}  # base id -> its head record, for staleness ancestry
+        self.holding: Lease | None = None
+        self.seen_leases: dict[tuple[int, str], Lease] = {}  # (round, parent) -> last lease seen
+        self.refused: set[str] = set()  # delta ids rejected once: never fetched again
+        self.status = "starting"
+        if genesis is not None:
+            self._adopt_genesis(genesis)
+        self.swarm.publish("config", config, ttl=CONFIG_TTL)
+
+    def new_metrics(self) -> AggregatorMetrics:
+        return AggregatorMetrics()
+
+    def _adopt_genesis(self, genesis: Path) -> None:
+        gid = self.config.genesis_id
+        if self.bases.has(gid):
+            return
+        found = base_id(ModelDir(genesis))
+        if found != gid:
+            raise MergeswarmError(
+                f"{genesis} is base {found[:16]}, but the swarm config's genesis is {gid[:16]}"
+            )
+        with ModelDir(genesis) as md:
+            write_model_dir(self.bases.path(gid), md, ((n, md.tensor(n)) for n in md.names()))
+
+    # -- housekeeping thread -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        super().tick()
+        self.follow_head()
+        if self.holding is not None:  # keep the lease alive while the round runs
+            self.swarm.publish("lease", self.holding, ttl=self.lease_seconds)
+        self.metrics.lease_held.set(1 if self.holding else 0)
+        if self.head is not None:
+            self.metrics.head_round.set(self.head.round)
+
+    def follow_head(self) -> None:
+        heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
+        chosen = choose_head(heads, set(self.config.aggregators))
+        if chosen is None:
+            return
+        head = chosen[1]
+        if self.head is None or head_order(head) > head_order(self.head):
+            self._set_head(head)
+
+    def _set_head(self, head: Head) -> None:
+        logger.info("head: round %d, base %s", head.round, head.base_id[:16])
+        self.head = head
+        self.head_seen_at = time.monotonic()
+        self.chain[head.base_id] = head
+
+    def health(self) -> dict:
+        return super().health() | {"lease": self.holding is not None}
+
+    # -- round thread ----------------------------------------------------------------------------
+
+    def run_rounds(self, stop: threading.Event, interval: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a failed round is retried, never fatal
+                logger.exception("the round failed; retrying")
+                self._release()
+                stop.wait(5.0)
+            stop.wait(interval)
+
+    def step(self) -> None:
+        """One look at the swarm: publish genesis, wait, lease, or run the round."""
+        if self.head is None:
+            if self.bases.has(self.config.genesis_id):
+                self._publish_genesis()
+            else:
+                self.status = "waiting for a head"
+            return
+        head = self.head
+        self.bases.sync(head)
+        waited = time.monotonic() - self.head_seen_at
+        if waited < self.config.round_period:
+            self.status = (
+                f"round {head.round + 1} opens in {self.config.round_period - waited:.0f} s"
+            )
+            return
+        deltas = self._lease(head)
+        if deltas is None:
+            return
+        started = time.monotonic()
+        try:
+            child = self.run_round(head, deltas)
+        finally:
+            self._release()
+        if child is not None:
+            self.metrics.round_seconds.observe(time.monotonic() - started)
+
+    def _publish_genesis(self) -> None:
+        self.status = "publishing the genesis head"
+        gid = self.config.genesis_id
+        with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
+            path = Path(tmp) / "snapshot.msp"
+            write_patch(ModelDir(self.bases.path(gid)), path)
+            snapshot = self.store.add_file(path, pin=HEAD_PIN)
+        head = Head(base_id=gid, round=0, deltas=0, snapshot_id=snapshot)
+        self._announce_head(head)
+
+    def candidates(self, head: Head) -> list[Candidate]:
+        """Deltas announced against the head and its ancestors within the staleness window."""
+        found: list[Candidate] = []
+        base: str | None = head.base_id
+        for age in range(self.config.staleness + 1):
+            if base is None:
+                break
+            for record in self.swarm.read("announce", topic=base):
+                body = record.body
+                if isinstance(body, DeltaAnnouncement) and body.delta_id not in self.refused:
+                    found.append(Candidate(record.author, body, age))
+            parent = self.chain.get(base)
+            base = parent.parent if parent else None
+        return pick_candidates(found, self.config.max_deltas)
+
+    def _lease(self, head: Head) -> list[Candidate] | None:
+        """The deltas to merge once this aggregator holds the round's lease; None: not ours."""
+        round_ = head.round + 1
+        live = self._live_leases(round_, head.base_id)
+        if live and live[0][0] != self.swarm.identity.author:
+            self.seen_leases[(round_, head.base_id)] = live[0][1]  # to finish, should it lapse
+            self.status = f"standby: round {round_} is leased to {live[0][0][:16]}"
+            return None
+        candidates = self.candidates(head)
+        lapsed = self.seen_leases.get((round_, head.base_id))
+        if lapsed is not None and lapsed.deltas:  # a holder died: finish its round as it began
+            by_id = {c.delta_id: c for c in candidates}
+            missing = [d for d in lapsed.deltas if d not in by_id]
+            if missing:
+                logger.warning("taking over round %d: %d deltas are gone", round_, len(missing))
+            candidates = [by_id[d] for d in lapsed.deltas if d in by_id]
+        if len(candidates) < self.config.min_deltas:
+            self.status = f"round {round_}: {len(candidates)} of {self.config.min_deltas} deltas"
+            return None
+        claim = Lease(
+            round=round_,
+            parent=head.base_id,
+            claimed_at=get_dht_time(),
+            deltas=tuple(c.delta_id for c in candidates),
+        )
+        self.swarm.publish("lease", claim, ttl=self.lease_seconds)
+        time.sleep(LEASE_SETTLE)
+        live = self._live_leases(round_, head.base_id)
+        if not live or live[0][0] != self.swarm.identity.author:
+            self.swarm.withdraw("lease")
+            return None
+        self.holding = claim
+        self.metrics.lease_held.set(1)
+        logger.info("holding the lease of round %d with %d deltas", round_, len(candidates))
+        return candidates
+
+    def _live_leases(self, round_: int, parent: str) -> list[tuple[str, Lease]]:
+        leases = [
+            (r.author, r.body)
+            for r in self.swarm.read("lease")
+            if isinstance(r.body, Lease) and r.body.round == round_ and r.body.parent == parent
+        ]
+        if self.config.aggregators:
+            leases = [(a, b) for a, b in leases if a in self.config.aggregators]
+        return sorted(leases, key=lambda item: (item[1].claimed_at, item[0]))
+
+    def _release(self) -> None:
+        if self.holding is not None:
+            self.holding = None
+            self.metrics.lease_held.set(0)
+            self.swarm.withdraw("lease")
+
+    def run_round(self, head: Head, candidates: list[Candidate]) -> Head | None:
+        round_ = head.round + 1
+        parent_dir = self.bases.path(head.base_id)
+        self.status = f"round {round_}: fetching {len(candidates)} deltas"
+        norms: dict[str, float] = {}
+        accepted: dict[str, Candidate] = {}
+        with ModelDir(parent_dir) as parent:
+            for c in candidates:
+                try:
+                    self.fetch(c.delta_id, timeout=FETCH_TIMEOUT, expected_size=c.announcement.size)
+                    self.metrics.deltas_received.inc()
+                    _, norms[c.delta_id] = inspect_delta(
+                        self.store.path(c.delta_id),
+                        c,
+                        parent,
+                        max_bytes=self.config.max_delta_bytes,
+                    )
+                    accepted[c.delta_id] = c
+                except Rejected as exc:
+                    self._reject(c, exc.reason, str(exc))
+                except (MergeswarmError, OSError, TimeoutError) as exc:
+                    logger.warning(
+                        "round %d: delta %s unavailable: %s", round_, c.delta_id[:16], exc
+                    )
+        weights = screen_norms(norms, self.config.norm_factor, self.config.norm_action)
+        inputs = []
+        for delta_id, c in accepted.items():
+            weight = weights[delta_id]
+            if weight is None:
+                self._reject(c, "norm", f"norm {norms[delta_id]:.4g} is far above the round's")
+                continue
+            if weight < 1.0:
+                logger.info("round %d: delta %s clipped to %.3g", round_, delta_id[:16], weight)
+            weight *= self.config.staleness_discount**c.age
+            inputs.append(
+                MergeInput(
+                    self.store.path(delta_id),
+                    weight=weight,
+                    trained_on=c.announcement.base_id if c.age else None,
+                )
+            )
+        if not inputs:
+            logger.warning("round %d: no delta passed; waiting for more", round_)
+            return None
+        crash_point("aggregator:fetched")
+        child_dir = self._merge(head, inputs)
+        crash_point("aggregator:merged")
+        if self.gate is not None and not self._gate_passes(parent_dir, child_dir):
+            return None
+        new = self._publish_child(head, child_dir, len(inputs))
+        self.metrics.deltas_accepted.inc(len(inputs))
+        return new
+
+    def _reject(self, c: Candidate, reason: str, message: str) -> None:
+        self.refused.add(c.delta_id)
+        self.metrics.deltas_rejected.labels(reason=reason).inc()
+        logger.warning("rejected delta %s from %s: %s", c.delta_id[:16], c.author[:16], message)
+
+    def _merge(self, head: Head, inputs: list[MergeInput]) -> Path:
+        cfg = self.config
+        self.status = f"round {head.round + 1}: merging {len(inputs)} deltas"
+        started = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=".merge.tmp-", dir=self.bases.root))
+        shutil.rmtree(work)
+        recipe = Recipe(cfg.merge_method, lam=cfg.lam, sign_method=cfg.sign_method)
+        report = merge_models(
+            self.bases.path(head.base_id), inputs, recipe, work, density=cfg.density
+        )
+        (work / REPORT_FILE).unlink(missing_ok=True)  # local paths and timings: not the swarm's
+        out = self.bases.path(report.child_id)
+        if out.exists():
+            shutil.rmtree(work)
+        else:
+            work.rename(out)
+        seconds = time.monotonic() - started
+        self.metrics.merge_seconds.observe(seconds)
+        self.metrics.merge_bytes_per_second.set(ModelDir(out).nbytes / max(seconds, 1e-9))
+        logger.info(
+            "merged %d deltas into %s in %.1f s", len(inputs), report.child_id[:16], seconds
+        )
+        return out
+
+    def _gate_passes(self, parent: Path, child: Path) -> bool:
+        from transformers import AutoTokenizer
+
+        from node.data import load_dataset
+        from node.trainer import heldout_loss
+
+        gate = self.gate
+        data = load_dataset(gate.data, AutoTokenizer.from_pretrained(parent))
+        before = heldout_loss(parent, data, blocks=gate.blocks)
+        after = heldout_loss(child, data, blocks=gate.blocks)
+        if after > before * (1 + gate.max_increase):
+            self.metrics.deltas_rejected.labels(reason="eval_gate").inc()
+            logger.warning("round refused: evaluation loss %.4f -> %.4f", before, after)
+            return False
+        return True
+
+    def _publish_child(self, head: Head, child_dir: Path, n_deltas: int) -> Head:
+        round_ = head.round + 1
+        self.status = f"round {round_}: publishing"
+        child = ModelDir(child_dir)
+        with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
+            patch_path = Path(tmp) / "patch.msp"
+            write_patch(child, patch_path, ModelDir(self.bases.path(head.base_id)))
+            patch = self.store.add_file(patch_path, pin=HEAD_PIN)
+            snapshot = None
+            if round_ % self.config.snapshot_every == 0:
+                snap_path = Path(tmp) / "snapshot.msp"
+                write_patch(child, snap_path)
+                snapshot = self.store.add_file(snap_path, pin=HEAD_PIN)
+        for blob in (patch, snapshot):
+            if blob:
+                self.metrics.published_bytes.inc(self.store.size(blob))
+        new = Head(
+            base_id=child_dir.name,
+            round=round_,
+            parent=head.base_id,
+            deltas=n_deltas,
+            patch_id=patch,
+            snapshot_id=snapshot,
+        )
+        self._announce_head(new)
+        self.metrics.round.set(round_)
+        return new
+
+    def _announce_head(self, head: Head) -> None:
+        self.share_new_blobs()  # provider records before the head that names the blobs
+        self.swarm.publish("base", head, topic=head.base_id, ttl=HEAD_TTL)
+        self.swarm.publish("head", head, ttl=HEAD_TTL)
+        self.metrics.heads_published.inc()
+        self._set_head(head)
+        keep = [head.base_id]
+        while len(keep) < KEEP_BASES and (h := self.chain.get(keep[-1])) and h.parent:
+            keep.append(h.parent)
+        self.bases.keep_only(set(keep))
+        logger.info(
+            "published head: round %d, base %s, %d deltas",
+            head.round,
+            head.base_id[:16],
+            head.deltas,
+            extra={"fields": head.model_dump(mode="json")},
+        )

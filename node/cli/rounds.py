@@ -1,0 +1,227 @@
+"""``mergeswarm init``, ``mergeswarm aggregator`` and ``mergeswarm export``: a swarm's rounds."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import threading
+from pathlib import Path
+
+from . import common
+from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from node.config import JoinSettings
+    from node.settings import add_flags
+    from protocol.swarm_config import SwarmConfig
+
+    p = sub.add_parser(
+        "init",
+        help="write a new swarm's config (genesis, merge recipe, round policy, trusted aggregators)",
+        description="Write the config of a new swarm: its id, the genesis base's id, how "
+        "aggregators merge and screen deltas, how volunteers sparsify them, the round policy "
+        "and the aggregators volunteers trust. Aggregators publish it in the swarm, so "
+        "volunteers need only a multiaddr.",
+    )
+    p.add_argument("--genesis", type=Path, required=True, metavar="MODEL_DIR", help="the base")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="swarm.toml")
+    p.add_argument("--swarm-id", help="the swarm's id (default: a new random one)")
+    p.add_argument(
+        "--aggregator-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DATA_DIR",
+        help="trust the aggregator whose data directory this is (its key is created there if "
+        "missing); repeatable",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_flags(p, SwarmConfig, title="the swarm's rules")
+    p.set_defaults(run=run_init)
+
+    a = sub.add_parser(
+        "aggregator",
+        help="run an aggregator: merge the swarm's deltas into new heads, round after round",
+        description="Join the swarm of --config, and each round gather, check and merge the "
+        "deltas volunteers announced, then publish the new head as a patch. Several "
+        "aggregators may run: one holds the round's lease, the others stand by.",
+    )
+    a.add_argument(
+        "--config", type=Path, required=True, metavar="swarm.toml", help="from mergeswarm init"
+    )
+    a.add_argument(
+        "--data-dir",
+        type=Path,
+        default=common.default_data_dir(),
+        help="identity, blobs and bases (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
+    )
+    a.add_argument(
+        "--genesis",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="the genesis model (needed by the first aggregator of a swarm only)",
+    )
+    a.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="a round's lease lapses this long after its holder stops renewing it (default 30)",
+    )
+    a.add_argument(
+        "--eval-data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="gate each merge on the loss over this data (JSONL or text; repeatable)",
+    )
+    a.add_argument(
+        "--eval-max-increase",
+        type=float,
+        default=0.05,
+        help="with --eval-data: refuse a head whose loss rose by more than this fraction "
+        "(default 0.05)",
+    )
+    add_metrics_args(a)
+    add_heartbeat_arg(a)
+    add_flags(a, JoinSettings, skip=frozenset({"swarm_id"}))
+    a.set_defaults(run=run_aggregator)
+
+    e = sub.add_parser(
+        "export",
+        help="fetch the swarm's head (or a named base) and write it as a model directory",
+        description="Join a swarm, fetch the head base (or --round N / --base ID), check its "
+        "id, and write a directory that transformers loads.",
+    )
+    e.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--round", type=int, metavar="N", help="the base of round N")
+    which.add_argument("--base", metavar="ID", help="the base with this id")
+    e.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    e.add_argument(
+        "--data-dir", type=Path, help="keep the peer's state here (default: a temporary one)"
+    )
+    add_flags(e, JoinSettings)
+    e.set_defaults(run=run_export)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from protocol.errors import MergeswarmError
+    from protocol.identity import Identity
+    from protocol.ids import base_id
+    from protocol.model_dir import ModelDir
+    from protocol.records import is_swarm_id
+    from protocol.swarm_config import SwarmConfig, parse_config
+
+    if args.output.exists() and not args.force:
+        raise MergeswarmError(f"{args.output}: already exists (--force to overwrite)")
+    values = {
+        name: getattr(args, name)
+        for name in SwarmConfig.model_fields
+        if getattr(args, name, None) is not None
+    }
+    aggregators = list(values.get("aggregators", []))
+    for data_dir in args.aggregator_dir:
+        aggregators.append(Identity.load_or_create(data_dir / "identity.pem").author)
+    values["aggregators"] = sorted(set(aggregators))
+    swarm_id = args.swarm_id or _new_swarm_id()
+    if not is_swarm_id(swarm_id):
+        raise MergeswarmError(f"swarm id {swarm_id!r}: use 3-64 of a-z, 0-9 and '-'")
+    values |= {"swarm_id": swarm_id, "genesis_id": base_id(ModelDir(args.genesis))}
+    config = parse_config(values, "mergeswarm init")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(config.to_toml())
+    print(f"swarm {config.swarm_id}, genesis {config.genesis_id[:16]}: wrote {args.output}")
+    if not config.aggregators:
+        print("no --aggregator-dir given: volunteers will follow any aggregator (open swarm)")
+    return 0
+
+
+def _new_swarm_id() -> str:
+    import secrets
+
+    return f"swarm-{secrets.token_hex(6)}"
+
+
+def run_aggregator(args: argparse.Namespace) -> int:
+    from aggregator.daemon import Aggregator, EvalGate
+    from node.blobstore import BlobStore
+    from node.config import JoinSettings
+    from node.data import read_examples
+    from node.peer import run_until
+    from node.settings import load_settings
+    from node.swarm import Swarm
+    from protocol.swarm_config import load_swarm_config
+
+    config = load_swarm_config(args.config)
+    join = load_settings(JoinSettings, args)
+    options = join.options(args.data_dir)
+    options.swarm_id = config.swarm_id
+    for path in args.eval_data:
+        read_examples(path)
+    gate = EvalGate(list(args.eval_data), args.eval_max_increase) if args.eval_data else None
+    stop = stop_event()
+    swarm = Swarm(options)
+    server = None
+    try:
+        aggregator = Aggregator(
+            swarm,
+            BlobStore(args.data_dir / "blobs"),
+            config,
+            genesis=args.genesis,
+            lease_seconds=args.lease_seconds,
+            gate=gate,
+        )
+        aggregator.heartbeat_every = args.heartbeat_every
+        server = serve_metrics(aggregator, args, args.data_dir)
+        print_join_line(swarm)
+        rounds = threading.Thread(
+            target=aggregator.run_rounds, args=(stop,), name="rounds", daemon=True
+        )
+        rounds.start()
+        run_until(aggregator, stop, interval=min(1.0, args.heartbeat_every))
+        rounds.join(timeout=60)
+    finally:
+        if server is not None:
+            server.close()
+        swarm.shutdown()
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from node.bases import Bases
+    from node.blobs import fetch
+    from node.blobstore import BlobStore
+    from node.config import JoinSettings
+    from node.history import chain_to
+    from node.settings import load_settings
+    from node.swarm import Swarm
+    from protocol.errors import MergeswarmError
+    from protocol.model_dir import ModelDir, write_model_dir
+
+    if args.output.exists():
+        raise MergeswarmError(f"{args.output}: already exists; choose another output")
+    join = load_settings(JoinSettings, args)
+    if not join.join:
+        raise MergeswarmError("give a peer of the swarm: --join MULTIADDR")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or Path(tmp) / "peer"
+        swarm = Swarm(join.options(data_dir))
+        try:
+            store = BlobStore(data_dir / "blobs")
+            fetch_blob = lambda blob: fetch(swarm, store, blob, timeout=args.timeout)  # noqa: E731
+            bases = Bases(Path(tmp) / "bases", store, fetch_blob)
+            chain = chain_to(swarm, round_=args.round, base=args.base)
+            for head in chain:  # the nearest snapshot, then patches forward
+                print(f"round {head.round}: base {head.base_id[:16]}", flush=True)
+                path = bases.sync(head)
+            target = chain[-1]
+            with ModelDir(path) as md:
+                write_model_dir(args.output, md, ((n, md.tensor(n)) for n in md.names()))
+        finally:
+            swarm.shutdown()
+    print(f"wrote round {target.round}, base {target.base_id} to {args.output}")
+    return 0

@@ -1,0 +1,84 @@
+"""Reading a swarm's state from its records: its config, its head, the chain of bases behind it."""
+
+from __future__ import annotations
+
+import logging
+
+from node.swarm import Swarm
+from protocol.errors import MergeswarmError
+from protocol.forkchoice import choose_head
+from protocol.records import Head
+from protocol.swarm_config import SwarmConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_CHAIN = 10_000  # rounds walked back at most (a loop of forged parents ends here)
+
+
+def find_config(swarm: Swarm) -> SwarmConfig | None:
+    """The swarm's config as published by its aggregators, or None.
+
+    A config is taken only from an author it names as an aggregator (or from anyone, for an
+    open swarm that names none); where they disagree, the smallest author wins, so every
+    reader picks the same one. Pin a config file to trust nothing read here.
+    """
+    for record in swarm.read("config"):  # sorted by author
+        body = record.body
+        if (
+            isinstance(body, SwarmConfig)
+            and body.swarm_id == swarm.swarm_id
+            and body.trusts(record.author)
+        ):
+            return body
+    return None
+
+
+def current_head(swarm: Swarm, trusted: set[str]) -> Head | None:
+    heads = [(r.author, r.body) for r in swarm.read("head") if isinstance(r.body, Head)]
+    chosen = choose_head(heads, trusted)
+    return chosen[1] if chosen else None
+
+
+def base_record(swarm: Swarm, base: str, trusted: set[str]) -> Head | None:
+    """What an aggregator published about ``base`` when it was the head."""
+    heads = [
+        (r.author, r.body)
+        for r in swarm.read("base", topic=base)
+        if isinstance(r.body, Head) and r.body.base_id == base
+    ]
+    chosen = choose_head(heads, trusted)
+    return chosen[1] if chosen else None
+
+
+def chain_to(swarm: Swarm, *, round_: int | None = None, base: str | None = None) -> list[Head]:
+    """The heads from the nearest snapshot up to the target (the head, round N or base ID)."""
+    config = find_config(swarm)
+    trusted = set(config.aggregators) if config else set()
+    head = current_head(swarm, trusted)
+    if head is None:
+        raise MergeswarmError("the swarm has no head yet (no aggregator has published one)")
+    target = head
+    if base is not None and base != head.base_id:
+        target = base_record(swarm, base, trusted)
+        if target is None:
+            raise MergeswarmError(f"no aggregator of the swarm knows base {base[:16]}")
+    elif round_ is not None:
+        if round_ > head.round:
+            raise MergeswarmError(f"round {round_} is ahead of the head (round {head.round})")
+        while target.round > round_:
+            target = _parent(swarm, target, trusted)
+    chain = [target]
+    while chain[-1].snapshot_id is None:
+        if len(chain) > MAX_CHAIN:
+            raise MergeswarmError("no snapshot within reach of the target base")
+        chain.append(_parent(swarm, chain[-1], trusted))
+    return chain[::-1]
+
+
+def _parent(swarm: Swarm, head: Head, trusted: set[str]) -> Head:
+    if head.parent is None:
+        raise MergeswarmError(f"base {head.base_id[:16]} (round {head.round}) has no parent")
+    parent = base_record(swarm, head.parent, trusted)
+    if parent is None or parent.round >= head.round:
+        raise MergeswarmError(f"the parent of round {head.round} is no longer published")
+    return parent

@@ -1,0 +1,132 @@
+"""A swarm's config: what every peer of one swarm must agree on, written by ``mergeswarm init``.
+
+It names the genesis base, the merge recipe, the volunteers' DARE drop rate and
+codec, the round policy, how aggregators screen deltas, and the aggregators
+volunteers trust. Aggregators publish it in the DHT (record kind ``config``),
+so a volunteer needs only a multiaddr; one that pins ``--swarm-config`` or
+already adopted a config keeps its own (trust on first use).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from protocol.errors import MergeswarmError, one_line
+from protocol.schema import Body, Hex64, SwarmId
+
+CONFIG_VERSION = 1
+
+
+class SwarmConfigError(MergeswarmError):
+    """A swarm config file is unreadable or holds a wrong value."""
+
+
+class SwarmConfig(Body):
+    """Every field is also a flag of ``mergeswarm init`` (``round_period`` -> ``--round-period``)."""
+
+    version: Literal[1] = Field(CONFIG_VERSION, json_schema_extra={"cli": False})
+    swarm_id: SwarmId = Field(json_schema_extra={"cli": False})
+    genesis_id: Hex64 = Field(json_schema_extra={"cli": False})
+    merge_method: Literal["ties", "dare_ties", "task_arithmetic", "linear"] = Field(
+        "ties", description="how aggregators merge the round's deltas"
+    )
+    density: float = Field(
+        0.5, gt=0, le=1, description="TIES: fraction of each delta's largest entries kept"
+    )
+    lam: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="lambda: scale of the merged delta",
+        json_schema_extra={"flag": "lambda"},
+    )
+    sign_method: Literal["total", "frequency"] = Field(
+        "total", description="TIES sign election: by total mass or by count"
+    )
+    drop_rate: float = Field(0.9, ge=0, lt=1, description="volunteers' DARE drop rate")
+    codec: Literal["bf16", "fp16", "fp32", "int8"] = Field(
+        "bf16", description="volunteers' delta value codec"
+    )
+    round_period: float = Field(
+        300.0, ge=1, le=86400, description="seconds from one head to the next round's merge"
+    )
+    min_deltas: int = Field(1, ge=1, le=64, description="deltas a round waits for")
+    max_deltas: int = Field(16, ge=1, le=64, description="deltas merged in one round at most")
+    staleness: int = Field(
+        1, ge=0, le=8, description="rounds behind the head a delta may be and still be merged"
+    )
+    staleness_discount: float = Field(
+        0.5, gt=0, le=1, description="weight of a delta per round it is behind the head"
+    )
+    on_new_head: Literal["finish", "restart"] = Field(
+        "finish", description="volunteers: finish the round on a new head, or restart on it"
+    )
+    norm_factor: float = Field(
+        10.0, gt=1, description="a delta whose norm exceeds this many times the median is screened"
+    )
+    norm_action: Literal["reject", "clip"] = Field(
+        "reject", description="what screening does to it: reject it, or scale it to the bound"
+    )
+    max_delta_bytes: int = Field(
+        1 << 32, ge=1 << 10, le=1 << 40, description="largest delta an aggregator fetches"
+    )
+    snapshot_every: int = Field(
+        5, ge=1, description="rounds between full snapshots (patches in between)"
+    )
+    aggregators: tuple[Hex64, ...] = Field(
+        default=(),
+        max_length=16,
+        description="public keys of the aggregators volunteers follow (none: any, for experiments)",
+        json_schema_extra={"flag": "aggregator", "metavar": "AUTHOR"},
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SwarmConfig:
+        if self.min_deltas > self.max_deltas:
+            raise ValueError(f"min_deltas {self.min_deltas} exceeds max_deltas {self.max_deltas}")
+        return self
+
+    def trusts(self, author: str) -> bool:
+        return not self.aggregators or author in self.aggregators
+
+    def to_toml(self) -> str:
+        lines = ["# mergeswarm swarm config (mergeswarm init); every field: mergeswarm init --help"]
+        for key, value in self.model_dump(mode="json").items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def parse_config(values: dict, where: str) -> SwarmConfig:
+    """A config from TOML or flag values (ints for floats, strings, lists: coerced here)."""
+    try:
+        return SwarmConfig.model_validate(values, strict=False)
+    except ValidationError as exc:
+        raise SwarmConfigError(f"{where}: {one_line(exc)}") from None
+
+
+def load_swarm_config(path: str | os.PathLike[str]) -> SwarmConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SwarmConfigError(
+            f"{path}: no such swarm config (make one with mergeswarm init)"
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SwarmConfigError(f"{path}: not a readable TOML file ({exc})") from None
+    return parse_config(data, str(path))
