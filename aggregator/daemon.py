@@ -39,6 +39,7 @@ from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candid
 from node.bases import HEAD_PIN, Bases
 from node.blobstore import BlobStore
 from node.faults import crash_point
+from node.history import chain_back
 from node.metrics import AggregatorMetrics
 from node.peer import PeerDaemon
 from node.swarm import Swarm
@@ -174,7 +175,10 @@ class Aggregator(PeerDaemon):
                 self.status = "waiting for a head"
             return
         head = self.head
-        self.bases.sync(head)
+        if not self.bases.has(head.base_id):
+            self.status = f"fetching base {head.base_id[:16]}"
+            for step in chain_back(self.swarm, head, set(self.config.aggregators), self.bases.has):
+                self.bases.sync(step)
         waited = time.monotonic() - self.head_seen_at
         if waited < self.config.round_period:
             self.status = (
@@ -229,10 +233,14 @@ class Aggregator(PeerDaemon):
         lapsed = self.seen_leases.get((round_, head.base_id))
         if lapsed is not None and lapsed.deltas:  # a holder died: finish its round as it began
             by_id = {c.delta_id: c for c in candidates}
-            missing = [d for d in lapsed.deltas if d not in by_id]
-            if missing:
-                logger.warning("taking over round %d: %d deltas are gone", round_, len(missing))
-            candidates = [by_id[d] for d in lapsed.deltas if d in by_id]
+            kept = [by_id[d] for d in lapsed.deltas if d in by_id]
+            if len(kept) < len(lapsed.deltas):
+                logger.warning(
+                    "taking over round %d: %d of its deltas were replaced since",
+                    round_,
+                    len(lapsed.deltas) - len(kept),
+                )
+            candidates = kept or candidates  # all replaced: the round starts afresh
         if len(candidates) < self.config.min_deltas:
             self.status = f"round {round_}: {len(candidates)} of {self.config.min_deltas} deltas"
             return None
@@ -318,7 +326,8 @@ class Aggregator(PeerDaemon):
         crash_point("aggregator:merged")
         if self.gate is not None and not self._gate_passes(parent_dir, child_dir):
             return None
-        new = self._publish_child(head, child_dir, len(inputs))
+        merged = tuple(sorted(str(i.path.name) for i in inputs))
+        new = self._publish_child(head, child_dir, merged)
         self.metrics.deltas_accepted.inc(len(inputs))
         return new
 
@@ -367,7 +376,7 @@ class Aggregator(PeerDaemon):
             return False
         return True
 
-    def _publish_child(self, head: Head, child_dir: Path, n_deltas: int) -> Head:
+    def _publish_child(self, head: Head, child_dir: Path, merged: tuple[str, ...]) -> Head:
         round_ = head.round + 1
         self.status = f"round {round_}: publishing"
         child = ModelDir(child_dir)
@@ -387,13 +396,20 @@ class Aggregator(PeerDaemon):
             base_id=child_dir.name,
             round=round_,
             parent=head.base_id,
-            deltas=n_deltas,
+            deltas=len(merged),
             patch_id=patch,
             snapshot_id=snapshot,
+            merged=merged,
+            recipe=self.recipe_text(),
         )
         self._announce_head(new)
         self.metrics.round.set(round_)
         return new
+
+    def recipe_text(self) -> str:
+        c = self.config
+        text = f"{c.merge_method} density={c.density:g} lambda={c.lam:g} sign={c.sign_method}"
+        return text + f" staleness={c.staleness}x{c.staleness_discount:g}"
 
     def _announce_head(self, head: Head) -> None:
         self.share_new_blobs()  # provider records before the head that names the blobs

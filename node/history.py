@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from node.swarm import Swarm
 from protocol.errors import MergeswarmError
@@ -67,11 +68,23 @@ def chain_to(swarm: Swarm, *, round_: int | None = None, base: str | None = None
             raise MergeswarmError(f"round {round_} is ahead of the head (round {head.round})")
         while target.round > round_:
             target = _parent(swarm, target, trusted)
-    chain = [target]
-    while chain[-1].snapshot_id is None:
+    return chain_back(swarm, target, trusted, held=lambda _: False)
+
+
+def chain_back(
+    swarm: Swarm, head: Head, trusted: set[str], held: Callable[[str], bool]
+) -> list[Head]:
+    """The heads to apply, oldest first, to get ``head`` from the bases already ``held``:
+    patches back to a held base, or to the nearest snapshot when none is held."""
+    chain: list[Head] = []
+    current = head
+    while not held(current.base_id):
+        chain.append(current)
+        if current.snapshot_id is not None or (current.parent and held(current.parent)):
+            break
         if len(chain) > MAX_CHAIN:
             raise MergeswarmError("no snapshot within reach of the target base")
-        chain.append(_parent(swarm, chain[-1], trusted))
+        current = _parent(swarm, current, trusted)
     return chain[::-1]
 
 

@@ -23,8 +23,8 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on CORPUS (any text encodes)."""
+def build_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on ``corpus`` (default CORPUS; any text encodes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +37,7 @@ def build_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
@@ -53,11 +53,13 @@ def build_tiny_model(
     intermediate_size: int = 128,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 384,
 ) -> Path:
     """Save a randomly initialised Llama-architecture model and its tokenizer to ``out_dir``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size, corpus)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

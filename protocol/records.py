@@ -33,6 +33,7 @@ from protocol.swarm_config import SwarmConfig
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # well under hivemind's ~16 KiB host-pipe limit
+MAX_MERGED = 32  # delta ids a head names (a round merges at most this many)
 MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 _KEY_PREFIX = "mergeswarm/"
 
@@ -77,6 +78,8 @@ class Head(Body):
     deltas: int = Field(ge=0)  # number of deltas merged into it
     patch_id: Hex64 | None = None  # blob turning the parent into this base
     snapshot_id: Hex64 | None = None  # blob holding the whole base
+    merged: tuple[Hex64, ...] = Field(default=(), max_length=MAX_MERGED)  # the delta ids
+    recipe: ShortText = ""  # how they were merged, e.g. "ties density=0.5 lambda=1"
 
 
 class Heartbeat(Body):

@@ -55,8 +55,8 @@ class SwarmConfig(Body):
     round_period: float = Field(
         300.0, ge=1, le=86400, description="seconds from one head to the next round's merge"
     )
-    min_deltas: int = Field(1, ge=1, le=64, description="deltas a round waits for")
-    max_deltas: int = Field(16, ge=1, le=64, description="deltas merged in one round at most")
+    min_deltas: int = Field(1, ge=1, le=32, description="deltas a round waits for")
+    max_deltas: int = Field(16, ge=1, le=32, description="deltas merged in one round at most")
     staleness: int = Field(
         1, ge=0, le=8, description="rounds behind the head a delta may be and still be merged"
     )

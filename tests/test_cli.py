@@ -146,7 +146,7 @@ def test_every_command_has_help(args):
 
 @pytest.mark.slow
 def test_demo_runs_the_round_trip(tmp_path):
-    out = cli("demo", "--workdir", tmp_path / "demo", "--steps", "10").stdout
+    out = cli("demo", "--offline", "--workdir", tmp_path / "demo", "--steps", "10").stdout
     assert "mergeswarm demo: done" in out
     losses = {
         ln.split()[1]: float(ln.split()[2])

@@ -1,0 +1,286 @@
+"""The embedded main job: a whole swarm on 127.0.0.1 that trains, merges and reports.
+
+1. Pretrain a small causal LM briefly on text shipped with Python (the genesis base).
+2. ``mergeswarm init`` a swarm; start a bootstrap aggregator (holding the genesis), a
+   standby aggregator and one volunteer per domain, each a real process with its own
+   libp2p daemon, each volunteer training on a different kind of text.
+3. Watch the heads from a peer of its own: at every new head, fetch it the way any
+   peer would (patch or snapshot, id checked) and measure each domain's held-out loss.
+4. Stop every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.domains import DOMAINS, domain_texts
+
+logger = logging.getLogger(__name__)
+
+SEQ_LEN = 64
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+@dataclass
+class RoundRow:
+    round: int
+    base_id: str
+    deltas_merged: int
+    bytes_moved: int
+    loss: dict[str, float]
+
+
+@dataclass
+class DemoResult:
+    genesis_id: str
+    genesis_loss: dict[str, float]
+    rounds: list[RoundRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "genesis": {"base_id": self.genesis_id, "loss": self.genesis_loss},
+            "rounds": [vars(r) for r in self.rounds],
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def write_domain_data(workdir: Path, domains: list[str]) -> dict[str, Path]:
+    out = {}
+    for name in domains:
+        path = workdir / "data" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts(name)))
+        out[name] = path
+    return out
+
+
+def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable) -> Path:
+    """A small Llama-architecture model, its tokenizer trained on every domain, pretrained
+    ``steps`` steps on a mix of them (the volunteers then specialise it)."""
+    from node.config import TrainOptions
+    from node.data import load_dataset
+    from node.tiny_model import build_tiny_model
+    from node.trainer import Trainer
+    from protocol.model_dir import ModelDir, write_model_dir
+
+    texts = [t for name in data for t in domain_texts(name)]
+    raw = out.with_name(out.name + "-init")
+    build_tiny_model(
+        raw, hidden_size=128, layers=4, intermediate_size=256, corpus=texts, vocab_size=1024
+    )
+    from transformers import AutoTokenizer
+
+    dataset = load_dataset(list(data.values()), AutoTokenizer.from_pretrained(raw), seq_len=SEQ_LEN)
+    options = TrainOptions(
+        seq_len=SEQ_LEN, batch_size=16, lr=3e-3, warmup_steps=10, decay_steps=steps
+    )
+    trainer = Trainer(raw, dataset, options)
+    stats = trainer.train_round(max_steps=steps, max_seconds=None)
+    log(
+        f"  pretrained {stats.steps} steps in {stats.seconds:.0f} s; held-out loss {trainer.evaluate():.3f}"
+    )
+    weights = trainer.trained_weights()
+    with ModelDir(raw) as md:
+        write_model_dir(out, md, ((n, weights[n].to(md.tensor(n).dtype)) for n in md.names()))
+    return out
+
+
+class Processes:
+    """The swarm's daemons: started with their logs in ``logs/``, all killed by :meth:`stop`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.running: list[subprocess.Popen] = []
+        self.env = os.environ | {
+            "MERGESWARM_LOG_FORMAT": "json",
+            "OMP_NUM_THREADS": "1",  # several trainers share a few cores
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+
+    def start(self, name: str, *args: str, data_dir: Path) -> list[str]:
+        """Start ``mergeswarm ARGS`` and return its multiaddrs once it is up."""
+        (data_dir / "multiaddrs").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "node.cli", *args, "--data-dir", str(data_dir)]
+        cmd += ["--host-maddr", LOOPBACK, "--heartbeat-every", "2"]
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        self.running.append(proc)
+        deadline = time.monotonic() + 120
+        while not (data_dir / "multiaddrs").is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} did not start:\n{tail}")
+            time.sleep(0.2)
+        return (data_dir / "multiaddrs").read_text().split()
+
+    def stop(self) -> None:
+        for proc in self.running:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in self.running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.running.clear()
+
+
+def run_swarm_demo(
+    workdir: Path,
+    *,
+    rounds: int = 3,
+    volunteers: int = 3,
+    round_steps: int = 30,
+    pretrain_steps: int = 400,
+    drop_rate: float = 0.5,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    from node.bases import Bases
+    from node.blobs import fetch
+    from node.blobstore import BlobStore
+    from node.config import SwarmOptions
+    from node.history import chain_back, current_head
+    from node.swarm import Swarm
+    from protocol.ids import base_id
+    from protocol.model_dir import ModelDir
+
+    if not 1 <= volunteers <= len(DOMAINS):
+        raise ValueError(f"--volunteers must be 1 to {len(DOMAINS)} (one per domain)")
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    domains = list(DOMAINS)[:volunteers]
+    data = write_domain_data(workdir, domains)
+    log(f"[1/4] pretraining a small genesis model on Python's own text ({', '.join(domains)})")
+    genesis = pretrain_genesis(workdir / "genesis", data, pretrain_steps, log)
+    genesis_id = base_id(ModelDir(genesis))
+    evals = _eval_sets(genesis, data)
+    result = DemoResult(genesis_id, _losses(genesis, evals))
+    log("[2/4] writing the swarm config (mergeswarm init)")
+    agg_dirs = [workdir / "aggregator-1", workdir / "aggregator-2"]
+    config = workdir / "swarm.toml"
+    _cli(
+        "init", "--genesis", str(genesis), "-o", str(config), "--force",
+        "--round-period", "3", "--min-deltas", str(volunteers), "--staleness", "0",
+        "--on-new-head", "restart", "--drop-rate", str(drop_rate), "--merge-method", "ties",
+        "--density", "0.5", "--snapshot-every", "1000",
+        *(a for d in agg_dirs for a in ("--aggregator-dir", str(d))),
+    )  # fmt: skip
+    procs = Processes(workdir)
+    observer = None
+    try:
+        log(f"[3/4] starting 2 aggregators and {volunteers} volunteers on 127.0.0.1")
+        agg = ("aggregator", "--config", str(config), "--lease-seconds", "10")
+        bootstrap = procs.start(
+            "aggregator-1", *agg, "--genesis", str(genesis), data_dir=agg_dirs[0]
+        )[0]
+        procs.start("aggregator-2", *agg, "--join", bootstrap, data_dir=agg_dirs[1])
+        train = ("--round-steps", str(round_steps), "--seq-len", str(SEQ_LEN))
+        train += ("--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "5", "--eval-blocks", "8")
+        for name, path in data.items():
+            procs.start(
+                f"volunteer-{name}",
+                "node", "--join", bootstrap, "--data", str(path), *train,
+                data_dir=workdir / f"volunteer-{name}",
+            )  # fmt: skip
+        observer = Swarm(
+            SwarmOptions(workdir / "observer", join=[bootstrap], host_maddrs=[LOOPBACK])
+        )
+        store = BlobStore(workdir / "observer" / "blobs")
+        bases = Bases(
+            workdir / "observer" / "bases", store, lambda b: fetch(observer, store, b, timeout=300)
+        )
+        trusted = {_author(d) for d in agg_dirs}
+        log(f"[4/4] running {rounds} rounds (each: train {round_steps} steps, publish, merge)")
+        _print_header(domains, log)
+        _print_row("genesis", genesis_id, 0, 0, result.genesis_loss, domains, log)
+        moved_before = _bytes_moved(observer)
+        last_round = 0
+        deadline = time.monotonic() + 600 * rounds
+        while last_round < rounds:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no round {last_round + 1} after {600 * rounds} s; see {procs.logs}"
+                )
+            head = current_head(observer, trusted)
+            if head is None or head.round <= last_round:
+                time.sleep(0.5)
+                continue
+            for step in chain_back(observer, head, trusted, bases.has):
+                path = bases.sync(step)
+            moved = _bytes_moved(observer)
+            row = RoundRow(
+                head.round, head.base_id, head.deltas, moved - moved_before, _losses(path, evals)
+            )
+            moved_before = moved
+            result.rounds.append(row)
+            _print_row(
+                str(row.round),
+                row.base_id,
+                row.deltas_merged,
+                row.bytes_moved,
+                row.loss,
+                domains,
+                log,
+            )
+            last_round = head.round
+    finally:
+        if observer is not None:
+            observer.shutdown()
+        procs.stop()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "node.cli", *args], check=True, capture_output=True)
+
+
+def _author(data_dir: Path) -> str:
+    from protocol.identity import Identity
+
+    return Identity.load(data_dir / "identity.pem").author
+
+
+def _eval_sets(genesis: Path, data: dict[str, Path]) -> dict:
+    from transformers import AutoTokenizer
+
+    from node.data import load_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(genesis)
+    return {name: load_dataset([path], tokenizer, seq_len=SEQ_LEN) for name, path in data.items()}
+
+
+def _losses(model_dir: Path, evals: dict) -> dict[str, float]:
+    from node.trainer import heldout_loss
+
+    return {name: round(heldout_loss(model_dir, d, blocks=32), 4) for name, d in evals.items()}
+
+
+def _bytes_moved(observer) -> int:
+    """Blob bytes all peers have received, by their latest heartbeats."""
+    return sum(getattr(r.body, "bytes_in", 0) for r in observer.read("heartbeat"))
+
+
+def _print_header(domains: list[str], log: Callable) -> None:
+    cols = "".join(f"{'loss ' + d:>14}" for d in domains)
+    log(f"{'round':>7}  {'head':<16} {'deltas':>6} {'bytes moved':>12}{cols}")
+
+
+def _print_row(label, base, deltas, moved, loss, domains, log) -> None:
+    cols = "".join(f"{loss[d]:>14.4f}" for d in domains)
+    log(f"{label:>7}  {base[:16]:<16} {deltas:>6} {moved:>12,}{cols}")

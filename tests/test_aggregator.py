@@ -1,0 +1,155 @@
+"""Aggregators on a real local swarm: rounds end to end, a standby taking over, the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aggregator.engine import MergeInput, merge_models
+from aggregator.methods import Recipe
+from node.blobs import fetch
+from node.blobstore import BlobStore
+from node.faults import ENV as ENV_CRASH
+from node.history import current_head
+from node.tiny_model import CORPUS
+from protocol.identity import Identity
+from protocol.ids import base_id
+from protocol.model_dir import ModelDir
+from protocol.records import Heartbeat
+from protocol.swarm_config import load_swarm_config
+from tests.swarm import run_cli, start_peer, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+TRAIN = ("--round-steps", "8", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4")
+TRAIN += ("--lr", "2e-3", "--warmup-steps", "2", "--heartbeat-every", "1")
+STYLES = (str, str.upper, lambda t: " ".join(reversed(t.split())))
+
+
+def _swarm_config(tmp_path, genesis, *extra: str):
+    path = tmp_path / "swarm.toml"
+    args = ("init", "--genesis", str(genesis), "-o", str(path), "--drop-rate", "0.5")
+    args += ("--aggregator-dir", str(tmp_path / "agg1"), "--aggregator-dir", str(tmp_path / "agg2"))
+    out = run_cli(*args, "--staleness", "0", "--on-new-head", "restart", *extra, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return path, load_swarm_config(path)
+
+
+def _data(tmp_path, i: int):
+    path = tmp_path / f"data{i}.jsonl"
+    style = STYLES[i % len(STYLES)]
+    path.write_text("".join(json.dumps({"text": style(t)}) + "\n" for t in CORPUS * 3))
+    return path
+
+
+def _aggregator(tmp_path, name, config, join, *extra, env=None):
+    args = ("--config", str(config), "--join", join, "--heartbeat-every", "1", *extra)
+    return start_peer(tmp_path / name, *args, command="aggregator", env=env)
+
+
+def _volunteer(tmp_path, i, join):
+    args = ("--join", join, "--data", str(_data(tmp_path, i)), *TRAIN)
+    return start_peer(tmp_path / f"v{i}", *args, command="node")
+
+
+def test_three_rounds_leave_every_peer_on_one_head_that_the_merge_reproduces(
+    tmp_path, local_peer, tiny_base
+):
+    config_path, config = _swarm_config(
+        tmp_path, tiny_base, "--round-period", "3", "--min-deltas", "3"
+    )
+    seed = start_peer(tmp_path / "seed", "--swarm-id", config.swarm_id)
+    join = seed.maddrs[0]
+    _aggregator(tmp_path, "agg1", config_path, join, "--genesis", str(tiny_base))
+    _aggregator(tmp_path, "agg2", config_path, join)
+    for i in range(3):
+        _volunteer(tmp_path, i, join)
+    observer = local_peer("observer", join=[join], swarm_id=config.swarm_id)
+    trusted = set(config.aggregators)
+
+    def agreed_head():
+        head = current_head(observer, trusted)
+        if head is None or head.round < 3:
+            return None
+        beats = [r.body for r in observer.read("heartbeat") if isinstance(r.body, Heartbeat)]
+        working = [b for b in beats if b.role in ("aggregator", "volunteer")]
+        if len(working) == 5 and all(b.head_id == head.base_id for b in working):
+            return head
+        return None
+
+    head = wait_for(agreed_head, 420, "every peer on one head of round >= 3")
+    assert head.deltas == len(head.merged) == 3 and head.parent != base_id(tiny_base)
+
+    # Anyone can get it out, and transformers loads it.
+    out = run_cli("export", "--join", join, "--host-maddr", "/ip4/127.0.0.1/tcp/0",
+                  "--base", head.base_id, "-o", str(tmp_path / "head"), timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert base_id(ModelDir(tmp_path / "head")) == head.base_id
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "head")
+
+    # The head is exactly the swarm's recipe applied to its parent and the deltas it names.
+    parent = tmp_path / "parent"
+    out = run_cli("export", "--join", join, "--host-maddr", "/ip4/127.0.0.1/tcp/0",
+                  "--base", head.parent, "-o", str(parent), timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    for delta in head.merged:
+        fetch(observer, store, delta, timeout=60, serve_while_fetching=False)
+    recipe = Recipe(config.merge_method, lam=config.lam, sign_method=config.sign_method)
+    inputs = [MergeInput(store.path(d)) for d in head.merged]
+    report = merge_models(parent, inputs, recipe, tmp_path / "redo", density=config.density)
+    assert report.child_id == head.base_id != head.parent
+
+
+def test_a_standby_finishes_the_round_of_a_killed_lease_holder(tmp_path, local_peer, tiny_base):
+    config_path, config = _swarm_config(
+        tmp_path, tiny_base, "--round-period", "2", "--min-deltas", "1"
+    )
+    seed = start_peer(tmp_path / "seed", "--swarm-id", config.swarm_id)
+    join = seed.maddrs[0]
+    lease = ("--lease-seconds", "5")
+    holder = _aggregator(
+        tmp_path, "agg1", config_path, join, "--genesis", str(tiny_base), *lease,
+        env={ENV_CRASH: "aggregator:fetched"},
+    )  # fmt: skip
+    volunteer = _volunteer(tmp_path, 0, join)
+    assert holder.proc.wait(timeout=300) == -9, holder.log_tail()  # killed mid-round
+    standby = _aggregator(tmp_path, "agg2", config_path, join, *lease)
+    observer = local_peer("observer", join=[join], swarm_id=config.swarm_id)
+    standby_author = Identity.load(standby.data_dir / "identity.pem").author
+
+    def round_one():
+        heads = [r for r in observer.read("head") if r.body.round >= 1]
+        return heads[0] if heads else None
+
+    record = wait_for(round_one, 180, "the standby to publish round 1")
+    assert record.author == standby_author and record.body.deltas >= 1
+    made = set(BlobStore(volunteer.data_dir / "blobs").ids())  # every delta it ever made
+    assert set(record.body.merged) <= made
+
+    # The killed one comes back, follows the head and left nothing half-written behind.
+    again = _aggregator(tmp_path, "agg1", config_path, join, *lease)
+
+    def follows():
+        beats = [r.body for r in observer.read("heartbeat") if r.body.peer_id == again.peer_id]
+        return beats and beats[0].head_round is not None and beats[0].head_round >= 1
+
+    wait_for(follows, 120, "the restarted aggregator to follow the head")
+    assert not [p for p in (again.data_dir / "bases").iterdir() if p.name.startswith(".")]
+
+
+def test_the_demo_runs_one_round(tmp_path):
+    out = run_cli(
+        "demo", "--workdir", str(tmp_path / "demo"), "--rounds", "1", "--volunteers", "2",
+        "--pretrain-steps", "30", "--round-steps", "8", "--json", str(tmp_path / "demo.json"),
+        timeout=480,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads((tmp_path / "demo.json").read_text())
+    assert set(figures["genesis"]["loss"]) == {"manual", "code"}
+    (row,) = figures["rounds"]
+    assert row["round"] == 1 and row["deltas_merged"] == 2 and row["bytes_moved"] > 0
+    assert row["base_id"] != figures["genesis"]["base_id"]
+    assert "genesis" in out.stdout and row["base_id"][:16] in out.stdout

@@ -1,0 +1,332 @@
+"""What an aggregator lets into a round: one delta per author, honest files only, bounded norms."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
+from protocol import frames
+from protocol.codecs import get_codec
+from protocol.container import DeltaReader, DeltaWriter
+from protocol.delta import create_delta
+from protocol.identity import Identity
+from protocol.ids import base_id, file_id
+from protocol.model_dir import FLOAT_DTYPES, ModelDir, write_model_dir
+from protocol.records import DeltaAnnouncement
+from tests.forge import assemble, split
+
+BASE = "ab" * 32
+MAX_BYTES = 1 << 30
+
+
+def _id(n: int) -> str:
+    return f"{n:064x}"
+
+
+def _candidate(author: str, delta_id: str, age: int) -> Candidate:
+    announcement = DeltaAnnouncement(base_id=BASE, delta_id=delta_id, size=1, round=0)
+    return Candidate(author, announcement, age)
+
+
+def _picked(candidates: list[Candidate], max_deltas: int = 32) -> list[tuple[str, str, int]]:
+    return [(c.author, c.delta_id, c.age) for c in pick_candidates(candidates, max_deltas)]
+
+
+# pick_candidates
+
+
+def test_pick_keeps_each_authors_freshest_delta():
+    alice, bob = "a" * 64, "b" * 64
+    got = _picked(
+        [_candidate(alice, _id(1), 1), _candidate(alice, _id(2), 0), _candidate(bob, _id(3), 1)]
+    )
+    assert got == [(alice, _id(2), 0), (bob, _id(3), 1)]
+
+
+def test_pick_breaks_an_authors_tie_in_age_by_the_smaller_delta_id():
+    alice = "a" * 64
+    got = _picked([_candidate(alice, _id(9), 0), _candidate(alice, _id(4), 0)])
+    assert got == [(alice, _id(4), 0)]
+
+
+def test_pick_takes_a_delta_announced_twice_once():
+    alice = "a" * 64
+    got = _picked([_candidate(alice, _id(5), 0), _candidate(alice, _id(5), 0)])
+    assert got == [(alice, _id(5), 0)]
+
+
+def test_pick_orders_freshest_first_then_by_delta_id():
+    authors = [c * 64 for c in "abcde"]
+    got = _picked(
+        [
+            _candidate(authors[0], _id(7), 1),
+            _candidate(authors[1], _id(3), 2),
+            _candidate(authors[2], _id(8), 0),
+            _candidate(authors[3], _id(2), 1),
+            _candidate(authors[4], _id(6), 0),
+        ]
+    )
+    assert [(d, age) for _, d, age in got] == [
+        (_id(6), 0),
+        (_id(8), 0),
+        (_id(2), 1),
+        (_id(7), 1),
+        (_id(3), 2),
+    ]
+
+
+def test_pick_cuts_at_max_deltas_keeping_the_freshest():
+    announced = [_candidate(f"{i:064x}", _id(100 + i), age=i % 3) for i in range(10)]
+    got = _picked(announced, max_deltas=4)
+    # ages 0 are authors 0, 3, 6, 9; they fill the cut before any older delta.
+    assert [d for _, d, _ in got] == [_id(100), _id(103), _id(106), _id(109)]
+    assert _picked(announced, max_deltas=0) == []
+
+
+def test_pick_does_not_depend_on_the_order_of_announcements():
+    rng = random.Random(0)
+    announced = [
+        _candidate(f"{rng.randrange(6):064x}", _id(rng.randrange(40)), rng.randrange(3))
+        for _ in range(60)
+    ]
+    # Distinct authors only share a delta id through a copied announcement; keep them apart here
+    # (see the xfail test below for that case).
+    owner: dict[str, str] = {}
+    announced = [c for c in announced if owner.setdefault(c.delta_id, c.author) == c.author]
+    want = _picked(announced, max_deltas=5)
+    assert len(want) == 5
+    assert len({author for author, _, _ in want}) == 5
+    for _ in range(20):
+        rng.shuffle(announced)
+        assert _picked(announced, max_deltas=5) == want
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a delta id announced by two authors at the same age is credited to whichever "
+    "comes first in the input, so inspect_delta's expected author depends on order",
+)
+def test_pick_credits_a_shared_delta_id_to_the_same_author_whatever_the_order():
+    alice, bob = "a" * 64, "b" * 64
+    shared = _id(1)
+    one = _picked([_candidate(alice, shared, 0), _candidate(bob, shared, 0)])
+    other = _picked([_candidate(bob, shared, 0), _candidate(alice, shared, 0)])
+    assert one == other
+
+
+# screen_norms
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_norms_within_the_bound_keep_full_weight(action):
+    norms = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 19.9}  # median 2.5, bound 25
+    assert screen_norms(norms, 10.0, action) == {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+
+
+def test_a_norm_a_hundred_times_the_others_is_rejected():
+    norms = {"a": 1.0, "b": 1.2, "c": 0.9, "big": 100.0}
+    assert screen_norms(norms, 10.0, "reject") == {"a": 1.0, "b": 1.0, "c": 1.0, "big": None}
+
+
+def test_clipping_scales_a_large_norm_down_to_factor_times_the_median():
+    norms = {"a": 1.0, "b": 1.2, "c": 0.9, "big": 100.0}
+    weights = screen_norms(norms, 10.0, "clip")
+    assert {k: v for k, v in weights.items() if k != "big"} == {"a": 1.0, "b": 1.0, "c": 1.0}
+    median = (1.0 + 1.2) / 2
+    assert weights["big"] * norms["big"] == pytest.approx(10.0 * median)
+    assert 0 < weights["big"] < 1
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_the_one_non_zero_norm_among_zeros_is_rejected(action):
+    norms = {"z1": 0.0, "z2": 0.0, "z3": 0.0, "x": 1e-6}
+    assert screen_norms(norms, 10.0, action) == {"z1": 1.0, "z2": 1.0, "z3": 1.0, "x": None}
+
+
+def test_no_norms_screen_to_nothing():
+    assert screen_norms({}, 10.0, "reject") == {}
+    assert screen_norms({}, 10.0, "clip") == {}
+
+
+# inspect_delta on real .msd files
+
+
+@pytest.fixture(scope="module")
+def author() -> Identity:
+    return Identity.generate()
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_base, tiny_finetuned, author, tmp_path_factory) -> Path:
+    """(finetuned - base), kept whole in fp32: its norm is the plain L2 distance of the models."""
+    out = tmp_path_factory.mktemp("screening") / "honest.msd"
+    create_delta(tiny_base, tiny_finetuned, out, identity=author, drop_rate=0.0, codec="fp32")
+    return out
+
+
+def _announce(path: Path, author: str, *, base: str | None = None, size: int | None = None):
+    if base is None:
+        with DeltaReader(path) as r:
+            base = r.header.base_id
+    announcement = DeltaAnnouncement(
+        base_id=base,
+        delta_id=file_id(path),
+        size=path.stat().st_size if size is None else size,
+        round=0,
+    )
+    return Candidate(author, announcement, 0)
+
+
+def _inspect(path: Path, candidate: Candidate, head: Path, max_bytes: int = MAX_BYTES):
+    with ModelDir(head) as md:
+        return inspect_delta(path, candidate, md, max_bytes=max_bytes)
+
+
+def _reason(path: Path, candidate: Candidate, head: Path, max_bytes: int = MAX_BYTES) -> str:
+    with pytest.raises(Rejected) as info:
+        _inspect(path, candidate, head, max_bytes)
+    return info.value.reason
+
+
+def test_an_honest_delta_gives_its_base_and_the_distance_between_the_models(
+    honest, tiny_base, tiny_finetuned, author
+):
+    got_base, norm = _inspect(honest, _announce(honest, author.author), tiny_base)
+    assert got_base == base_id(tiny_base)
+    base, ft = ModelDir(tiny_base), ModelDir(tiny_finetuned)
+    want = math.sqrt(
+        sum(
+            float((ft.tensor(n).double() - base.tensor(n).double()).square().sum())
+            for n in base.names()
+            if base.tensors[n].dtype in FLOAT_DTYPES
+        )
+    )
+    assert want > 0
+    assert norm == pytest.approx(want, rel=1e-5)
+
+
+def test_a_delta_scaled_a_hundred_times_measures_a_hundred_times_larger(
+    tiny_base, tiny_finetuned, author, tmp_path
+):
+    base, ft = ModelDir(tiny_base), ModelDir(tiny_finetuned)
+
+    def scaled():
+        for n in base.names():
+            b = base.tensor(n)
+            if base.tensors[n].dtype in FLOAT_DTYPES:
+                yield n, ((ft.tensor(n) - b) * 100 + b).to(b.dtype)
+            else:
+                yield n, b
+
+    big_model = write_model_dir(tmp_path / "scaled", base, scaled())
+    norms = {}
+    for name, model in (("normal", tiny_finetuned), ("big", big_model)):
+        path = tmp_path / f"{name}.msd"
+        create_delta(tiny_base, model, path, identity=author, drop_rate=0.9, seed=7)
+        norms[name] = _inspect(path, _announce(path, author.author), tiny_base)[1]
+    assert norms["big"] / norms["normal"] == pytest.approx(100, rel=0.02)
+    # and the round's screening catches it against a few ordinary ones
+    round_norms = {"n1": norms["normal"], "n2": norms["normal"] * 1.1, "big": norms["big"]}
+    assert screen_norms(round_norms, 10.0, "reject")["big"] is None
+
+
+def test_a_delta_signed_by_someone_else_than_its_announcer_is_rejected(honest, tiny_base):
+    impostor = Identity.generate().author
+    assert _reason(honest, _announce(honest, impostor), tiny_base) == "bad_signature"
+
+
+def test_a_header_changed_after_signing_is_rejected(honest, tiny_base, author, tmp_path):
+    parts = split(honest)
+    parts.header["metadata"] = {"note": "changed"}
+    forged = tmp_path / "forged.msd"
+    forged.write_bytes(assemble(parts))  # the author's old signature, a new header
+    candidate = _announce(forged, author.author, base=base_id(tiny_base))
+    assert _reason(forged, candidate, tiny_base) == "bad_signature"
+
+
+def test_a_file_of_another_size_than_announced_is_rejected(honest, tiny_base, author):
+    size = honest.stat().st_size
+    for announced in (size - 1, size + 1):
+        candidate = _announce(honest, author.author, size=announced)
+        assert _reason(honest, candidate, tiny_base) == "size"
+
+
+def test_a_file_larger_than_the_fetch_bound_is_rejected(honest, tiny_base, author):
+    size = honest.stat().st_size
+    candidate = _announce(honest, author.author)
+    assert _reason(honest, candidate, tiny_base, max_bytes=size - 1) == "size"
+    assert _inspect(honest, candidate, tiny_base, max_bytes=size)[1] > 0
+
+
+def test_a_delta_against_another_base_than_announced_is_rejected(
+    tiny_base, tiny_finetuned, author, tmp_path
+):
+    # trained on the fine-tuned model, announced as trained on the base (the aggregator's head)
+    other = tmp_path / "other.msd"
+    create_delta(tiny_finetuned, tiny_base, other, identity=author)
+    candidate = _announce(other, author.author, base=base_id(tiny_base))
+    assert _reason(other, candidate, tiny_base) == "unknown_base"
+
+
+def test_a_delta_that_does_not_fit_the_heads_layout_is_rejected(
+    honest, tiny_base_bf16_sharded, author
+):
+    # same architecture, but the head holds bf16 tensors where the delta's base held f32
+    candidate = _announce(honest, author.author)
+    assert _reason(honest, candidate, tiny_base_bf16_sharded) == "layout"
+
+
+def test_a_corrupted_byte_inside_a_tensor_frame_is_rejected_as_malformed(
+    honest, tiny_base, author, tmp_path
+):
+    parts = split(honest)
+    data = bytearray(honest.read_bytes())
+    first_frame = len(data) - sum(len(f) for f in parts.frames)
+    data[first_frame + len(parts.frames[0]) // 2] ^= 0x10
+    bad = tmp_path / "flipped.msd"
+    bad.write_bytes(bytes(data))
+    assert _reason(bad, _announce(bad, author.author), tiny_base) == "malformed"
+
+
+def _single_tensor_delta(path: Path, base: Path, identity: Identity, values: torch.Tensor) -> str:
+    """A fp32 delta of one tensor of ``base`` (the first 2-D one), filled with ``values``."""
+    md = ModelDir(base)
+    name = next(n for n in md.names() if len(md.tensors[n].shape) == 2)
+    with DeltaWriter(
+        path, base_id=base_id(md), identity=identity, drop_rate=0.9, seed=3, codec="fp32"
+    ) as w:
+        w.add(name, md.tensors[name].dtype, values.expand(md.tensors[name].shape))
+        w.finish()
+    return name
+
+
+def test_a_delta_holding_nan_is_rejected_as_non_finite(tiny_base, author, tmp_path):
+    clean = tmp_path / "clean.msd"
+    _single_tensor_delta(clean, tiny_base, author, torch.tensor(1e-3))
+    parts = split(clean)
+    entry = parts.header["tensors"][0]
+    values = np.full(entry["kept"], 1e-3, np.float32)
+    values[entry["kept"] // 2] = np.nan
+    frame = frames.compress(get_codec("fp32").encode(values).tobytes())
+    parts.frames[0] = frame
+    entry["frame_bytes"] = len(frame)
+    entry["sha256"] = hashlib.sha256(frame).hexdigest()
+    nan = tmp_path / "nan.msd"
+    nan.write_bytes(assemble(parts, author))  # re-signed by its author: only the values lie
+    assert _inspect(clean, _announce(clean, author.author), tiny_base)[1] > 0
+    assert _reason(nan, _announce(nan, author.author), tiny_base) == "non_finite"
+
+
+def test_a_delta_that_overflows_once_rescaled_is_rejected_as_non_finite(
+    tiny_base, author, tmp_path
+):
+    path = tmp_path / "huge.msd"
+    _single_tensor_delta(path, tiny_base, author, torch.tensor(3e38))  # x10 by DARE: overflow
+    assert _reason(path, _announce(path, author.author), tiny_base) == "non_finite"
