@@ -104,7 +104,7 @@ class Aggregator(PeerDaemon):
         self.chain: dict[str, Head] = {}  # base id -> its head record, for staleness ancestry
         self.holding: Lease | None = None
         self.seen_leases: dict[tuple[int, str], Lease] = {}  # (round, parent) -> last lease seen
-        self.refused: set[str] = set()  # delta ids rejected once: never fetched again
+        self.refused: set[tuple[str, str]] = set()  # (author, delta id) rejected: never again
         self.status = "starting"
         if genesis is not None:
             self._adopt_genesis(genesis)
@@ -215,7 +215,8 @@ class Aggregator(PeerDaemon):
                 break
             for record in self.swarm.read("announce", topic=base):
                 body = record.body
-                if isinstance(body, DeltaAnnouncement) and body.delta_id not in self.refused:
+                refused = (record.author, getattr(body, "delta_id", "")) in self.refused
+                if isinstance(body, DeltaAnnouncement) and not refused:
                     found.append(Candidate(record.author, body, age))
             parent = self.chain.get(base)
             base = parent.parent if parent else None
@@ -332,7 +333,7 @@ class Aggregator(PeerDaemon):
         return new
 
     def _reject(self, c: Candidate, reason: str, message: str) -> None:
-        self.refused.add(c.delta_id)
+        self.refused.add((c.author, c.delta_id))
         self.metrics.deltas_rejected.labels(reason=reason).inc()
         logger.warning("rejected delta %s from %s: %s", c.delta_id[:16], c.author[:16], message)
 

@@ -29,6 +29,9 @@ class SwarmConfigError(MergeswarmError):
 class SwarmConfig(Body):
     """Every field is also a flag of ``mergeswarm init`` (``round_period`` -> ``--round-period``)."""
 
+    # inf or nan would pass the bounds below yet cannot be signed (canonical JSON has neither)
+    model_config = Body.model_config | {"allow_inf_nan": False}
+
     version: Literal[1] = Field(CONFIG_VERSION, json_schema_extra={"cli": False})
     swarm_id: SwarmId = Field(json_schema_extra={"cli": False})
     genesis_id: Hex64 = Field(json_schema_extra={"cli": False})

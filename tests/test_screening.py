@@ -97,7 +97,7 @@ def test_pick_does_not_depend_on_the_order_of_announcements():
         for _ in range(60)
     ]
     # Distinct authors only share a delta id through a copied announcement; keep them apart here
-    # (see the xfail test below for that case).
+    # (see the test below for that case).
     owner: dict[str, str] = {}
     announced = [c for c in announced if owner.setdefault(c.delta_id, c.author) == c.author]
     want = _picked(announced, max_deltas=5)
@@ -108,11 +108,6 @@ def test_pick_does_not_depend_on_the_order_of_announcements():
         assert _picked(announced, max_deltas=5) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a delta id announced by two authors at the same age is credited to whichever "
-    "comes first in the input, so inspect_delta's expected author depends on order",
-)
 def test_pick_credits_a_shared_delta_id_to_the_same_author_whatever_the_order():
     alice, bob = "a" * 64, "b" * 64
     shared = _id(1)
