@@ -286,6 +286,9 @@ class Aggregator(PeerDaemon):
         accepted: dict[str, Candidate] = {}
         with ModelDir(parent_dir) as parent:
             for c in candidates:
+                if c.delta_id in accepted:  # its signer's announcement passed already
+                    self._reject(c, "bad_signature", "a copy of another author's announcement")
+                    continue
                 try:
                     self.fetch(c.delta_id, timeout=FETCH_TIMEOUT, expected_size=c.announcement.size)
                     self.metrics.deltas_received.inc()

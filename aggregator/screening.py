@@ -50,24 +50,18 @@ class Candidate:
 
 
 def pick_candidates(announced: list[Candidate], max_deltas: int) -> list[Candidate]:
-    """One delta per author (the freshest, then the smaller id), each delta once, freshest first.
+    """One delta per author (the freshest, then the smaller id), freshest first, at most
+    ``max_deltas``.
 
-    The order and the cut are deterministic, so every aggregator picks the same set. A delta
-    id announced by two authors goes to the smaller author; should that one not be its
-    signer, the aggregator refuses that (author, delta) pair only, and the next pick
-    credits the real author.
+    The order and the cut are deterministic, so every aggregator picks the same set. A
+    delta id announced by several authors stays under each: inspection passes only its
+    signer's, so a replayed announcement cannot crowd out the real one.
     """
-    order = lambda c: (c.age, c.delta_id, c.author)  # noqa: E731 - a total order: no input order leaks
+    order = lambda c: (c.age, c.delta_id, c.author)  # noqa: E731 - total: no input order leaks
     best: dict[str, Candidate] = {}
     for c in sorted(announced, key=order):
         best.setdefault(c.author, c)
-    seen: set[str] = set()
-    picked = []
-    for c in sorted(best.values(), key=order):
-        if c.delta_id not in seen:
-            seen.add(c.delta_id)
-            picked.append(c)
-    return picked[:max_deltas]
+    return sorted(best.values(), key=order)[:max_deltas]
 
 
 def inspect_delta(

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 
 from aggregator.engine import MergeInput, merge_models
 from aggregator.methods import Recipe
-from node.blobs import fetch
+from node.blobs import BlobService, announce, fetch
 from node.blobstore import BlobStore
 from node.faults import ENV as ENV_CRASH
 from node.history import current_head
 from node.tiny_model import CORPUS
+from protocol.delta import create_delta
 from protocol.identity import Identity
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir
-from protocol.records import Heartbeat
+from protocol.records import DeltaAnnouncement, Heartbeat
 from protocol.swarm_config import load_swarm_config
+from tests.forge import nan_delta, scaled_finetune
 from tests.swarm import run_cli, start_peer, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -153,3 +156,62 @@ def test_the_demo_runs_one_round(tmp_path):
     assert row["round"] == 1 and row["deltas_merged"] == 2 and row["bytes_moved"] > 0
     assert row["base_id"] != figures["genesis"]["base_id"]
     assert "genesis" in out.stdout and row["base_id"][:16] in out.stdout
+
+
+def test_hostile_deltas_are_refused_and_counted_and_the_round_merges_the_honest_ones(
+    tmp_path, local_peer, tiny_base, tiny_finetuned
+):
+    config_path, config = _swarm_config(
+        tmp_path, tiny_base, "--round-period", "12", "--min-deltas", "2"
+    )
+    agg = start_peer(
+        tmp_path / "agg1", "--config", str(config_path), "--genesis", str(tiny_base),
+        "--metrics-port", "0", "--heartbeat-every", "1", command="aggregator",
+    )  # fmt: skip
+    observer = local_peer("observer", join=[agg.maddrs[0]], swarm_id=config.swarm_id)
+    trusted = set(config.aggregators)
+    wait_for(lambda: current_head(observer, trusted), 60, "the genesis head")
+    genesis = base_id(tiny_base)
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    BlobService(observer, store).register()
+    who = {name: Identity.generate() for name in ("h1", "h2", "big", "nan", "other", "copy")}
+    made = tmp_path / "made"
+    made.mkdir()
+
+    def delta(name: str, base, finetuned, seed: int = 1):
+        path = made / f"{name}.msd"
+        create_delta(base, finetuned, path, identity=who[name], drop_rate=0.5, seed=seed)
+        return path
+
+    files = {
+        "h1": delta("h1", tiny_base, tiny_finetuned, seed=1),
+        "h2": delta("h2", tiny_base, tiny_finetuned, seed=2),
+        "big": delta("big", tiny_base, scaled_finetune(tiny_base, tiny_finetuned, made / "x", 100)),
+        "other": delta("other", tiny_finetuned, tiny_base),  # made against another base
+    }
+    nan_delta(made / "nan.msd", tiny_base, who["nan"])
+    files["nan"] = made / "nan.msd"
+    files["copy"] = files["h1"]  # someone else's delta, announced as its own
+    ids = {}
+    for name, path in files.items():
+        ids[name] = store.add_file(path)
+        announce(observer, ids[name])
+        body = DeltaAnnouncement(
+            base_id=genesis, delta_id=ids[name], size=store.size(ids[name]), round=0
+        )
+        own, observer.identity = observer.identity, who[name]  # publish under their names
+        try:
+            assert observer.publish("announce", body, topic=genesis)
+        finally:
+            observer.identity = own
+
+    head = wait_for(
+        lambda: (h := current_head(observer, trusted)) and h.round >= 1 and h, 180, "round 1"
+    )
+    assert sorted(head.merged) == sorted([ids["h1"], ids["h2"]])
+    port = int((agg.data_dir / "metrics_port").read_text())
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for reason in ("norm", "non_finite", "unknown_base", "bad_signature"):
+        series = f'mergeswarm_deltas_rejected_total{{reason="{reason}"}} '
+        assert any(ln.startswith(series) and float(ln.split()[1]) >= 1 for ln in text.splitlines())
+    assert "mergeswarm_deltas_accepted_total 2.0" in text

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
-from protocol import frames
-from protocol.codecs import get_codec
-from protocol.container import DeltaReader, DeltaWriter
+from protocol.container import DeltaReader
 from protocol.delta import create_delta
 from protocol.identity import Identity
 from protocol.ids import base_id, file_id
-from protocol.model_dir import FLOAT_DTYPES, ModelDir, write_model_dir
+from protocol.model_dir import FLOAT_DTYPES, ModelDir
 from protocol.records import DeltaAnnouncement
-from tests.forge import assemble, split
+from tests.forge import assemble, nan_delta, scaled_finetune, single_tensor_delta, split
 
 BASE = "ab" * 32
 MAX_BYTES = 1 << 30
@@ -96,10 +92,6 @@ def test_pick_does_not_depend_on_the_order_of_announcements():
         _candidate(f"{rng.randrange(6):064x}", _id(rng.randrange(40)), rng.randrange(3))
         for _ in range(60)
     ]
-    # Distinct authors only share a delta id through a copied announcement; keep them apart here
-    # (see the test below for that case).
-    owner: dict[str, str] = {}
-    announced = [c for c in announced if owner.setdefault(c.delta_id, c.author) == c.author]
     want = _picked(announced, max_deltas=5)
     assert len(want) == 5
     assert len({author for author, _, _ in want}) == 5
@@ -108,12 +100,12 @@ def test_pick_does_not_depend_on_the_order_of_announcements():
         assert _picked(announced, max_deltas=5) == want
 
 
-def test_pick_credits_a_shared_delta_id_to_the_same_author_whatever_the_order():
+def test_a_delta_id_announced_by_two_authors_stays_under_both_whatever_the_order():
     alice, bob = "a" * 64, "b" * 64
     shared = _id(1)
     one = _picked([_candidate(alice, shared, 0), _candidate(bob, shared, 0)])
     other = _picked([_candidate(bob, shared, 0), _candidate(alice, shared, 0)])
-    assert one == other
+    assert one == other == [(alice, shared, 0), (bob, shared, 0)]  # inspection tells them apart
 
 
 # screen_norms
@@ -210,17 +202,7 @@ def test_an_honest_delta_gives_its_base_and_the_distance_between_the_models(
 def test_a_delta_scaled_a_hundred_times_measures_a_hundred_times_larger(
     tiny_base, tiny_finetuned, author, tmp_path
 ):
-    base, ft = ModelDir(tiny_base), ModelDir(tiny_finetuned)
-
-    def scaled():
-        for n in base.names():
-            b = base.tensor(n)
-            if base.tensors[n].dtype in FLOAT_DTYPES:
-                yield n, ((ft.tensor(n) - b) * 100 + b).to(b.dtype)
-            else:
-                yield n, b
-
-    big_model = write_model_dir(tmp_path / "scaled", base, scaled())
+    big_model = scaled_finetune(tiny_base, tiny_finetuned, tmp_path / "scaled", 100)
     norms = {}
     for name, model in (("normal", tiny_finetuned), ("big", big_model)):
         path = tmp_path / f"{name}.msd"
@@ -290,31 +272,10 @@ def test_a_corrupted_byte_inside_a_tensor_frame_is_rejected_as_malformed(
     assert _reason(bad, _announce(bad, author.author), tiny_base) == "malformed"
 
 
-def _single_tensor_delta(path: Path, base: Path, identity: Identity, values: torch.Tensor) -> str:
-    """A fp32 delta of one tensor of ``base`` (the first 2-D one), filled with ``values``."""
-    md = ModelDir(base)
-    name = next(n for n in md.names() if len(md.tensors[n].shape) == 2)
-    with DeltaWriter(
-        path, base_id=base_id(md), identity=identity, drop_rate=0.9, seed=3, codec="fp32"
-    ) as w:
-        w.add(name, md.tensors[name].dtype, values.expand(md.tensors[name].shape))
-        w.finish()
-    return name
-
-
 def test_a_delta_holding_nan_is_rejected_as_non_finite(tiny_base, author, tmp_path):
-    clean = tmp_path / "clean.msd"
-    _single_tensor_delta(clean, tiny_base, author, torch.tensor(1e-3))
-    parts = split(clean)
-    entry = parts.header["tensors"][0]
-    values = np.full(entry["kept"], 1e-3, np.float32)
-    values[entry["kept"] // 2] = np.nan
-    frame = frames.compress(get_codec("fp32").encode(values).tobytes())
-    parts.frames[0] = frame
-    entry["frame_bytes"] = len(frame)
-    entry["sha256"] = hashlib.sha256(frame).hexdigest()
-    nan = tmp_path / "nan.msd"
-    nan.write_bytes(assemble(parts, author))  # re-signed by its author: only the values lie
+    clean, nan = tmp_path / "clean.msd", tmp_path / "nan.msd"
+    single_tensor_delta(clean, tiny_base, author, torch.tensor(1e-3))
+    nan_delta(nan, tiny_base, author)
     assert _inspect(clean, _announce(clean, author.author), tiny_base)[1] > 0
     assert _reason(nan, _announce(nan, author.author), tiny_base) == "non_finite"
 
@@ -323,5 +284,5 @@ def test_a_delta_that_overflows_once_rescaled_is_rejected_as_non_finite(
     tiny_base, author, tmp_path
 ):
     path = tmp_path / "huge.msd"
-    _single_tensor_delta(path, tiny_base, author, torch.tensor(3e38))  # x10 by DARE: overflow
+    single_tensor_delta(path, tiny_base, author, torch.tensor(3e38))  # x10 by DARE: overflow
     assert _reason(path, _announce(path, author.author), tiny_base) == "non_finite"
