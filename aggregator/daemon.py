@@ -28,12 +28,12 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
 from aggregator.engine import REPORT_FILE, MergeInput, merge_models
+from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
 from node.bases import HEAD_PIN, Bases
@@ -58,16 +58,6 @@ CONFIG_TTL = 3600.0
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
-
-
-@dataclass(frozen=True)
-class EvalGate:
-    """Refuse a child whose held-out loss exceeds the parent's by more than ``max_increase``
-    (a fraction: 0.05 = 5%)."""
-
-    data: list[str]
-    max_increase: float = 0.05
-    blocks: int = 64
 
 
 class Aggregator(PeerDaemon):
@@ -106,6 +96,9 @@ class Aggregator(PeerDaemon):
         self.seen_leases: dict[tuple[int, str], Lease] = {}  # (round, parent) -> last lease seen
         self.refused: set[tuple[str, str]] = set()  # (author, delta id) rejected: never again
         self.status = "starting"
+        self.accepted = 0  # deltas merged since start (heart-beaten for the swarm monitor)
+        self.rejected: dict[str, int] = {}
+        self.merge_seconds: float | None = None
         if genesis is not None:
             self._adopt_genesis(genesis)
         self.swarm.publish("config", config, ttl=CONFIG_TTL)
@@ -151,8 +144,22 @@ class Aggregator(PeerDaemon):
         self.head_seen_at = time.monotonic()
         self.chain[head.base_id] = head
 
+    def heartbeat(self):
+        beat = super().heartbeat()
+        return beat.model_copy(
+            update={
+                "deltas_accepted": self.accepted,
+                "deltas_rejected": dict(self.rejected),
+                "merge_seconds": self.merge_seconds,
+                "lease": self.holding is not None,
+            }
+        )
+
     def health(self) -> dict:
         return super().health() | {"lease": self.holding is not None}
+
+    def ready(self) -> bool:
+        return self.head is not None and self.bases.has(self.head.base_id)
 
     # -- round thread ----------------------------------------------------------------------------
 
@@ -203,7 +210,9 @@ class Aggregator(PeerDaemon):
             path = Path(tmp) / "snapshot.msp"
             write_patch(ModelDir(self.bases.path(gid)), path)
             snapshot = self.store.add_file(path, pin=HEAD_PIN)
-        head = Head(base_id=gid, round=0, deltas=0, snapshot_id=snapshot)
+        head = Head(
+            base_id=gid, round=0, deltas=0, snapshot_id=snapshot, created=round(get_dht_time(), 3)
+        )
         self._announce_head(head)
 
     def candidates(self, head: Head) -> list[Candidate]:
@@ -333,11 +342,13 @@ class Aggregator(PeerDaemon):
         merged = tuple(sorted(str(i.path.name) for i in inputs))
         new = self._publish_child(head, child_dir, merged)
         self.metrics.deltas_accepted.inc(len(inputs))
+        self.accepted += len(inputs)
         return new
 
     def _reject(self, c: Candidate, reason: str, message: str) -> None:
         self.refused.add((c.author, c.delta_id))
         self.metrics.deltas_rejected.labels(reason=reason).inc()
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
         logger.warning("rejected delta %s from %s: %s", c.delta_id[:16], c.author[:16], message)
 
     def _merge(self, head: Head, inputs: list[MergeInput]) -> Path:
@@ -357,6 +368,7 @@ class Aggregator(PeerDaemon):
         else:
             work.rename(out)
         seconds = time.monotonic() - started
+        self.merge_seconds = round(seconds, 3)
         self.metrics.merge_seconds.observe(seconds)
         self.metrics.merge_bytes_per_second.set(ModelDir(out).nbytes / max(seconds, 1e-9))
         logger.info(
@@ -365,20 +377,12 @@ class Aggregator(PeerDaemon):
         return out
 
     def _gate_passes(self, parent: Path, child: Path) -> bool:
-        from transformers import AutoTokenizer
-
-        from node.data import load_dataset
-        from node.trainer import heldout_loss
-
-        gate = self.gate
-        data = load_dataset(gate.data, AutoTokenizer.from_pretrained(parent))
-        before = heldout_loss(parent, data, blocks=gate.blocks)
-        after = heldout_loss(child, data, blocks=gate.blocks)
-        if after > before * (1 + gate.max_increase):
+        verdict = self.gate.judge(parent, child)
+        if not verdict.passed:
             self.metrics.deltas_rejected.labels(reason="eval_gate").inc()
-            logger.warning("round refused: evaluation loss %.4f -> %.4f", before, after)
-            return False
-        return True
+            self.rejected["eval_gate"] = self.rejected.get("eval_gate", 0) + 1
+            logger.warning("round refused: evaluation loss %.4f -> %.4f", *verdict.losses)
+        return verdict.passed
 
     def _publish_child(self, head: Head, child_dir: Path, merged: tuple[str, ...]) -> Head:
         round_ = head.round + 1
@@ -405,6 +409,7 @@ class Aggregator(PeerDaemon):
             snapshot_id=snapshot,
             merged=merged,
             recipe=self.recipe_text(),
+            created=round(get_dht_time(), 3),
         )
         self._announce_head(new)
         self.metrics.round.set(round_)

@@ -27,6 +27,17 @@ from protocol.errors import (
 from protocol.model_dir import ModelDir
 from protocol.records import DeltaAnnouncement
 
+REJECT_REASONS = (  # every reason an aggregator refuses a delta for (bounded metric labels)
+    "size",
+    "bad_signature",
+    "unknown_base",
+    "layout",
+    "non_finite",
+    "malformed",
+    "norm",
+    "eval_gate",
+)
+
 
 class Rejected(MergeswarmError):
     """A delta is refused; ``reason`` is a short label (a bounded metric label)."""

@@ -37,6 +37,7 @@ class SwarmOptions:
     use_relay: bool = True
     use_auto_relay: bool = False
     startup_timeout: float = 30.0
+    p2p_metrics_addr: str | None = None
 
 
 class JoinSettings(BaseModel):
@@ -74,6 +75,14 @@ class JoinSettings(BaseModel):
         False, description="behind NAT: find relays through which others can reach this peer"
     )
 
+    p2p_metrics: str | None = Field(
+        None,
+        json_schema_extra={"metavar": "HOST:PORT"},
+        pattern=r"^[0-9A-Za-z.\-\[\]:]+:[0-9]{1,5}$",
+        description="serve the libp2p daemon's own Prometheus metrics (reachability, "
+        "connections, relays) on this address, e.g. 127.0.0.1:9101",
+    )
+
     def options(self, data_dir: Path) -> SwarmOptions:
         return SwarmOptions(
             data_dir=data_dir,
@@ -84,6 +93,7 @@ class JoinSettings(BaseModel):
             client_mode=self.client_mode,
             use_relay=self.relay,
             use_auto_relay=self.auto_relay,
+            p2p_metrics_addr=self.p2p_metrics,
         )
 
 
@@ -135,6 +145,12 @@ class NodeSettings(TrainOptions):
     round_steps: int | None = Field(50, ge=1, description="optimizer steps per round")
     round_minutes: float | None = Field(
         None, gt=0, description="minutes per round (with --round-steps: whichever comes first)"
+    )
+    rounds_per_head: int | None = Field(
+        None,
+        ge=1,
+        description="rounds to train on one head, then wait for the next (default: no limit; "
+        "each round's delta replaces the last)",
     )
     on_new_head: Literal["finish", "restart"] = Field(
         "finish",

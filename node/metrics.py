@@ -22,6 +22,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from aggregator.screening import REJECT_REASONS as DELTA_REJECT_REASONS
+from protocol.records import REJECT_REASONS as RECORD_REJECT_REASONS
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,6 +56,8 @@ class PeerMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in RECORD_REJECT_REASONS:  # zeros from the start: dashboards show the labels
+            self.records_rejected.labels(reason=reason)
         self.head_round = Gauge(
             "mergeswarm_head_round", "Round of the newest head seen", registry=r
         )
@@ -96,23 +101,35 @@ class NodeMetrics(PeerMetrics):
 
 
 class MetricsServer:
-    """Serves ``/metrics`` and ``/healthz`` on ``host:port`` (port 0 picks one) in a thread."""
+    """Serves ``/metrics``, ``/healthz`` (alive: what it does) and ``/readyz`` (200 once it has
+    joined and holds a verified base, 503 before) on ``host:port`` (port 0 picks one)."""
 
     def __init__(
-        self, registry: CollectorRegistry, health: Callable[[], dict], host: str, port: int
+        self,
+        registry: CollectorRegistry,
+        health: Callable[[], dict],
+        host: str,
+        port: int,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         registry_ = registry
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] == "/metrics":
+                status = 200
+                path = self.path.split("?")[0]
+                if path == "/metrics":
                     body, ctype = generate_latest(registry_), CONTENT_TYPE_LATEST
-                elif self.path.split("?")[0] == "/healthz":
+                elif path == "/healthz":
                     body, ctype = json.dumps(health()).encode(), "application/json"
+                elif path == "/readyz":
+                    is_ready = ready()
+                    status = 200 if is_ready else 503
+                    body, ctype = json.dumps({"ready": is_ready}).encode(), "application/json"
                 else:
-                    self.send_error(404, "try /metrics or /healthz")
+                    self.send_error(404, "try /metrics, /healthz or /readyz")
                     return
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -160,6 +177,8 @@ class AggregatorMetrics(PeerMetrics):
             ["reason"],
             registry=r,
         )
+        for reason in DELTA_REJECT_REASONS:
+            self.deltas_rejected.labels(reason=reason)
         self.merge_seconds = Histogram(
             "mergeswarm_merge_duration_seconds",
             "Seconds spent merging one round",

@@ -10,9 +10,11 @@ in a thread for the libp2p stream handlers (see node.blobs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Coroutine
@@ -111,6 +113,8 @@ class Swarm:
 
     def _try_start_dht(self) -> DHT:
         o = self.options
+        if o.p2p_metrics_addr:
+            _serve_p2pd_metrics(o.p2p_metrics_addr)
         try:
             return DHT(
                 initial_peers=o.join or None,
@@ -291,6 +295,11 @@ async def _exit_with_host(_dht: object, node: Any) -> None:
     the peer id (so a restart cannot join) and its ports. It polls its parent instead.
     """
     host = os.getppid()
+    # A signal handler the host installed before forking would swallow the SIGTERM with which
+    # DHT.shutdown ends this process when it does not stop by itself.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to reset here
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
 
     async def watch() -> None:
         while os.getppid() == host:
@@ -301,3 +310,21 @@ async def _exit_with_host(_dht: object, node: Any) -> None:
             os._exit(0)
 
     node.mergeswarm_watchdog = asyncio.get_running_loop().create_task(watch())
+
+
+def _serve_p2pd_metrics(addr: str) -> None:
+    """Have the libp2p daemons this process starts (the DHT process is forked from it after
+    this) serve their Prometheus metrics on ``addr``: p2pd's ``-metricsAddr``, a flag
+    hivemind does not expose, so it is added to the daemon's command line here."""
+    make = _ORIGINAL_MAKE_ARGS
+
+    def with_metrics(*args: Any, **kwargs: Any) -> list[str]:
+        proc_args = make(*args, **kwargs)
+        if "noListenAddrs" not in kwargs:  # not the short-lived "is this identity taken?" probe
+            proc_args.append(f"-metricsAddr={addr}")
+        return proc_args
+
+    P2P._make_process_args = staticmethod(with_metrics)
+
+
+_ORIGINAL_MAKE_ARGS = P2P._make_process_args

@@ -27,7 +27,9 @@ from node.domains import DOMAINS, domain_texts
 logger = logging.getLogger(__name__)
 
 SEQ_LEN = 64
+VOLUNTEER_LR = 3e-4  # about where the genesis's pretraining schedule ended: no jolt
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+HEARTBEAT_EVERY = 1.0  # seconds: the per-round byte counts come from heartbeats
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Processes:
         """Start ``mergeswarm ARGS`` and return its multiaddrs once it is up."""
         (data_dir / "multiaddrs").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "node.cli", *args, "--data-dir", str(data_dir)]
-        cmd += ["--host-maddr", LOOPBACK, "--heartbeat-every", "2"]
+        cmd += ["--host-maddr", LOOPBACK, "--heartbeat-every", str(HEARTBEAT_EVERY)]
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
@@ -140,6 +142,49 @@ class Processes:
         self.running.clear()
 
 
+@dataclass(frozen=True)
+class SwarmSetup:
+    genesis: Path
+    data: dict[str, Path]  # domain -> JSONL file
+    config: Path  # swarm.toml
+    aggregators: list[Path]  # their data directories (keys made, trusted by the config)
+
+
+def prepare_swarm(
+    workdir: Path,
+    *,
+    volunteers: int = 3,
+    pretrain_steps: int = 400,
+    drop_rate: float = 0.5,
+    genesis: Path | None = None,
+    merge_method: str = "linear",
+    lam: float = 1.0,
+    round_period: float = 3.0,
+    log: Callable[[str], None] = print,
+) -> SwarmSetup:
+    """The demo swarm's files: domain data, the genesis, the aggregators' keys and swarm.toml
+    (also what ``mergeswarm demo --prepare DIR`` writes for docker/compose.yaml)."""
+    if not 1 <= volunteers <= len(DOMAINS):
+        raise ValueError(f"--volunteers must be 1 to {len(DOMAINS)} (one per domain)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    domains = list(DOMAINS)[:volunteers]
+    data = write_domain_data(workdir, domains)
+    if genesis is None:
+        log(f"[1/4] pretraining a small genesis model on Python's own text ({', '.join(domains)})")
+        genesis = pretrain_genesis(workdir / "genesis", data, pretrain_steps, log)
+    log("[2/4] writing the swarm config (mergeswarm init)")
+    agg_dirs = [workdir / "aggregator-1", workdir / "aggregator-2"]
+    config = workdir / "swarm.toml"
+    _cli(
+        "init", "--genesis", str(genesis), "-o", str(config), "--force",
+        "--round-period", str(round_period), "--min-deltas", str(volunteers), "--staleness", "0",
+        "--on-new-head", "restart", "--drop-rate", str(drop_rate), "--merge-method", merge_method,
+        "--lambda", str(lam), "--density", "0.5", "--snapshot-every", "1000",
+        *(a for d in agg_dirs for a in ("--aggregator-dir", str(d))),
+    )  # fmt: skip
+    return SwarmSetup(genesis, data, config, agg_dirs)
+
+
 def run_swarm_demo(
     workdir: Path,
     *,
@@ -148,8 +193,12 @@ def run_swarm_demo(
     round_steps: int = 30,
     pretrain_steps: int = 400,
     drop_rate: float = 0.5,
+    genesis: Path | None = None,
+    merge_method: str = "linear",
+    lam: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
+    """Run the demo in ``workdir``; ``genesis`` skips pretraining and starts from that model."""
     from node.bases import Bases
     from node.blobs import fetch
     from node.blobstore import BlobStore
@@ -159,27 +208,22 @@ def run_swarm_demo(
     from protocol.ids import base_id
     from protocol.model_dir import ModelDir
 
-    if not 1 <= volunteers <= len(DOMAINS):
-        raise ValueError(f"--volunteers must be 1 to {len(DOMAINS)} (one per domain)")
     started = time.monotonic()
-    workdir.mkdir(parents=True, exist_ok=True)
-    domains = list(DOMAINS)[:volunteers]
-    data = write_domain_data(workdir, domains)
-    log(f"[1/4] pretraining a small genesis model on Python's own text ({', '.join(domains)})")
-    genesis = pretrain_genesis(workdir / "genesis", data, pretrain_steps, log)
-    genesis_id = base_id(ModelDir(genesis))
-    evals = _eval_sets(genesis, data)
-    result = DemoResult(genesis_id, _losses(genesis, evals))
-    log("[2/4] writing the swarm config (mergeswarm init)")
-    agg_dirs = [workdir / "aggregator-1", workdir / "aggregator-2"]
-    config = workdir / "swarm.toml"
-    _cli(
-        "init", "--genesis", str(genesis), "-o", str(config), "--force",
-        "--round-period", "3", "--min-deltas", str(volunteers), "--staleness", "0",
-        "--on-new-head", "restart", "--drop-rate", str(drop_rate), "--merge-method", "ties",
-        "--density", "0.5", "--snapshot-every", "1000",
-        *(a for d in agg_dirs for a in ("--aggregator-dir", str(d))),
-    )  # fmt: skip
+    setup = prepare_swarm(
+        workdir,
+        volunteers=volunteers,
+        pretrain_steps=pretrain_steps,
+        drop_rate=drop_rate,
+        genesis=genesis,
+        merge_method=merge_method,
+        lam=lam,
+        log=log,
+    )
+    genesis, data, config, agg_dirs = setup.genesis, setup.data, setup.config, setup.aggregators
+    domains = list(data)
+    evals = eval_sets(genesis, data)
+    result = DemoResult(base_id(ModelDir(genesis)), domain_losses(genesis, evals))
+    genesis_id = result.genesis_id
     procs = Processes(workdir)
     observer = None
     try:
@@ -190,7 +234,17 @@ def run_swarm_demo(
         )[0]
         procs.start("aggregator-2", *agg, "--join", bootstrap, data_dir=agg_dirs[1])
         train = ("--round-steps", str(round_steps), "--seq-len", str(SEQ_LEN))
-        train += ("--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "5", "--eval-blocks", "8")
+        train += (
+            "--batch-size",
+            "8",
+            "--lr",
+            str(VOLUNTEER_LR),
+            "--warmup-steps",
+            "5",
+            "--eval-blocks",
+            "8",
+        )
+        train += ("--rounds-per-head", "1")  # one round per head: the rounds stay in step
         for name, path in data.items():
             procs.start(
                 f"volunteer-{name}",
@@ -220,24 +274,19 @@ def run_swarm_demo(
             if head is None or head.round <= last_round:
                 time.sleep(0.5)
                 continue
-            for step in chain_back(observer, head, trusted, bases.has):
-                path = bases.sync(step)
+            time.sleep(HEARTBEAT_EVERY * 1.5)  # the peers' byte counts catch up with the round
             moved = _bytes_moved(observer)
-            row = RoundRow(
-                head.round, head.base_id, head.deltas, moved - moved_before, _losses(path, evals)
-            )
-            moved_before = moved
-            result.rounds.append(row)
-            _print_row(
-                str(row.round),
-                row.base_id,
-                row.deltas_merged,
-                row.bytes_moved,
-                row.loss,
-                domains,
-                log,
-            )
-            last_round = head.round
+            for step in chain_back(observer, head, trusted, bases.has):  # rounds missed, too
+                path = bases.sync(step)
+                if step.round <= last_round or step.round > rounds:
+                    continue
+                loss = domain_losses(path, evals)
+                row = RoundRow(step.round, step.base_id, step.deltas, moved - moved_before, loss)
+                moved_before = moved
+                result.rounds.append(row)
+                _print_row(str(row.round), row.base_id, row.deltas_merged, row.bytes_moved,
+                           row.loss, domains, log)  # fmt: skip
+                last_round = step.round
     finally:
         if observer is not None:
             observer.shutdown()
@@ -256,7 +305,7 @@ def _author(data_dir: Path) -> str:
     return Identity.load(data_dir / "identity.pem").author
 
 
-def _eval_sets(genesis: Path, data: dict[str, Path]) -> dict:
+def eval_sets(genesis: Path, data: dict[str, Path]) -> dict:
     from transformers import AutoTokenizer
 
     from node.data import load_dataset
@@ -265,7 +314,7 @@ def _eval_sets(genesis: Path, data: dict[str, Path]) -> dict:
     return {name: load_dataset([path], tokenizer, seq_len=SEQ_LEN) for name, path in data.items()}
 
 
-def _losses(model_dir: Path, evals: dict) -> dict[str, float]:
+def domain_losses(model_dir: Path, evals: dict) -> dict[str, float]:
     from node.trainer import heldout_loss
 
     return {name: round(heldout_loss(model_dir, d, blocks=32), 4) for name, d in evals.items()}

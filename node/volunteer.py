@@ -70,6 +70,7 @@ class Volunteer(PeerDaemon):
         self.state = self._load_state()
         self._data: Dataset | None = None
         self.samples_per_second = 0.0
+        self.published = 0  # deltas announced since start
 
     def new_metrics(self) -> NodeMetrics:
         return NodeMetrics()
@@ -155,10 +156,18 @@ class Volunteer(PeerDaemon):
 
     def heartbeat(self) -> Heartbeat:
         beat = super().heartbeat()
-        return beat.model_copy(update={"samples_per_second": round(self.samples_per_second, 3)})
+        return beat.model_copy(
+            update={
+                "samples_per_second": round(self.samples_per_second, 3),
+                "deltas_published": self.published,
+            }
+        )
 
     def health(self) -> dict:
         return super().health() | {"rounds_done": self.rounds_done}
+
+    def ready(self) -> bool:
+        return self.head is not None and self.bases.has(self.head.base_id)
 
     def follow_head(self) -> None:
         self.adopt_config()
@@ -228,7 +237,13 @@ class Volunteer(PeerDaemon):
                 old = json.loads((found / "state.json").read_text())
                 trainer.step, trainer.position = old["step"], old["position"]
         restart = self.rule("on_new_head") == "restart"
+        rounds_here = 0
         while not stop.is_set():
+            if s.rounds_per_head is not None and rounds_here >= s.rounds_per_head:
+                self.status = f"round {head.round} done; waiting for a new head"
+                while not (stop.is_set() or self.new_head.wait(0.5)):
+                    pass
+                return
             self.status = f"training on round {head.round}"
             loss_before = trainer.evaluate()
 
@@ -278,6 +293,7 @@ class Volunteer(PeerDaemon):
             self.status = "publishing a delta"
             self.publish_delta(head, base, trainer, stats, loss_before, loss_after)
             self.rounds_done += 1
+            rounds_here += 1
             if self.new_head.is_set():
                 return  # move to the new head
 
@@ -334,6 +350,7 @@ class Volunteer(PeerDaemon):
         crash_point("publish:announced")
         self.share_new_blobs()  # provider record, or a push when others cannot dial us
         self.metrics.deltas.inc()
+        self.published += 1
         self.metrics.publish_seconds.set(time.monotonic() - started)
         seconds = time.monotonic() - started
         logger.info(

@@ -38,6 +38,19 @@ MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 _KEY_PREFIX = "mergeswarm/"
 
 
+REJECT_REASONS = (  # every RecordError reason: a bounded metric label set
+    "malformed",
+    "oversized",
+    "bad_key",
+    "wrong_swarm",
+    "wrong_key",
+    "forged_author",
+    "bad_expiration",
+    "expired",
+    "bad_signature",
+)
+
+
 class RecordError(MergeswarmError):
     """A record is malformed, forged, expired, oversized or for another swarm/key."""
 
@@ -80,6 +93,10 @@ class Head(Body):
     snapshot_id: Hex64 | None = None  # blob holding the whole base
     merged: tuple[Hex64, ...] = Field(default=(), max_length=MAX_MERGED)  # the delta ids
     recipe: ShortText = ""  # how they were merged, e.g. "ties density=0.5 lambda=1"
+    created: float | None = None  # DHT time it was published (for the time since the last head)
+
+
+Reason = Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,32}$")]
 
 
 class Heartbeat(Body):
@@ -94,6 +111,14 @@ class Heartbeat(Body):
     bytes_in: int = Field(default=0, ge=0)
     bytes_out: int = Field(default=0, ge=0)
     uptime_seconds: float = Field(default=0.0, ge=0)
+    deltas_published: int = Field(default=0, ge=0)  # volunteers: since start
+    # aggregators: since start
+    deltas_accepted: int = Field(default=0, ge=0)
+    deltas_rejected: dict[Reason, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=16
+    )
+    merge_seconds: float | None = Field(default=None, ge=0)  # of the last round merged here
+    lease: bool = False  # holds the current round's lease
 
 
 class Lease(Body):

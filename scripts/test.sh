@@ -5,6 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${MERGESWARM_SKIP_INSTALL:-0}" != 1 ]; then
     bash scripts/install.sh || { echo "test.sh: install failed" >&2; exit 1; }
+    bash scripts/install_system.sh || { echo "test.sh: installing system packages failed" >&2; exit 1; }
 fi
 .venv/bin/python -m pytest "$@"
 rc=$?

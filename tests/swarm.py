@@ -85,6 +85,11 @@ def start_peer(
     return peer
 
 
+def register_process(proc: subprocess.Popen) -> None:
+    """Have ``reap_peers`` kill this process (started in a new session) after the test."""
+    _running.append(proc)
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
         [MERGESWARM, *args],

@@ -106,6 +106,35 @@ def test_msd_deltas_merge_like_apply(tiny_base, finetunes, tmp_path, identity):
         torch.testing.assert_close(m[name], a[name], rtol=0, atol=1e-6)
 
 
+def test_a_stale_delta_merges_onto_a_newer_base_only_when_its_ancestor_is_named(
+    tiny_base, finetunes, tmp_path, identity
+):
+    stale = tmp_path / "stale.msd"  # trained on tiny_base, while the head moved to finetunes[1]
+    create_delta(tiny_base, finetunes[0], stale, identity=identity, drop_rate=0.0, codec="fp32")
+    with pytest.raises(BaseMismatchError, match="made against base"):
+        merge_models(finetunes[1], [MergeInput(stale)], Recipe("task_arithmetic"), tmp_path / "x")
+    ancestor = base_id(ModelDir(tiny_base))
+    merge_models(
+        finetunes[1],
+        [MergeInput(stale, weight=0.5, trained_on=ancestor)],
+        Recipe("task_arithmetic"),
+        tmp_path / "m",
+    )
+    head, old, ft = (
+        load_file(p / "model.safetensors") for p in (finetunes[1], tiny_base, finetunes[0])
+    )
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for name in merged:  # the head plus half of what the stale delta learned on its own base
+        torch.testing.assert_close(merged[name], head[name] + 0.5 * (ft[name] - old[name]))
+    with pytest.raises(BaseMismatchError, match="made against base"):  # another ancestor: no
+        merge_models(
+            finetunes[1],
+            [MergeInput(stale, trained_on="ab" * 32)],
+            Recipe("task_arithmetic"),
+            tmp_path / "y",
+        )
+
+
 def test_dare_methods_do_not_drop_msd_deltas_again(tiny_base, finetunes, tmp_path, identity):
     delta = tmp_path / "d.msd"
     create_delta(

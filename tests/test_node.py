@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -78,6 +79,8 @@ def test_a_node_syncs_the_head_trains_and_publishes_a_delta_others_can_apply(
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read()
     )
     assert health["ok"] and health["swarm"] == observer.swarm_id
+    ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    assert ready.status == 200 and json.loads(ready.read()) == {"ready": True}
 
     status = _status(node)
     assert status["swarm_id"] == observer.swarm_id and status["head_round"] == 0
@@ -233,6 +236,9 @@ def test_a_head_whose_blob_makes_another_base_is_rejected_and_counted(
         "the bad base to be counted",
     )
     assert _status(node)["status"] == "cannot get the head's base"
+    with pytest.raises(urllib.error.HTTPError) as not_ready:  # no verified base: not ready
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    assert not_ready.value.code == 503
     assert not (node.data_dir / "bases" / lie.base_id).exists()
     assert list((node.data_dir / "bases").iterdir()) == []  # nothing half-written
 

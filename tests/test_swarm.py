@@ -95,3 +95,40 @@ def test_forged_wrong_swarm_expired_and_oversized_records_are_rejected_and_count
         for reason in ("bad_signature", "forged_author", "wrong_swarm", "oversized"):
             assert counts.get(reason, 0) >= 1, (reason, counts)
         assert counts.get("expired", 0) + counts.get("bad_expiration", 0) >= 1, counts
+
+
+def test_the_libp2p_daemon_serves_its_own_metrics_when_asked(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_peer(tmp_path / "seed", "--p2p-metrics", f"127.0.0.1:{port}")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "libp2p_autonat_reachability_status" in text  # NAT health, straight from p2pd
+    assert "libp2p_rcmgr_connections" in text
+
+
+def test_sigterm_to_the_whole_process_group_stops_a_peer_cleanly(tmp_path):
+    """What systemd does on stop: SIGTERM to every process of the unit, the forked DHT
+    process and p2pd included. All of them must end, and the daemon exit 0."""
+    import os
+    import signal
+    import time
+
+    peer = start_peer(tmp_path / "seed")
+    os.killpg(peer.proc.pid, signal.SIGTERM)
+    assert peer.proc.wait(timeout=60) == 0, peer.log_tail()
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(peer.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    deadline = time.monotonic() + 30
+    while not group_gone():
+        assert time.monotonic() < deadline, "a process of the peer outlived SIGTERM"
+        time.sleep(0.5)

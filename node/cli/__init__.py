@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from node import logs
 from protocol.errors import MergeswarmError
 
-from . import delta, demo, merge, node, rounds, swarm
+from . import delta, demo, merge, node, rounds, swarm, watch
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.register(sub)
     node.register(sub)
     rounds.register(sub)
+    watch.register(sub)
     return parser
 
 

@@ -41,6 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "one, so the demo drops less than a swarm's usual 0.9)",
     )
     p.add_argument(
+        "--prepare",
+        type=Path,
+        metavar="DIR",
+        help="instead: only write the demo swarm's files to DIR (genesis, swarm.toml with a "
+        "30 s round period, the aggregators' keys, each domain's data) and exit; "
+        "docker/compose.yaml starts from these",
+    )
+    p.add_argument(
         "--offline",
         action="store_true",
         help="instead: one volunteer's create -> inspect -> apply round trip, no swarm",
@@ -57,6 +65,21 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeswarm-demo-"))
     if args.offline:
         return _offline(args, workdir)
+    if args.prepare is not None:
+        from node.swarm_demo import prepare_swarm
+
+        if (args.prepare / "swarm.toml").is_file():
+            print(f"{args.prepare / 'swarm.toml'} exists: keeping the swarm prepared there")
+            return 0
+        prepare_swarm(
+            args.prepare,
+            volunteers=args.volunteers,
+            pretrain_steps=args.pretrain_steps,
+            drop_rate=args.drop_rate,
+            round_period=30.0,
+        )
+        print(f"prepared a swarm in {args.prepare}")
+        return 0
     import logging
 
     from node.swarm_demo import run_swarm_demo

@@ -109,8 +109,8 @@ def run_node(args: argparse.Namespace) -> int:
         raise SettingsError("give your training data: --data FILE (JSONL or text; repeatable)")
     for path in settings.data:  # fail before joining, not minutes later
         read_examples(path)
-    stop = stop_event()
     swarm = Swarm(settings.options(args.data_dir))
+    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     server = control_server = None
     failure: list[BaseException] = []
     try:

@@ -147,7 +147,8 @@ def _new_swarm_id() -> str:
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
-    from aggregator.daemon import Aggregator, EvalGate
+    from aggregator.daemon import Aggregator
+    from aggregator.gate import EvalGate
     from node.blobstore import BlobStore
     from node.config import JoinSettings
     from node.data import read_examples
@@ -163,8 +164,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
     for path in args.eval_data:
         read_examples(path)
     gate = EvalGate(list(args.eval_data), args.eval_max_increase) if args.eval_data else None
-    stop = stop_event()
     swarm = Swarm(options)
+    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     server = None
     try:
         aggregator = Aggregator(

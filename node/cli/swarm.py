@@ -151,8 +151,8 @@ def run_seed(args: argparse.Namespace) -> int:
     from node.seed import Seed
     from node.swarm import Swarm
 
-    stop = stop_event()
     swarm = Swarm(swarm_options(args, args.data_dir))
+    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     try:
         store = BlobStore(args.data_dir / "blobs", int(args.quota_gb * 1e9))
         seed = Seed(swarm, store, trusted_aggregators=args.trusted_aggregators)

@@ -1,0 +1,121 @@
+"""``mergeswarm monitor`` and ``mergeswarm status``: the whole swarm's health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from . import common
+from .swarm import add_heartbeat_arg, add_join_args, print_join_line, serve_metrics, stop_event
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "monitor",
+        help="turn the whole swarm's heartbeats into one Prometheus scrape target",
+        description="Join a swarm and serve, on --metrics-port, metrics of the whole swarm "
+        "from the heartbeats every peer publishes (volunteers behind NAT included): peers by "
+        "role and version, head round and age, each peer's lag, deltas accepted and rejected, "
+        "bytes moved, merge duration, training throughput, the lease holder.",
+    )
+    add_join_args(m)
+    m.add_argument(
+        "--metrics-port", type=int, default=9400, help="Prometheus port (0: any free one)"
+    )
+    m.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
+    add_heartbeat_arg(m)
+    m.set_defaults(run=run_monitor, data_dir=common.default_data_dir() / "monitor")
+
+    s = sub.add_parser(
+        "status",
+        help="print the swarm's head and every peer's role, version, lag and throughput",
+        description="Join a swarm briefly and print what its records say: swarm id, head, "
+        "round and age, and one row per peer that heart-beats.",
+    )
+    add_join_args(s, data_dir=False)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument(
+        "--wait", type=float, default=3.0, help="seconds to let the DHT settle before reading"
+    )
+    s.set_defaults(run=run_status)
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    from node.blobstore import BlobStore
+    from node.monitor import Monitor
+    from node.peer import run_until
+    from node.swarm import Swarm
+
+    from .swarm import swarm_options
+
+    swarm = Swarm(swarm_options(args, args.data_dir))
+    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
+    server = None
+    try:
+        monitor = Monitor(swarm, BlobStore(args.data_dir / "blobs"))
+        monitor.upload = False  # it holds no blobs worth offering
+        monitor.heartbeat_every = args.heartbeat_every
+        monitor.tick()
+        server = serve_metrics(monitor, args, args.data_dir)
+        print_join_line(swarm)
+        run_until(monitor, stop, interval=min(2.0, args.heartbeat_every))
+    finally:
+        if server is not None:
+            server.close()
+        swarm.shutdown()
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from node.config import JoinSettings
+    from node.settings import load_settings
+    from node.swarm import Swarm
+    from node.swarm_view import read_view
+    from protocol.errors import MergeswarmError
+
+    join = load_settings(JoinSettings, args, config_file=args.config)
+    if not join.join:
+        raise MergeswarmError("give a peer of the swarm: --join MULTIADDR")
+    with tempfile.TemporaryDirectory() as tmp:
+        options = join.options(Path(tmp))
+        options.client_mode = True  # a passer-by: serves nothing
+        swarm = Swarm(options)
+        try:
+            time.sleep(args.wait)
+            view = read_view(swarm)
+        finally:
+            swarm.shutdown()
+    if args.json:
+        print(json.dumps(view.to_json(), indent=2))
+        return 0
+    head = view.head
+    print(f"swarm   {view.swarm_id}")
+    if head is None:
+        print("head    none yet")
+    else:
+        age = view.head_age_seconds
+        age_text = f", published {age:.0f} s ago" if age is not None else ""
+        print(
+            f"head    round {head.round}, base {head.base_id[:16]}, {head.deltas} deltas{age_text}"
+        )
+    totals = view.to_json()["totals"]
+    print(
+        f"totals  {totals['samples_per_second']:.1f} samples/s, {totals['deltas_accepted']:.0f} "
+        f"deltas merged, {totals['bytes_in'] / 1e6:.1f} MB moved"
+    )
+    print()
+    print(f"{'peer':<14} {'role':<10} {'version':<10} {'lag':>4} {'deltas':>7} {'samples/s':>10}")
+    for p in view.peers:
+        b = p.beat
+        lag = "-" if p.lag is None else str(p.lag)
+        deltas = b.deltas_published if b.role == "volunteer" else b.deltas_accepted
+        print(
+            f"{p.peer_id[:12]:<14} {b.role:<10} {b.version[:10]:<10} {lag:>4} {deltas:>7} "
+            f"{b.samples_per_second:>10.1f}" + ("  (lease)" if b.lease else "")
+        )
+    return 0

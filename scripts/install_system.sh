@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages the test suite runs: Prometheus (a real server scraping a live swarm; promtool
+# checks the rules) and docker-compose (validates docker/compose.yaml; no Docker engine needed).
+# Installs only what is missing, with apt-get (as root, or through sudo).
+set -euo pipefail
+missing=()
+command -v prometheus > /dev/null || missing+=(prometheus)
+command -v promtool > /dev/null || missing+=(prometheus)
+command -v docker-compose > /dev/null || missing+=(docker-compose)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get > /dev/null; then
+    echo "install_system.sh: please install: ${missing[*]} (no apt-get here)" >&2
+    exit 1
+fi
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) > /dev/null
