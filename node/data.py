@@ -146,3 +146,26 @@ def load_dataset(
     return Dataset(
         pack(tokenizer, train, seq_len), pack(tokenizer, heldout, seq_len), len(examples)
     )
+
+
+def load_mixture(
+    paths: Sequence[str | os.PathLike[str]], tokenizer, *, seq_len: int = 256
+) -> Dataset:
+    """Several files as one dataset, each split on its own exactly as :func:`load_dataset`
+    splits it alone (so no file's held-out examples leak into training), and balanced:
+    each file's training blocks repeat until it has as many as the largest."""
+    parts = [load_dataset([p], tokenizer, seq_len=seq_len) for p in paths]
+    most = max(len(d.train) for d in parts)
+
+    def repeat(p: Packed) -> Packed:
+        index = torch.arange(most) % len(p)
+        return Packed(p.input_ids[index], p.labels[index])
+
+    def cat(packs: list[Packed]) -> Packed:
+        return Packed(torch.cat([p.input_ids for p in packs]), torch.cat([p.labels for p in packs]))
+
+    return Dataset(
+        cat([repeat(d.train) for d in parts]),
+        cat([d.heldout for d in parts]),
+        sum(d.examples for d in parts),
+    )

@@ -88,9 +88,10 @@ class NodeMetrics(PeerMetrics):
         self.deltas = Counter(
             "mergeswarm_deltas_published_total", "Deltas announced by this volunteer", registry=r
         )
-        self.publish_seconds = Gauge(
-            "mergeswarm_delta_publish_seconds",
+        self.publish_seconds = Histogram(
+            "mergeswarm_delta_publish_duration_seconds",
             "Seconds from the end of training to the delta being announced",
+            buckets=(0.1, 0.5, 1, 2, 5, 15, 60, 300),
             registry=r,
         )
         self.head_lag = Gauge(

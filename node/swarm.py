@@ -50,6 +50,7 @@ IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta c
 P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id
 SWARM_ID_FILE = "swarm_id"
 MULTIADDRS_FILE = "multiaddrs"
+DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process counts as stuck
 TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
 T = TypeVar("T")
@@ -212,7 +213,7 @@ class Swarm:
             future = self.dht.store(
                 key, value, expires, subkey=self.identity.author, return_future=True
             )
-        return bool(future.result())
+        return bool(_answer(future, f"storing a {kind} record"))
 
     def withdraw(self, kind: str, *, topic: str = "") -> None:
         """Stop refreshing a record; it ages out at its expiration."""
@@ -238,7 +239,7 @@ class Swarm:
         key = record_key(self.swarm_id, kind, topic)
         with self._pipe:
             future = self.dht.get(key, latest=True, return_future=True)
-        found = future.result()
+        found = _answer(future, f"reading {kind} records")
         if found is None or not isinstance(found.value, dict):
             return []
         now = get_dht_time()
@@ -266,7 +267,7 @@ class Swarm:
         """Records this peer refused: on read here, and by its DHT node (store or lookup)."""
         with self._pipe:
             future = self.dht.run_coroutine(rejection_counts, return_future=True)
-        counts = dict(future.result())
+        counts = dict(_answer(future, "counting rejected records"))
         counts.pop("accepted", None)
         for reason, n in self.rejected.items():
             counts[reason] = counts.get(reason, 0) + n
@@ -286,6 +287,15 @@ class Swarm:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
         self.dht.shutdown()
+
+
+def _answer(future: Any, what: str) -> Any:
+    """The result of a DHT call, or SwarmError when the DHT process does not answer (it died)."""
+    try:
+        return future.result(timeout=DHT_TIMEOUT)
+    except TimeoutError:
+        future.cancel()
+        raise SwarmError(f"{what}: the DHT did not answer in {DHT_TIMEOUT:.0f} s") from None
 
 
 async def _exit_with_host(_dht: object, node: Any) -> None:

@@ -27,7 +27,7 @@ from node.domains import DOMAINS, domain_texts
 logger = logging.getLogger(__name__)
 
 SEQ_LEN = 64
-VOLUNTEER_LR = 3e-4  # about where the genesis's pretraining schedule ended: no jolt
+VOLUNTEER_LR = 3e-4  # where the genesis schedule ended (3e-3 decayed to a tenth): no jolt
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT_EVERY = 1.0  # seconds: the per-round byte counts come from heartbeats
 
@@ -70,7 +70,7 @@ def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable
     """A small Llama-architecture model, its tokenizer trained on every domain, pretrained
     ``steps`` steps on a mix of them (the volunteers then specialise it)."""
     from node.config import TrainOptions
-    from node.data import load_dataset
+    from node.data import load_mixture
     from node.tiny_model import build_tiny_model
     from node.trainer import Trainer
     from protocol.model_dir import ModelDir, write_model_dir
@@ -82,7 +82,7 @@ def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable
     )
     from transformers import AutoTokenizer
 
-    dataset = load_dataset(list(data.values()), AutoTokenizer.from_pretrained(raw), seq_len=SEQ_LEN)
+    dataset = load_mixture(list(data.values()), AutoTokenizer.from_pretrained(raw), seq_len=SEQ_LEN)
     options = TrainOptions(
         seq_len=SEQ_LEN, batch_size=16, lr=3e-3, warmup_steps=10, decay_steps=steps
     )

@@ -251,14 +251,24 @@ class Trainer:
         found = directory / pointer.read_text().strip()
         return found if (found / CHECKPOINT_STATE).is_file() else None
 
-    def load(self, directory: Path) -> dict:
-        """Restore weights, optimizer moments, step and data position; returns the saved extras."""
+    def load(self, directory: Path, *, weights: bool = True) -> dict:
+        """Restore weights, optimizer moments, step and data position; returns the saved extras.
+
+        ``weights=False`` (the checkpoint was trained on an older base) keeps this trainer's
+        weights and takes the rest: fresh AdamW moments would make every round's first steps
+        full-size sign steps in every coordinate, a jolt that short rounds never recover from.
+        LoRA adapters start afresh on each base, so their moments are not carried over.
+        """
         state = json.loads((directory / CHECKPOINT_STATE).read_text())
-        weights = load_file(directory / CHECKPOINT_WEIGHTS)
-        with torch.no_grad():
-            for name, p in self.params.items():
-                if name in weights:
-                    p.copy_(weights[name].to(p.device))
+        if weights:
+            saved = load_file(directory / CHECKPOINT_WEIGHTS)
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    if name in saved:
+                        p.copy_(saved[name].to(p.device))
+        elif self.options.lora:
+            self.step, self.position = int(state["step"]), int(state["position"])
+            return state
         moments = load_file(directory / CHECKPOINT_OPTIMIZER)
         step_t = torch.tensor(float(state["step"]))
         for name, p in self.params.items():

@@ -231,11 +231,8 @@ class Volunteer(PeerDaemon):
         trainer = Trainer(base, self.dataset(base), s)
         checkpoint = self.root / "checkpoint"
         found = Trainer.latest(checkpoint)
-        if found is not None:
-            saved = trainer.load(found) if self._checkpoint_base(found) == head.base_id else None
-            if saved is None:  # trained on an older base: keep the step and data position only
-                old = json.loads((found / "state.json").read_text())
-                trainer.step, trainer.position = old["step"], old["position"]
+        if found is not None:  # on an older base: its optimizer state and data position only
+            trainer.load(found, weights=self._checkpoint_base(found) == head.base_id)
         restart = self.rule("on_new_head") == "restart"
         rounds_here = 0
         while not stop.is_set():
@@ -351,7 +348,7 @@ class Volunteer(PeerDaemon):
         self.share_new_blobs()  # provider record, or a push when others cannot dial us
         self.metrics.deltas.inc()
         self.published += 1
-        self.metrics.publish_seconds.set(time.monotonic() - started)
+        self.metrics.publish_seconds.observe(time.monotonic() - started)
         seconds = time.monotonic() - started
         logger.info(
             "round %d: delta %s (%d bytes) announced %.1f s after training; loss %.4f -> %.4f",

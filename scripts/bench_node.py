@@ -79,6 +79,9 @@ def plain_loop(args: argparse.Namespace) -> dict:
     return {"tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds}
 
 
+PUBLISH = "mergeswarm_delta_publish_duration_seconds"  # a histogram: mean = sum / count
+
+
 def _metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -107,7 +110,8 @@ def daemon_round(root: Path, model: Path, data: Path, steps: int, batch: int, se
                     sps = _metric(text, "mergeswarm_training_samples_per_second")
                     return {
                         "tokens_per_second": sps * seq_len,
-                        "publish_seconds": _metric(text, "mergeswarm_delta_publish_seconds"),
+                        "publish_seconds": _metric(text, f"{PUBLISH}_sum")
+                        / _metric(text, f"{PUBLISH}_count"),
                         "step_seconds": batch / sps,
                     }
             time.sleep(1)

@@ -4,13 +4,15 @@ offline merges of the experts, and the swarm's own head, all from one genesis in
     .venv/bin/python scripts/bench_quality.py [--rounds 3] [--round-steps 30] [--workdir DIR]
 
 The demo's setting with four domains of text shipped with Python (reference
-manual, library code, docstrings, licence). First a real local swarm (two
-aggregators, one volunteer per domain) runs R rounds; then, from the same
-genesis, each domain's expert trains alone for as many steps as that domain's
-volunteer took in the swarm, one model trains jointly on all four for their
-sum, and the experts are merged offline with linear averaging, task
-arithmetic, TIES and DARE-TIES. Every model is measured on the same held-out
-blocks of each domain (the ones no volunteer trained on).
+manual, library code, docstrings, licence) and a genesis pretrained on a
+balanced mixture of them. First a real local swarm (two aggregators, one
+volunteer per domain, one round of --round-steps per head) runs R rounds.
+Then, from the same genesis: each domain's expert trains alone for the
+R x round-steps its volunteer put into the head; one model trains jointly on
+the balanced mixture for the sum of those steps; and the experts are merged
+offline with linear averaging, task arithmetic, TIES and DARE-TIES. Every
+model is measured on the same held-out blocks of each domain, which no
+training saw.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ LR, BATCH, WARMUP = VOLUNTEER_LR, 8, 5
 def train(genesis: Path, data: list[Path], steps: int, out: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from node.data import load_dataset
+    from node.data import load_mixture
     from node.trainer import Trainer
 
-    dataset = load_dataset(data, AutoTokenizer.from_pretrained(genesis), seq_len=SEQ_LEN)
+    dataset = load_mixture(data, AutoTokenizer.from_pretrained(genesis), seq_len=SEQ_LEN)
     options = TrainOptions(seq_len=SEQ_LEN, batch_size=BATCH, lr=LR, warmup_steps=WARMUP)
     trainer = Trainer(genesis, dataset, options)
     trainer.train_round(max_steps=steps, max_seconds=None)
@@ -61,19 +63,13 @@ def train(genesis: Path, data: list[Path], steps: int, out: Path) -> Path:
     return out
 
 
-def volunteer_steps(swarm_dir: Path, domain: str) -> int:
-    checkpoint = swarm_dir / f"volunteer-{domain}" / "checkpoint"
-    latest = (checkpoint / "latest").read_text().strip()
-    return json.loads((checkpoint / latest / "state.json").read_text())["step"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-steps", type=int, default=30)
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--drop-rate", type=float, default=0.5)
-    parser.add_argument("--merge-method", default="ties", help="the swarm's merge method")
+    parser.add_argument("--merge-method", default="linear", help="the swarm's merge method")
     parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="the swarm's lambda")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
@@ -104,8 +100,10 @@ def main() -> int:
         log=lambda line: print("  " + line),
     )
     rows[f"swarm head (round {swarm.rounds[-1].round})"] = swarm.rounds[-1].loss
-    steps = {d: volunteer_steps(work / "swarm", d) for d in domains}
-    print(f"volunteer steps in the swarm: {steps}")
+    # Each volunteer trains one round of --round-steps per head, so the head of round R holds
+    # R rounds of each (the checkpoints may hold one more, begun on the last head).
+    steps = {d: args.rounds * args.round_steps for d in domains}
+    print(f"volunteer steps in the swarm's head: {steps}")
 
     experts = {}
     for d in domains:

@@ -215,3 +215,24 @@ def test_hostile_deltas_are_refused_and_counted_and_the_round_merges_the_honest_
         series = f'mergeswarm_deltas_rejected_total{{reason="{reason}"}} '
         assert any(ln.startswith(series) and float(ln.split()[1]) >= 1 for ln in text.splitlines())
     assert "mergeswarm_deltas_accepted_total 2.0" in text
+
+
+def test_demo_prepare_writes_what_the_compose_swarm_starts_from(tmp_path):
+    where = tmp_path / "swarm"
+    out = run_cli("demo", "--prepare", str(where), "--pretrain-steps", "5", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = load_swarm_config(where / "swarm.toml")
+    assert config.genesis_id == base_id(ModelDir(where / "genesis"))
+    assert config.round_period == 30 and len(config.aggregators) == 2
+    keys = {
+        Identity.load(where / d / "identity.pem").author for d in ("aggregator-1", "aggregator-2")
+    }
+    assert keys == set(config.aggregators)
+    assert {p.name for p in (where / "data").iterdir()} == {
+        "manual.jsonl",
+        "code.jsonl",
+        "docs.jsonl",
+    }
+    again = run_cli("demo", "--prepare", str(where), timeout=120)  # a restarted setup keeps it
+    assert again.returncode == 0 and "keeping" in again.stdout
+    assert load_swarm_config(where / "swarm.toml") == config

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from node.data import IGNORE, DataError, Example, load_dataset, pack, read_examples
+import pytest
+import torch
+
+from node.data import (
+    IGNORE,
+    DataError,
+    Example,
+    load_dataset,
+    load_mixture,
+    pack,
+    read_examples,
+)
 from node.tiny_model import build_tokenizer
 
 
@@ -63,3 +74,18 @@ def test_bad_data_files_are_named_with_the_problem(tmp_path, content, suffix, me
         path.write_bytes(content)
     with pytest.raises(DataError, match=message):
         read_examples(path)
+
+
+def test_a_mixture_splits_each_file_alone_and_balances_them(tmp_path, tokenizer):
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text("".join(json.dumps({"text": f"big {i} " * 8}) + "\n" for i in range(40)))
+    small.write_text("".join(json.dumps({"text": f"small {i} " * 8}) + "\n" for i in range(10)))
+    mixed = load_mixture([big, small], tokenizer, seq_len=16)
+    alone = [load_dataset([p], tokenizer, seq_len=16) for p in (big, small)]
+    assert len(mixed.train) == 2 * len(alone[0].train)  # the small file repeated to match
+    torch.testing.assert_close(
+        mixed.heldout.input_ids,
+        torch.cat([alone[0].heldout.input_ids, alone[1].heldout.input_ids]),
+    )
+    held_rows = {tuple(r) for r in mixed.heldout.input_ids.tolist()}
+    assert not held_rows & {tuple(r) for r in mixed.train.input_ids.tolist()}

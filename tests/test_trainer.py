@@ -68,6 +68,23 @@ def test_a_checkpoint_restores_weights_optimizer_step_and_data_position(
         torch.testing.assert_close(b.params[name], p)
 
 
+def test_on_a_new_base_a_checkpoint_gives_its_optimizer_state_but_not_its_weights(
+    tiny_base, tiny_finetuned, dataset, tmp_path
+):
+    a = Trainer(tiny_base, dataset, TrainOptions(**OPTS))
+    a.train_round(max_steps=3, max_seconds=None)
+    a.save(tmp_path / "ckpt", {"base_id": "old"})
+    b = Trainer(tiny_finetuned, dataset, TrainOptions(**OPTS))  # the next head
+    before = {n: p.detach().clone() for n, p in b.params.items()}
+    b.load(Trainer.latest(tmp_path / "ckpt"), weights=False)
+    assert (b.step, b.position) == (3, 12)
+    for name, p in b.params.items():
+        torch.testing.assert_close(p, before[name])  # the new base's weights stay
+        torch.testing.assert_close(
+            b.optimizer.state[p]["exp_avg"], a.optimizer.state[a.params[name]]["exp_avg"]
+        )
+
+
 def test_a_round_stops_when_asked(tiny_base, dataset):
     trainer = Trainer(tiny_base, dataset, TrainOptions(**OPTS))
     calls = iter([False, False, True])

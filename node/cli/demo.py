@@ -62,9 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-model load/save bars would drown the demo's steps
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeswarm-demo-"))
-    if args.offline:
-        return _offline(args, workdir)
     if args.prepare is not None:
         from node.swarm_demo import prepare_swarm
 
@@ -80,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"prepared a swarm in {args.prepare}")
         return 0
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeswarm-demo-"))
+    if args.offline:
+        return _offline(args, workdir)
     import logging
 
     from node.swarm_demo import run_swarm_demo
