@@ -98,6 +98,10 @@ class PeerDaemon:
             uptime_seconds=round(time.monotonic() - self.started, 1),
         )
 
+    def ready(self) -> bool:
+        """Joined the swarm and, for roles that need one, holding the head's verified base."""
+        return True
+
     def health(self) -> dict:
         """What ``/healthz`` says; roles add their own fields."""
         return {

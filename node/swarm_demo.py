@@ -209,6 +209,8 @@ def run_swarm_demo(
     from protocol.model_dir import ModelDir
 
     started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so that the finally below stops every daemon started here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     setup = prepare_swarm(
         workdir,
         volunteers=volunteers,

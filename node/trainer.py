@@ -224,7 +224,11 @@ class Trainer:
                 if key in st:
                     moments[f"{key}/{pname}"] = st[key].detach().cpu().contiguous()
         save_file(moments, tmp / CHECKPOINT_OPTIMIZER)
-        state = {"step": self.step, "position": self.position, "options": self.options.model_dump()}
+        state = {
+            "step": self.step,
+            "position": self.position,
+            "options": self.options.model_dump(mode="json"),
+        }
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state | extra))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

@@ -50,8 +50,8 @@ def _aggregator(tmp_path, name, config, join, *extra, env=None):
     return start_peer(tmp_path / name, *args, command="aggregator", env=env)
 
 
-def _volunteer(tmp_path, i, join):
-    args = ("--join", join, "--data", str(_data(tmp_path, i)), *TRAIN)
+def _volunteer(tmp_path, i, join, *extra):
+    args = ("--join", join, "--data", str(_data(tmp_path, i)), *TRAIN, *extra)
     return start_peer(tmp_path / f"v{i}", *args, command="node")
 
 
@@ -65,7 +65,8 @@ def test_three_rounds_leave_every_peer_on_one_head_that_the_merge_reproduces(
     join = seed.maddrs[0]
     _aggregator(tmp_path, "agg1", config_path, join, "--genesis", str(tiny_base))
     _aggregator(tmp_path, "agg2", config_path, join)
-    for i in range(3):
+    _volunteer(tmp_path, 0, join, "--swarm-config", str(config_path))  # pinned, not adopted
+    for i in (1, 2):
         _volunteer(tmp_path, i, join)
     observer = local_peer("observer", join=[join], swarm_id=config.swarm_id)
     trusted = set(config.aggregators)
@@ -81,6 +82,8 @@ def test_three_rounds_leave_every_peer_on_one_head_that_the_merge_reproduces(
         return None
 
     head = wait_for(agreed_head, 420, "every peer on one head of round >= 3")
+    for i in (1, 2):  # the others learned the swarm's config from the swarm, and kept it
+        assert load_swarm_config(tmp_path / f"v{i}" / "swarm.toml") == config
     assert head.deltas == len(head.merged) == 3 and head.parent != base_id(tiny_base)
 
     # Anyone can get it out, and transformers loads it.

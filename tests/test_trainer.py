@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -120,3 +122,16 @@ def test_a_base_that_is_not_a_model_is_a_clear_error(tmp_path, dataset):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TrainError, match="cannot load the base"):
         Trainer(tmp_path, dataset, TrainOptions(**OPTS))
+
+
+def test_a_checkpoint_of_a_nodes_settings_with_paths_saves(tiny_base, dataset, tmp_path):
+    from pathlib import Path
+
+    from node.config import NodeSettings
+
+    settings = NodeSettings(**OPTS, swarm_config=Path("swarm.toml"), data=["d.jsonl"])
+    trainer = Trainer(tiny_base, dataset, settings)
+    trainer.train_round(max_steps=1, max_seconds=None)
+    trainer.save(tmp_path / "ckpt", {})
+    saved = json.loads((Trainer.latest(tmp_path / "ckpt") / "state.json").read_text())
+    assert saved["options"]["swarm_config"] == "swarm.toml"

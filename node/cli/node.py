@@ -101,6 +101,7 @@ def run_node(args: argparse.Namespace) -> int:
     from node.settings import SettingsError, load_settings
     from node.swarm import Swarm
     from node.volunteer import Volunteer
+    from protocol.swarm_config import load_swarm_config
 
     if args.action is not None:
         return control(args)
@@ -109,7 +110,10 @@ def run_node(args: argparse.Namespace) -> int:
         raise SettingsError("give your training data: --data FILE (JSONL or text; repeatable)")
     for path in settings.data:  # fail before joining, not minutes later
         read_examples(path)
-    swarm = Swarm(settings.options(args.data_dir))
+    options = settings.options(args.data_dir)
+    if settings.swarm_config is not None:  # the config names the swarm to join
+        options.swarm_id = load_swarm_config(settings.swarm_config).swarm_id
+    swarm = Swarm(options)
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     server = control_server = None
     failure: list[BaseException] = []

@@ -61,7 +61,7 @@ def serve_metrics(daemon, args: argparse.Namespace, data_dir: Path):
     if args.metrics_port is None:
         return None
     server = MetricsServer(
-        daemon.metrics.registry, daemon.health, args.metrics_host, args.metrics_port
+        daemon.metrics.registry, daemon.health, args.metrics_host, args.metrics_port, daemon.ready
     )
     write_atomic(data_dir / "metrics_port", f"{server.port}\n".encode())
     print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
