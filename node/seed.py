@@ -50,7 +50,7 @@ class Seed(PeerDaemon):
         chosen = choose_head(heads, self.trusted)
         if chosen is None:
             return {}
-        head = chosen[1]
+        head = self.head = chosen[1]  # heart-beaten: the monitor shows the seed's lag too
         wanted = {b: (HEAD_PIN, None) for b in (head.patch_id, head.snapshot_id) if b}
         for record in self.swarm.read("announce", topic=head.base_id):
             if isinstance(record.body, DeltaAnnouncement):

@@ -13,7 +13,13 @@ if ! command -v apt-get > /dev/null; then
     exit 1
 fi
 sudo=""
-[ "$(id -u)" -ne 0 ] && sudo="sudo"
+if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo > /dev/null; then
+        echo "install_system.sh: not root and no sudo; please install: ${missing[*]}" >&2
+        exit 1
+    fi
+    sudo="sudo"
+fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) > /dev/null
