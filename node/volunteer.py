@@ -323,7 +323,7 @@ class Volunteer(PeerDaemon):
                 metadata=metadata,
             )
             self.store.add_file(out, pin=OWN_DELTA)
-        crash_point("publish:stored")
+            crash_point("publish:stored")  # the temporary copy is still on disk here
         announcement = DeltaAnnouncement(
             base_id=head.base_id,
             delta_id=delta_id,
