@@ -39,7 +39,7 @@ from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candid
 from node.bases import HEAD_PIN, Bases
 from node.blobstore import BlobStore
 from node.faults import crash_point
-from node.history import chain_back
+from node.history import sync_head
 from node.metrics import AggregatorMetrics
 from node.peer import PeerDaemon
 from node.swarm import Swarm
@@ -184,8 +184,7 @@ class Aggregator(PeerDaemon):
         head = self.head
         if not self.bases.has(head.base_id):
             self.status = f"fetching base {head.base_id[:16]}"
-            for step in chain_back(self.swarm, head, set(self.config.aggregators), self.bases.has):
-                self.bases.sync(step)
+            sync_head(self.swarm, self.bases, head, set(self.config.aggregators))
         waited = time.monotonic() - self.head_seen_at
         if waited < self.config.round_period:
             self.status = (

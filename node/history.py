@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+from node.bases import Bases
 from node.swarm import Swarm
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
@@ -95,3 +97,15 @@ def _parent(swarm: Swarm, head: Head, trusted: set[str]) -> Head:
     if parent is None or parent.round >= head.round:
         raise MergeswarmError(f"the parent of round {head.round} is no longer published")
     return parent
+
+
+def sync_head(swarm: Swarm, bases: Bases, head: Head, trusted: set[str]) -> Path:
+    """The head's verified model directory, patched forward from a held base or the nearest
+    snapshot; with the history gone, from the head's own patch or snapshot."""
+    try:
+        chain = chain_back(swarm, head, trusted, bases.has)
+    except MergeswarmError:
+        chain = [head]
+    for step in chain:
+        bases.sync(step)
+    return bases.sync(head)

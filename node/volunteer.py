@@ -27,7 +27,7 @@ from node.blobstore import BlobStore
 from node.config import NodeSettings
 from node.data import Dataset, load_dataset
 from node.faults import crash_point
-from node.history import chain_back, find_config
+from node.history import find_config, sync_head
 from node.metrics import NodeMetrics
 from node.peer import PeerDaemon
 from node.swarm import Swarm
@@ -187,13 +187,7 @@ class Volunteer(PeerDaemon):
     def sync(self, head: Head) -> Path:
         if not self.bases.has(head.base_id):
             self.status = f"fetching base {head.base_id[:16]}"
-        try:
-            chain = chain_back(self.swarm, head, self.trusted, self.bases.has)
-        except MergeswarmError:
-            chain = [head]  # the history is gone: the head's own patch or snapshot, if any
-        for step in chain:
-            self.bases.sync(step)
-        return self.bases.sync(head)
+        return sync_head(self.swarm, self.bases, head, self.trusted)
 
     # -- training thread ---------------------------------------------------------------------------
 
