@@ -14,25 +14,36 @@ the origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivemind.p2p import P2PContext, PeerID
 
-from node.blobstore import BlobError, BlobStore, Partial, QuotaError, check_manifest, piece_range
+from node.blobstore import (
+    PIECE_SIZE,
+    BlobError,
+    BlobStore,
+    Partial,
+    QuotaError,
+    check_manifest,
+    piece_range,
+)
 from node.framing import (
     IO_TIMEOUT,
+    DetachedStream,
     FrameError,
     read_frame,
     read_frames,
-    read_raw,
+    thread_pool,
     write_frame,
-    write_raw,
 )
 from node.swarm import Swarm
 from protocol import transfer_pb2 as pb
@@ -46,12 +57,15 @@ PIECES = "mergeswarm.Pieces"
 UPLOAD = "mergeswarm.Upload"
 PROVIDER_TTL = 300.0
 _RUN = 4  # pieces per request while others trade the blob: pieces spread quickly
-_LONG_RUN = 32  # pieces per request otherwise: fewer round trips
+_LONG_RUN = 64  # pieces per request otherwise: fewer round trips
 _STALL = 2.0  # seconds without a new piece before complete sources serve anything
+_FRESH = 0.05  # seconds a source's answer to Have is used without asking again
 _REFRESH = 0.5  # seconds between looks for new providers while downloading
 _SMALL = 4096  # cap of a request or result frame
 _TRACKED_BLOBS = 64  # blobs whose per-piece send counts a provider keeps
 _MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
+_SAVE_EVERY = 16  # pieces between resume points (and fsyncs: the last one is short)
+_IN_FLIGHT = 2  # pieces of one stream being checked and written while the next one is read
 _UPLOAD_CHUNK = 1 << 20
 SEND = "send"  # an upload's go-ahead, after its header was accepted
 _UPLOAD_FRAME = _UPLOAD_CHUNK + 4096
@@ -105,17 +119,18 @@ class BlobService:
         self.swarm.run(p2p.add_binary_stream_handler(UPLOAD, self._upload_stream))
 
     async def _pieces_stream(self, info, reader, writer) -> None:
+        stream = None
         try:
             request = await read_frame(reader, pb.PieceRequest, _SMALL)
             if request is not None:
-                async for piece, data in self._pieces(request, info.peer_id):
-                    await write_frame(writer, piece)
-                    if data:
-                        await write_raw(writer, data)
-        except (FrameError, ConnectionError) as exc:
+                stream = DetachedStream(reader, writer)  # pieces go out by sendfile
+                await self._serve_run(request, info.peer_id, stream)
+        except (FrameError, OSError) as exc:
             self._refuse("broken request")
             logger.debug("pieces for %s: %s", info.peer_id, exc)
         finally:
+            if stream is not None:
+                await stream.aclose()
             writer.close()
 
     async def _upload_stream(self, info, reader, writer) -> None:
@@ -185,50 +200,54 @@ class BlobService:
         while len(self._sent_counts) > _TRACKED_BLOBS:
             self._sent_counts.pop(next(iter(self._sent_counts)))
 
-    async def _pieces(
-        self, request: pb.PieceRequest, peer: PeerID
-    ) -> AsyncIterator[tuple[pb.Piece, bytes | None]]:
-        """(header, bytes) for each piece of the run, or a final header with an error."""
+    async def _serve_run(
+        self, request: pb.PieceRequest, peer: PeerID, stream: DetachedStream
+    ) -> None:
+        """Send the run of pieces the limits allow, then a header with an error if it stops
+        short. The run goes out in one call on a worker thread (``_send_run``)."""
         found = self._lookup(request.swarm_id, request.blob_id)
         if isinstance(found, str):
-            yield pb.Piece(error=found), None
+            await stream.call(stream.write_frame, pb.Piece(error=found))
             return
         manifest, partial = found
-        if self._active >= self.limits.slots:
-            yield pb.Piece(error=self._refuse("busy")), None
-            return
-        if self._per_peer[peer] >= self.limits.per_peer:
-            yield pb.Piece(error=self._refuse("too many requests")), None
+        busy = (
+            "busy"
+            if self._active >= self.limits.slots
+            else "too many requests"
+            if self._per_peer[peer] >= self.limits.per_peer
+            else None
+        )
+        if busy:
+            await stream.call(stream.write_frame, pb.Piece(error=self._refuse(busy)))
             return
         count = len(manifest.piece_hashes)
-        last = min(request.first + max(request.count, 1), count)
+        headers: list[pb.Piece] = []
+        refusal = None
+        for index in range(request.first, min(request.first + max(request.count, 1), count)):
+            size = piece_range(manifest, index)[1]
+            if partial is not None and not partial.has(index):
+                refusal = pb.Piece(index=index, error=self._refuse("piece not held"))
+                break
+            if not self._within_budget(peer, size):
+                refusal = pb.Piece(index=index, error=self._refuse("peer byte budget"))
+                break
+            self._charge(peer, size)
+            headers.append(pb.Piece(index=index, size=size))
+        path = self.store.path(request.blob_id) if partial is None else partial.path
+        sent: list[int] = []
         self._active += 1
         self._per_peer[peer] += 1
         try:
-            for index in range(request.first, last):
-                if not self._within_budget(peer, manifest.piece_size):
-                    yield pb.Piece(index=index, error=self._refuse("peer byte budget")), None
-                    return
-                loop = asyncio.get_running_loop()
-                if partial is not None:
-                    data = await loop.run_in_executor(None, partial.read_piece, index)
-                else:
-                    data = await loop.run_in_executor(
-                        None, self.store.read_piece, request.blob_id, manifest, index
-                    )
-                if data is None:
-                    yield pb.Piece(index=index, error=self._refuse("piece not held")), None
-                    return
-                self.stats.bytes_out += len(data)
-                self._charge(peer, len(data))
-                if partial is None:
-                    self._count_sent(request.blob_id, count, index)
-                yield pb.Piece(index=index, size=len(data)), data
+            await stream.call(_send_run, stream, path, headers, refusal, sent)
         finally:
             self._active -= 1
             self._per_peer[peer] -= 1
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
+            for index in sent:
+                self.stats.bytes_out += piece_range(manifest, index)[1]
+                if partial is None:
+                    self._count_sent(request.blob_id, count, index)
 
     def _within_budget(self, peer: PeerID, nbytes: int) -> bool:
         limit = self.limits.peer_bytes_per_minute
@@ -305,6 +324,30 @@ class BlobService:
         )
 
 
+def _send_run(
+    stream: DetachedStream,
+    path: Path,
+    headers: list[pb.Piece],
+    refusal: pb.Piece | None,
+    sent: list[int],
+) -> None:
+    """Each piece's header, then its bytes straight from the file; the index of every piece
+    sent goes into ``sent`` (on a worker thread)."""
+    if headers:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for piece in headers:
+                stream.write_frame(piece)
+                stream.sendfile(
+                    fd, piece.index * PIECE_SIZE, piece.size
+                )  # every manifest cuts there
+                sent.append(piece.index)
+        finally:
+            os.close(fd)
+    if refusal is not None:
+        stream.write_frame(refusal)
+
+
 def _held(index: int, have: bytes) -> bool:
     return index // 8 < len(have) and bool(have[index // 8] >> (index % 8) & 1)
 
@@ -341,6 +384,7 @@ class _Source:
     received: int = 0  # verified bytes from this source
     served: int | None = None  # what it says it has served to everyone (None: not asked yet)
     complete: bool = False  # it holds the whole blob (its ``have`` is what it offers)
+    asked_at: float = 0.0  # when its ``have`` was last asked for
 
 
 class Fetcher:
@@ -370,40 +414,31 @@ class Fetcher:
         self.partial: Partial | None = None
         self.errors: list[str] = []
         self._last_piece = time.monotonic()
+        self._progress = asyncio.Event()  # a piece landed: the download loop looks again
 
     async def run(self, timeout: float) -> None:
         if self.store.has(self.blob_id):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        rejected_manifests: set[bytes] = set()
-        while True:
-            manifest, origin = await self._find_manifest(rejected_manifests, deadline)
-            try:
-                self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
-            except (QuotaError, OSError) as exc:
-                raise FetchError(
-                    self._why(f"no room for {manifest.size:,} bytes ({exc})")
-                ) from None
-            try:
-                await self._download(deadline)
-            except BaseException:
-                await loop.run_in_executor(None, self._pause)
-                raise
-            ok = await loop.run_in_executor(None, self.store.finish_partial, self.partial)
-            logger.info(
-                "fetched %s: %s",
-                self.blob_id[:16],
-                ", ".join(
-                    f"{str(s.peer)[-6:]} {s.received >> 20} MiB" for s in self.sources.values()
-                ),
-            )
-            if ok:
-                if self.serve:
-                    await loop.run_in_executor(None, announce, self.swarm, self.blob_id, True)
-                return
-            rejected_manifests.add(manifest.SerializeToString())
-            self._ban(origin, "its manifest did not add up to the blob id")
+        manifest = await self._find_manifest(deadline)
+        try:
+            self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
+        except (QuotaError, OSError) as exc:
+            raise FetchError(self._why(f"no room for {manifest.size:,} bytes ({exc})")) from None
+        try:
+            await self._download(deadline)
+            await loop.run_in_executor(None, self.store.finish_partial, self.partial)
+        except BaseException:
+            await loop.run_in_executor(None, self._pause)
+            raise
+        logger.info(
+            "fetched %s: %s",
+            self.blob_id[:16],
+            ", ".join(f"{str(s.peer)[-6:]} {s.received >> 20} MiB" for s in self.sources.values()),
+        )
+        if self.serve:
+            await loop.run_in_executor(None, announce, self.swarm, self.blob_id, True)
 
     def _pause(self) -> None:
         """A failed or cancelled fetch: keep the pieces for a resume, stop offering them."""
@@ -453,13 +488,14 @@ class Fetcher:
             self._fail(source, f"{source.peer}: {response.error}", backoff=2)
             return None
         source.have = response.have
+        source.asked_at = time.monotonic()
         source.served = response.served
         source.complete = response.complete
         return response
 
-    async def _find_manifest(
-        self, rejected: set[bytes], deadline: float
-    ) -> tuple[pb.Manifest, _Source]:
+    async def _find_manifest(self, deadline: float) -> pb.Manifest:
+        """The blob's manifest from the first provider whose list of piece hashes adds up to
+        the id (a provider offering another is dropped)."""
         loop = asyncio.get_running_loop()
         while loop.time() < deadline:
             await self._refresh_sources()
@@ -474,10 +510,7 @@ class Fetcher:
                 except BlobError as exc:
                     self._ban(source, str(exc))
                     continue
-                if response.manifest.SerializeToString() in rejected:
-                    self._ban(source, "it offers a manifest already found wrong")
-                    continue
-                return response.manifest, source
+                return response.manifest
             await asyncio.sleep(0.5)
         raise FetchError(self._why("no provider answered with a manifest"))
 
@@ -488,7 +521,8 @@ class Fetcher:
         saved_at = 0
         announced = False
         # Know every source's load and holdings before choosing whom to ask for what.
-        await asyncio.gather(*(self._ask_have(s, False) for s in list(self.sources.values())))
+        unasked = [s for s in self.sources.values() if s.served is None]
+        await asyncio.gather(*(self._ask_have(s, False) for s in unasked))
         try:
             while not self.partial.complete:
                 if loop.time() > deadline:
@@ -507,10 +541,12 @@ class Fetcher:
                 if self.serve and self.partial.done and not announced:
                     announced = True
                     await loop.run_in_executor(None, announce, self.swarm, self.blob_id, False)
-                if self.partial.done - saved_at >= 64:  # resume point every 64 pieces
+                if self.partial.done - saved_at >= _SAVE_EVERY:
                     await loop.run_in_executor(None, self.partial.save_progress)
                     saved_at = self.partial.done
-                await asyncio.sleep(0.05)
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), 0.05)
         finally:
             for task in workers.values():
                 task.cancel()
@@ -549,7 +585,11 @@ class Fetcher:
             return []
         holders = {i: sum(_held(i, s.have) for s in self.sources.values()) for i in wanted}
         rarest = min(holders.values())
-        start = random.choice([i for i in wanted if holders[i] == rarest])
+        # Start where a stretch of the rarest pieces starts, so the blob is fetched in a few
+        # long runs rather than cut into many short ones by random starting points.
+        start = random.choice(
+            [i for i in wanted if holders[i] == rarest and holders.get(i - 1) != rarest]
+        )
         run = [start]
         # Long runs when nobody else is trading pieces of it (fewer round trips); short ones
         # while others are, so that pieces spread over the fetchers quickly.
@@ -561,7 +601,8 @@ class Fetcher:
     async def _work(self, source: _Source) -> None:
         """Fetch runs from one source until it has nothing we need, fails or lies."""
         while not self.partial.complete:
-            if await self._ask_have(source, with_manifest=False) is None:
+            fresh = time.monotonic() - source.asked_at < _FRESH  # just asked: spare a round trip
+            if not fresh and await self._ask_have(source, with_manifest=False) is None:
                 return
             run = self._pick_run(source)
             if not run:
@@ -576,65 +617,48 @@ class Fetcher:
                 return
 
     async def _fetch_run(self, source: _Source, run: list[int]) -> None:
-        """Fetch a run of pieces from one source; hashing and writing overlap the next read."""
+        """Fetch a run of pieces from one source (received by ``_receive_run``)."""
         request = pb.PieceRequest(
             swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, first=run[0], count=len(run)
         )
         loop = asyncio.get_running_loop()
-        manifest = self.partial.manifest
-        writer = None
-        pending: list[tuple[int, int, asyncio.Future]] = []  # (index, size, write future)
 
-        async def settle(keep: int) -> bool:
-            while len(pending) > keep:
-                index, size, future = pending.pop(0)
-                if not await future:
-                    self.stats.bad_pieces += 1
-                    self._fail(
-                        source, f"{source.peer}: piece {index} does not match its hash", backoff=120
-                    )
-                    return False
-                self.stats.bytes_in += size
-                source.received += size
-                self._last_piece = time.monotonic()
-            return True
+        def landed(size: int) -> None:  # on the event loop, as each piece is written
+            self.stats.bytes_in += size
+            source.received += size
+            self._last_piece = time.monotonic()
+            self._progress.set()
 
+        writer = stream = None
         try:
             _, reader, writer = await asyncio.wait_for(
                 self.swarm.p2p.call_binary_stream_handler(source.peer, PIECES), IO_TIMEOUT
             )
             await write_frame(writer, request)
-            for index in run:
-                piece = await read_frame(reader, pb.Piece, _SMALL)
-                if piece is None:
-                    raise FrameError(f"the stream ended before piece {index}")
-                if piece.error:
-                    busy = piece.error in ("busy", "too many requests")
-                    self._fail(
-                        source,
-                        f"{source.peer}: {piece.error}",
-                        backoff=0.5 if busy else 5,
-                        count=not busy,
-                    )
-                    break
-                if piece.index != index or piece.size != piece_range(manifest, index)[1]:
-                    self._fail(
-                        source,
-                        f"{source.peer}: sent piece {piece.index} of {piece.size} bytes for {index}",
-                        backoff=60,
-                    )
-                    break
-                data = await read_raw(reader, piece.size)
-                pending.append(
-                    (
-                        index,
-                        piece.size,
-                        loop.run_in_executor(None, self.partial.write_piece, index, data),
-                    )
+            stream = DetachedStream(reader, writer)
+            problem = await stream.call(
+                self._receive_run, stream, run, lambda n: loop.call_soon_threadsafe(landed, n)
+            )
+            if isinstance(problem, int):
+                self.stats.bad_pieces += 1
+                self._fail(
+                    source, f"{source.peer}: piece {problem} does not match its hash", backoff=120
                 )
-                if not await settle(keep=2):
-                    break
-            await settle(keep=0)
+            elif problem is not None and problem.error:
+                busy = problem.error in ("busy", "too many requests")
+                self._fail(
+                    source,
+                    f"{source.peer}: {problem.error}",
+                    backoff=0.5 if busy else 5,
+                    count=not busy,
+                )
+            elif problem is not None:
+                self._fail(
+                    source,
+                    f"{source.peer}: sent piece {problem.index} of {problem.size} bytes "
+                    "for another",
+                    backoff=60,
+                )
         except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
             self._fail(
                 source, f"{source.peer}: stream broke ({exc or type(exc).__name__})", backoff=2
@@ -642,10 +666,49 @@ class Fetcher:
         except Exception as exc:  # noqa: BLE001 - p2pd errors have no common base; the pieces go elsewhere
             self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=2)
         finally:
-            for _, _, future in pending:  # let writes in flight land before the pieces are re-asked
-                await asyncio.wait([future])
+            if stream is not None:  # the run's thread lets go (its writes landed) before a re-ask
+                await stream.aclose()
             if writer is not None:
                 writer.close()
+
+    def _receive_run(
+        self, stream: DetachedStream, run: list[int], landed: Callable[[int], None]
+    ) -> pb.Piece | int | None:
+        """Read a run's pieces, each straight into one of a few buffers, while other threads
+        check and write the ones before it, so the stream keeps flowing (on a worker thread).
+
+        Returns None when the whole run landed, else what stopped it: the header of a refusal
+        or of a piece other than the one asked for, or the index of a piece that does not
+        match its hash. ``landed(size)`` is called as each piece is written.
+        """
+        manifest = self.partial.manifest
+        buffers = [memoryview(bytearray(manifest.piece_size)) for _ in range(_IN_FLIGHT + 1)]
+        writes: deque[tuple[int, int, Future]] = deque()  # (index, size, check-and-write)
+
+        def settle(keep: int) -> int | None:
+            while len(writes) > keep:
+                index, size, write = writes.popleft()
+                if not write.result():
+                    return index
+                landed(size)
+            return None
+
+        try:
+            for n, index in enumerate(run):
+                piece = stream.read_frame(pb.Piece, _SMALL)
+                if piece.error or piece.index != index:
+                    return piece
+                if piece.size != piece_range(manifest, index)[1]:
+                    return piece
+                view = buffers[n % len(buffers)][: piece.size]  # free: at most _IN_FLIGHT pending
+                stream.read_into(view)
+                write = thread_pool("pieces", 8).submit(self.partial.write_piece, index, view)
+                writes.append((index, piece.size, write))
+                if (bad := settle(_IN_FLIGHT)) is not None:
+                    return bad
+            return settle(0)
+        finally:
+            wait([w for _, _, w in writes])  # writes land before the pieces can be asked again
 
     def _fail(self, source: _Source, message: str, *, backoff: float, count: bool = True) -> None:
         if count:

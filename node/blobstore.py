@@ -2,7 +2,7 @@
 
 Layout under ``<data dir>/blobs``::
 
-    <id>             a complete blob; its id is the SHA-256 of its bytes
+    <id>             a complete blob; its id hashes its bytes (protocol.ids.blob_root)
     <id>.manifest    its piece hashes (protocol.transfer_pb2.Manifest)
     partial/<id>     a download in progress, pieces written in place
     partial/<id>.manifest, partial/<id>.have   what it should hold and what it holds
@@ -27,11 +27,11 @@ from pathlib import Path
 from protocol import transfer_pb2 as pb
 from protocol.durable import fsync_dir, write_atomic
 from protocol.errors import MergeswarmError
-from protocol.ids import is_id
+from protocol.ids import BLOB_PIECE, BlobHasher, blob_piece_count, blob_root, file_hasher, is_id
 
 logger = logging.getLogger(__name__)
 
-PIECE_SIZE = 1 << 20
+PIECE_SIZE = BLOB_PIECE  # pieces are the id's own: each is verified against it on arrival
 MAX_PIECES = 1 << 16  # 64 GiB blobs: bounds a manifest from a peer (~2 MiB)
 _COPY = 1 << 20
 
@@ -44,15 +44,12 @@ class QuotaError(BlobError):
     """The store cannot make room without dropping pinned blobs."""
 
 
-def piece_count(size: int, piece_size: int) -> int:
-    return max(1, -(-size // piece_size))
-
-
 def check_manifest(manifest: pb.Manifest, blob_id: str, size: int | None = None) -> None:
-    """Raise BlobError unless ``manifest`` is well-formed for ``blob_id`` (and ``size``).
+    """Raise BlobError unless ``manifest`` is the one of ``blob_id`` (and ``size``).
 
-    Manifests are deterministic (PIECE_SIZE pieces), so a provider cannot choose another
-    cut, and the piece count (hence the manifest) is bounded by MAX_PIECES.
+    The piece hashes must add up to the id, so a manifest from a peer is checked
+    before a byte of the blob is fetched; the piece count (hence the manifest) is
+    bounded by MAX_PIECES.
     """
     if manifest.blob_id != blob_id:
         raise BlobError(f"manifest is for {manifest.blob_id[:16]!r}, not {blob_id[:16]}")
@@ -60,11 +57,13 @@ def check_manifest(manifest: pb.Manifest, blob_id: str, size: int | None = None)
         raise BlobError(f"manifest piece size {manifest.piece_size}; pieces are {PIECE_SIZE}")
     if size is not None and manifest.size != size:
         raise BlobError(f"manifest says {manifest.size:,} bytes; the blob has {size:,}")
-    n = piece_count(manifest.size, manifest.piece_size)
+    n = blob_piece_count(manifest.size)
     if n > MAX_PIECES or len(manifest.piece_hashes) != n:
         raise BlobError(f"manifest lists {len(manifest.piece_hashes)} pieces for {n}")
     if any(len(h) != 32 for h in manifest.piece_hashes):
         raise BlobError("manifest piece hashes must be SHA-256")
+    if blob_root(manifest.size, manifest.piece_hashes) != blob_id:
+        raise BlobError("manifest piece hashes do not add up to the blob id")
 
 
 def piece_range(manifest: pb.Manifest, index: int) -> tuple[int, int]:
@@ -171,16 +170,11 @@ class BlobStore:
             return pb.Manifest.FromString(path.read_bytes())
         return self._write_manifest(blob_id)
 
-    def _write_manifest(self, blob_id: str) -> pb.Manifest:
-        hashes = []
-        with open(self.path(blob_id), "rb") as f:
-            while piece := f.read(PIECE_SIZE):
-                hashes.append(hashlib.sha256(piece).digest())
+    def _write_manifest(self, blob_id: str, hasher: BlobHasher | None = None) -> pb.Manifest:
+        """Record the piece hashes of a stored blob (from ``hasher`` if it just hashed it)."""
+        hasher = hasher or file_hasher(self.path(blob_id))
         manifest = pb.Manifest(
-            blob_id=blob_id,
-            size=self.size(blob_id),
-            piece_size=PIECE_SIZE,
-            piece_hashes=hashes or [hashlib.sha256(b"").digest()],
+            blob_id=blob_id, size=hasher.size, piece_size=PIECE_SIZE, piece_hashes=hasher.pieces()
         )
         write_atomic(self.root / (blob_id + ".manifest"), manifest.SerializeToString())
         return manifest
@@ -196,24 +190,26 @@ class BlobStore:
         source = Path(source)
         size = source.stat().st_size
         tmp = self.root / f".add.tmp-{os.getpid()}-{threading.get_ident()}"
-        h = hashlib.sha256()
+        hasher = BlobHasher()
         try:
             with self._lock:
                 self.make_room(size)
             with open(source, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(_COPY):
-                    h.update(chunk)
+                    hasher.update(chunk)
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
-            blob_id = h.hexdigest()
-            self._install(tmp, blob_id, pin)
+            blob_id = hasher.hexdigest()
+            self._install(tmp, blob_id, pin, hasher)
         finally:
             tmp.unlink(missing_ok=True)
         return blob_id
 
     def add_bytes(self, data: bytes, *, pin: str | None = None) -> str:
-        blob_id = hashlib.sha256(data).hexdigest()
+        hasher = BlobHasher()
+        hasher.update(data)
+        blob_id = hasher.hexdigest()
         if not self.has(blob_id):
             tmp = self.root / f".add.tmp-{os.getpid()}-{threading.get_ident()}"
             try:
@@ -223,7 +219,7 @@ class BlobStore:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                self._install(tmp, blob_id, pin)
+                self._install(tmp, blob_id, pin, hasher)
             finally:
                 tmp.unlink(missing_ok=True)
         elif pin:
@@ -236,22 +232,21 @@ class BlobStore:
             self.make_room(size)
         return Incoming(self, size)
 
-    def _install(self, tmp: Path, blob_id: str, pin: str | None) -> None:
+    def _install(
+        self, tmp: Path, blob_id: str, pin: str | None, hasher: BlobHasher | None = None
+    ) -> None:
         with self._lock:
             if pin:
                 self.pin(blob_id, pin)
             if not self.has(blob_id):
                 os.replace(tmp, self.root / blob_id)
                 fsync_dir(self.root)
+                self._write_manifest(blob_id, hasher)
         self.manifest(blob_id)
 
     def verify(self, blob_id: str) -> bool:
         """Whether the stored bytes still hash to the id."""
-        h = hashlib.sha256()
-        with open(self.path(blob_id), "rb") as f:
-            while chunk := f.read(_COPY):
-                h.update(chunk)
-        return h.hexdigest() == blob_id
+        return file_hasher(self.path(blob_id)).hexdigest() == blob_id
 
     # -- pins and garbage collection ----------------------------------------------
 
@@ -354,27 +349,25 @@ class BlobStore:
             self._partials[manifest.blob_id] = partial
             return partial
 
-    def finish_partial(self, partial: Partial, *, pin: str | None = None) -> bool:
-        """Move a complete download in if it hashes to its id; otherwise discard it."""
-        h = hashlib.sha256()
-        with open(partial.path, "rb") as f:
-            while chunk := f.read(_COPY):
-                h.update(chunk)
-        ok = h.hexdigest() == partial.blob_id
-        if ok:
-            with open(partial.path, "rb+") as f:
-                os.fsync(f.fileno())
-            with self._lock:
-                if pin:
-                    self.pin(partial.blob_id, pin)
-                os.replace(partial.path, self.root / partial.blob_id)
-                fsync_dir(self.root)
-                write_atomic(
-                    self.root / (partial.blob_id + ".manifest"),
-                    partial.manifest.SerializeToString(),
-                )
+    def finish_partial(self, partial: Partial, *, pin: str | None = None) -> None:
+        """Move a complete download in.
+
+        No pass over the whole file: every piece was checked against the manifest as
+        it landed, and the manifest against the id when the download started.
+        """
+        if not partial.complete:
+            raise BlobError(f"{partial.done} of {partial.count} pieces of {partial.blob_id[:16]}")
+        with open(partial.path, "rb+") as f:
+            os.fsync(f.fileno())
+        with self._lock:
+            if pin:
+                self.pin(partial.blob_id, pin)
+            os.replace(partial.path, self.root / partial.blob_id)
+            fsync_dir(self.root)
+            write_atomic(
+                self.root / (partial.blob_id + ".manifest"), partial.manifest.SerializeToString()
+            )
         self.abandon_partial(partial)
-        return ok
 
     def release_partial(self, partial: Partial) -> None:
         """Stop serving and counting a paused download; its files stay for a later resume."""
@@ -395,7 +388,7 @@ class Incoming:
         self.store = store
         self.size = size
         self.received = 0
-        self._hash = hashlib.sha256()
+        self._hash = BlobHasher()
         self._tmp = store.root / f".in.tmp-{os.getpid()}-{id(self)}"
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish/discard
 
@@ -416,7 +409,7 @@ class Incoming:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self.store._install(self._tmp, blob_id, pin)
+            self.store._install(self._tmp, blob_id, pin, self._hash)
         finally:
             self.discard()
 

@@ -9,8 +9,13 @@ or stalled peer costs at most one frame's worth of memory and a timeout.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import struct
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -20,6 +25,7 @@ from protocol.errors import MergeswarmError
 _LEN = struct.Struct("<I")
 IO_TIMEOUT = 30.0
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 class FrameError(MergeswarmError):
@@ -84,3 +90,156 @@ async def read_raw(reader: asyncio.StreamReader, size: int, timeout: float = IO_
         raise FrameError(f"the stream ended inside {size} raw bytes") from None
     except TimeoutError:
         raise FrameError(f"the peer stalled for {timeout:.0f} s inside raw bytes") from None
+
+
+_pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+_pools_lock = threading.Lock()
+
+
+def thread_pool(name: str, size: int) -> ThreadPoolExecutor:
+    """A named pool of worker threads, made on first use in each process (a fork gets its own)."""
+    with _pools_lock:
+        pid, pool = _pools.get(name, (None, None))
+        if pool is None or pid != os.getpid():
+            pool = ThreadPoolExecutor(size, thread_name_prefix=f"mergeswarm-{name}")
+            _pools[name] = (os.getpid(), pool)
+        return pool
+
+
+class DetachedStream:
+    """A libp2p stream whose bulk bytes move in blocking calls on a worker thread.
+
+    hivemind hands a stream over as an asyncio reader and writer on a unix
+    socket to p2pd. Moving a 1 MiB piece through them costs three copies and
+    dozens of event-loop wake-ups, and on a small machine that Python work
+    competes for the cores with the two p2pd daemons doing the real work
+    (measured: the blob protocol at 0.35 of a raw stream). Once the control
+    frames are done, this takes the socket over: the transport stops reading,
+    the socket turns blocking, and the methods below, called on a worker
+    thread, read a whole piece into a caller's buffer in one ``recv``
+    (``MSG_WAITALL``) or ``sendfile`` it from the store in one call. The GIL
+    is released for the whole piece instead of being fought over after every
+    few kilobytes.
+
+    A call gives up after ``timeout`` seconds without progress; :meth:`aclose`
+    stops a call in flight within ``_SLICE`` seconds, and hands the socket back
+    to the transport (non-blocking) only once it has returned.
+    """
+
+    _SLICE = 0.2  # the socket's send and receive timeouts: how often a blocked call looks up
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout: float = IO_TIMEOUT,
+    ) -> None:
+        transport = writer.transport
+        transport.pause_reading()
+        # Bytes the reader already took off the socket (CPython keeps them in ``_buffer``)
+        # come first; none are expected, since the peer waits for a request first.
+        buffered = getattr(reader, "_buffer", None)
+        self._pending = bytearray(buffered or b"")
+        if buffered:
+            buffered.clear()
+        # A second descriptor of the same socket, so the transport's own stays untouched.
+        self._sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        self._sock.setblocking(
+            True
+        )  # flags are shared: the transport's descriptor too, until aclose
+        slice_ = struct.pack("ll", int(self._SLICE), int(self._SLICE % 1 * 1e6))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, slice_)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, slice_)
+        self._stop = threading.Event()
+        self._job: Future | None = None
+        self.timeout = timeout
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)``, which uses this stream, on a worker thread (one call at a time)."""
+        # One thread per stream in use, so a call may wait for other pools' work, never its own.
+        self._job = thread_pool("streams", 64).submit(fn, *args)
+        return await asyncio.wrap_future(self._job)
+
+    async def aclose(self) -> None:
+        """Stop the call in flight, wait until its thread lets go of the socket, close it."""
+        self._stop.set()
+        if self._job is not None and not self._job.done():
+            done = asyncio.wrap_future(self._job)
+            await asyncio.wait([done])
+            if not done.cancelled():
+                done.exception()  # the caller of ``call`` gets it; this copy is only waited on
+        if self._sock.fileno() >= 0:
+            self._sock.setblocking(False)  # what the transport expects of its descriptor
+            self._sock.close()
+
+    def _stalled(self, since: float, what: str) -> None:
+        """Raise if the call should give up (stopped, or no progress for ``timeout``)."""
+        if self._stop.is_set():
+            raise FrameError("the transfer was stopped")
+        if time.monotonic() - since > self.timeout:
+            raise FrameError(f"the peer {what} for {self.timeout:.0f} s")
+
+    def _move(self, total: int, step: Callable[[int], int], idle: str, short: str) -> None:
+        """Call ``step(done)``, which moves some bytes and says how many, until ``total``
+        have moved; ``short`` (formatted with done and total) is the error if one moves none."""
+        done = 0
+        progress = time.monotonic()
+        while done < total:
+            try:
+                moved = step(done)
+            except (BlockingIOError, TimeoutError):  # a timeout slice passed
+                self._stalled(progress, idle)
+                continue
+            if moved == 0:
+                raise FrameError(short.format(done=done, total=total))
+            done += moved
+            progress = time.monotonic()
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly, or raise FrameError."""
+        if self._pending:
+            got = min(len(self._pending), len(view))
+            view[:got] = self._pending[:got]
+            del self._pending[:got]
+            view = view[got:]
+        self._move(
+            len(view),
+            lambda done: self._sock.recv_into(view[done:], 0, socket.MSG_WAITALL),
+            "sent nothing",
+            "the stream ended {done} bytes into {total}",
+        )
+
+    def read_frame(self, kind: type[M], max_bytes: int) -> M:
+        head = bytearray(_LEN.size)
+        self.read_into(memoryview(head))
+        (length,) = _LEN.unpack(head)
+        if length > max_bytes:
+            raise FrameError(f"a frame of {length} bytes is over the {max_bytes}-byte cap")
+        data = bytearray(length)
+        self.read_into(memoryview(data))
+        try:
+            return kind.FromString(bytes(data))
+        except DecodeError as exc:
+            raise FrameError(f"undecodable {kind.__name__} frame ({exc})") from None
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        self._move(
+            len(view),
+            lambda done: self._sock.send(view[done:]),
+            "did not read",
+            "the stream took {done} of {total} bytes",
+        )
+
+    def write_frame(self, message: Message) -> None:
+        data = message.SerializeToString()
+        self.write(_LEN.pack(len(data)) + data)
+
+    def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """``count`` bytes of file ``fd`` from ``offset``, copied by the kernel."""
+        self._move(
+            count,
+            lambda done: os.sendfile(self._sock.fileno(), fd, offset + done, count - done),
+            "did not read",
+            "the file ended {done} bytes into {total}",
+        )

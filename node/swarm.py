@@ -44,7 +44,7 @@ from protocol.schema import Body
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"  # 2: blob ids hash a list of piece hashes
 SWARM_INFO = "mergeswarm.SwarmInfo"
 IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta create`)
 P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id

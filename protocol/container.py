@@ -12,7 +12,8 @@ Layout (integers little-endian)::
 
 Frame ``i`` is a zstd frame of the codec's encoding of the kept values of
 tensor ``i`` (DARE mask order, not rescaled); its SHA-256 is in the header,
-so the signature covers every byte. The delta id is the SHA-256 of the file.
+so the signature covers every byte. The delta id is the file's blob id
+(``protocol.ids``).
 
 A reader checks magic, version, header size, schema and signature before
 touching a frame, and every frame's size and hash before inflating it: a
@@ -48,7 +49,7 @@ from protocol.errors import (
     one_line,
 )
 from protocol.identity import SIGNATURE_BYTES, Identity, verify
-from protocol.ids import file_id
+from protocol.ids import BlobHasher, file_id
 from protocol.model_dir import FLOAT_DTYPES
 
 MAGIC = b"MSDELTA\0"
@@ -268,7 +269,7 @@ class DeltaWriter:
         self._frames = None
         fd, staged = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
         tmp = Path(staged)
-        digest = hashlib.sha256()
+        digest = BlobHasher()
         try:
             with os.fdopen(fd, "wb") as out, open(self._frames_path, "rb") as src:
                 for piece in (prefix, signature):
@@ -396,7 +397,7 @@ class DeltaReader:
 
     @property
     def id(self) -> str:
-        """The delta id: SHA-256 of the whole file."""
+        """The delta id: the blob id of the whole file."""
         return file_id(self.path)
 
     def __contains__(self, name: object) -> bool:

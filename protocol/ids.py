@@ -6,7 +6,13 @@
   integers little-endian, ``dtype`` the safetensors name (``"BF16"``), bytes the
   tensor's little-endian row-major storage. File layout, sharding and
   non-tensor files do not matter.
-* A **blob id** (a delta, a patch) is the SHA-256 of the file's bytes.
+* A **blob id** (a delta, a patch, a snapshot) hashes the file's bytes as a
+  one-level tree: ``sha256(b"mergeswarm/blob/v1\\n" + u64 size + sha256(piece 0)
+  + sha256(piece 1) + ...)`` over pieces of ``BLOB_PIECE`` bytes (the last one
+  shorter; an empty file is one empty piece). The piece hashes are what a
+  fetcher verifies each piece against as it lands, and they add up to the id,
+  so a provider's list of them is checked before a byte is downloaded and no
+  pass over the whole blob is needed at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +28,8 @@ import torch
 from protocol.model_dir import ModelDir
 
 ID_HEX_LEN = 64
-_READ = 1 << 20
+BLOB_PIECE = 1 << 20
+_BLOB_DOMAIN = b"mergeswarm/blob/v1\n"
 
 
 def is_id(value: str) -> bool:
@@ -70,10 +77,67 @@ def base_id(
     return hasher.hexdigest()
 
 
-def file_id(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(Path(path), "rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
+def blob_piece_count(size: int) -> int:
+    return max(1, -(-size // BLOB_PIECE))
+
+
+def blob_root(size: int, piece_hashes: Sequence[bytes]) -> str:
+    """The blob id of ``size`` bytes whose pieces hash to ``piece_hashes``."""
+    h = hashlib.sha256(_BLOB_DOMAIN)
+    h.update(struct.pack("<Q", size))
+    for digest in piece_hashes:
+        h.update(digest)
     return h.hexdigest()
+
+
+class BlobHasher:
+    """Builds a blob id from bytes fed in any chunking; keeps the piece hashes."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.piece_hashes: list[bytes] = []
+        self._piece = hashlib.sha256()
+        self._filled = 0  # bytes of the current piece
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            take = min(len(view), BLOB_PIECE - self._filled)
+            self._piece.update(view[:take])
+            self._filled += take
+            self.size += take
+            view = view[take:]
+            if self._filled == BLOB_PIECE:
+                self.piece_hashes.append(self._piece.digest())
+                self._piece = hashlib.sha256()
+                self._filled = 0
+
+    def pieces(self) -> list[bytes]:
+        """Every piece's hash, the last (possibly short or empty) one included."""
+        if self._filled or not self.piece_hashes:
+            return [*self.piece_hashes, self._piece.digest()]
+        return list(self.piece_hashes)
+
+    def hexdigest(self) -> str:
+        return blob_root(self.size, self.pieces())
+
+
+def bytes_id(data: bytes | bytearray | memoryview) -> str:
+    """The blob id of ``data``."""
+    hasher = BlobHasher()
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def file_hasher(path: str | os.PathLike[str]) -> BlobHasher:
+    """A file's bytes hashed piece by piece (read one piece at a time)."""
+    hasher = BlobHasher()
+    with open(Path(path), "rb") as f:
+        while chunk := f.read(BLOB_PIECE):
+            hasher.update(chunk)
+    return hasher
+
+
+def file_id(path: str | os.PathLike[str]) -> str:
+    """The blob id of a file."""
+    return file_hasher(path).hexdigest()

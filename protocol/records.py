@@ -63,7 +63,7 @@ class DeltaAnnouncement(Body):
     """A volunteer offers a delta trained on ``base_id``."""
 
     base_id: Hex64
-    delta_id: Hex64  # SHA-256 of the .msd file
+    delta_id: Hex64  # blob id of the .msd file (protocol.ids)
     size: int = Field(ge=0, le=1 << 40)  # bytes of the .msd file
     round: int = Field(ge=0)  # the head round the delta was trained from
     tags: tuple[ShortText, ...] = Field(default=(), max_length=16)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 
@@ -11,6 +10,7 @@ import pytest
 from node.blobs import Fetcher, providers
 from node.blobstore import BlobStore
 from protocol.delta import create_delta
+from protocol.ids import bytes_id
 from protocol.records import DeltaAnnouncement, Head, Heartbeat
 from tests.swarm import run_cli, start_peer, wait_for
 
@@ -21,7 +21,7 @@ MB = 1 << 20
 def _blob(path, size: int) -> tuple[str, bytes]:
     data = os.urandom(size)
     path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest(), data
+    return bytes_id(data), data
 
 
 def _add(peer, path) -> str:
@@ -152,9 +152,7 @@ def test_a_client_mode_peer_pushes_its_delta_to_a_seed_that_then_serves_it(
     observer.publish("announce", announcement, topic=header.base_id)
     _add(volunteer, delta)
     wait_for(lambda: (seed.data_dir / "blobs" / delta_id).is_file(), 60, "the push to the seed")
-    assert not (
-        seed.data_dir / "blobs" / hashlib.sha256(unannounced.read_bytes()).hexdigest()
-    ).exists()
+    assert not (seed.data_dir / "blobs" / bytes_id(unannounced.read_bytes())).exists()
     volunteer.kill9()  # the seed alone must now serve it
     out = run_cli(
         "blob",

@@ -9,12 +9,10 @@ import pytest
 
 from node.blobstore import PIECE_SIZE, BlobError, BlobStore, QuotaError, check_manifest
 from protocol import transfer_pb2 as pb
+from protocol.ids import bytes_id
 
 P = PIECE_SIZE
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+_sha = bytes_id
 
 
 def test_a_blob_is_stored_under_its_hash_with_a_piece_manifest(tmp_path):
@@ -78,20 +76,30 @@ def test_a_download_resumes_from_saved_progress_after_a_restart(tmp_path):
     for i in range(resumed.count):
         if not resumed.has(i):
             assert resumed.write_piece(i, data[i * P : (i + 1) * P])
-    assert resumed.complete and resumed.store.finish_partial(resumed)
+    assert resumed.complete
+    resumed.store.finish_partial(resumed)
     assert resumed.store.path(manifest.blob_id).read_bytes() == data
     assert list((tmp_path / "blobs" / "partial").iterdir()) == []
 
 
-def test_a_manifest_that_does_not_add_up_to_the_id_is_discarded(tmp_path):
+def test_a_manifest_that_does_not_add_up_to_the_id_is_refused_before_any_download(tmp_path):
     data = os.urandom(3 * P)
     fake = os.urandom(3 * P)
-    lie = _manifest(fake, blob_id=_sha(data))
-    partial = BlobStore(tmp_path / "blobs").start_partial(lie)
-    for i in range(partial.count):
-        assert partial.write_piece(i, fake[i * P : (i + 1) * P])
-    assert not partial.store.finish_partial(partial)
-    assert not partial.store.has(_sha(data)) and not partial.path.exists()
+    lie = _manifest(fake, blob_id=_sha(data))  # self-consistent pieces, someone else's id
+    store = BlobStore(tmp_path / "blobs")
+    with pytest.raises(BlobError, match="do not add up to the blob id"):
+        store.start_partial(lie)
+    assert not list((tmp_path / "blobs" / "partial").iterdir())
+
+
+def test_an_incomplete_download_is_not_installed(tmp_path):
+    data = os.urandom(3 * P)
+    store = BlobStore(tmp_path / "blobs")
+    partial = store.start_partial(_manifest(data))
+    partial.write_piece(0, data[:P])
+    with pytest.raises(BlobError, match="1 of 3 pieces"):
+        store.finish_partial(partial)
+    assert not store.has(_sha(data))
 
 
 @pytest.mark.parametrize(
@@ -101,6 +109,7 @@ def test_a_manifest_that_does_not_add_up_to_the_id_is_discarded(tmp_path):
         ({"piece_size": 10}, "piece size"),
         ({"size": 10**9}, "lists 4 pieces"),
         ({"piece_hashes": [b"x"] * 4}, "SHA-256"),
+        ({"piece_hashes": [bytes(32)] * 4}, "do not add up"),
     ],
 )
 def test_malformed_manifests_are_refused(change, message):

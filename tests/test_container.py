@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -13,6 +12,7 @@ from protocol import dare
 from protocol.container import DeltaReader, DeltaWriter
 from protocol.errors import BaseMismatchError, NonFiniteError, SignatureError
 from protocol.identity import Identity
+from protocol.ids import bytes_id
 from tests.forge import assemble, split
 
 BASE = "ab" * 32
@@ -41,7 +41,7 @@ def tensors():
 def test_fp32_round_trip_is_exact_after_the_mask(tmp_path, tensors, identity):
     path = tmp_path / "d.msd"
     delta_id = write(path, tensors, identity)
-    assert delta_id == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert delta_id == bytes_id(path.read_bytes())
     with DeltaReader(path, expected_base_id=BASE, expected_author=identity.author) as r:
         assert r.id == delta_id
         assert r.names() == sorted(tensors)
