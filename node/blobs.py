@@ -64,7 +64,7 @@ _REFRESH = 0.5  # seconds between looks for new providers while downloading
 _SMALL = 4096  # cap of a request or result frame
 _TRACKED_BLOBS = 64  # blobs whose per-piece send counts a provider keeps
 _MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
-_SAVE_EVERY = 16  # pieces between resume points (and fsyncs: the last one is short)
+_SAVE_EVERY = 32  # pieces between resume points (and fsyncs: the last one is short)
 _IN_FLIGHT = 2  # pieces of one stream being checked and written while the next one is read
 _UPLOAD_CHUNK = 1 << 20
 SEND = "send"  # an upload's go-ahead, after its header was accepted
@@ -234,20 +234,29 @@ class BlobService:
             self._charge(peer, size)
             headers.append(pb.Piece(index=index, size=size))
         path = self.store.path(request.blob_id) if partial is None else partial.path
-        sent: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def sent(piece: pb.Piece) -> None:  # on the event loop, as each piece goes out
+            self.stats.bytes_out += piece.size
+            if partial is None:  # what the next asker is offered depends on it at once
+                self._count_sent(request.blob_id, count, piece.index)
+
         self._active += 1
         self._per_peer[peer] += 1
         try:
-            await stream.call(_send_run, stream, path, headers, refusal, sent)
+            await stream.call(
+                _send_run,
+                stream,
+                path,
+                headers,
+                refusal,
+                lambda piece: loop.call_soon_threadsafe(sent, piece),
+            )
         finally:
             self._active -= 1
             self._per_peer[peer] -= 1
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
-            for index in sent:
-                self.stats.bytes_out += piece_range(manifest, index)[1]
-                if partial is None:
-                    self._count_sent(request.blob_id, count, index)
 
     def _within_budget(self, peer: PeerID, nbytes: int) -> bool:
         limit = self.limits.peer_bytes_per_minute
@@ -329,19 +338,17 @@ def _send_run(
     path: Path,
     headers: list[pb.Piece],
     refusal: pb.Piece | None,
-    sent: list[int],
+    sent: Callable[[pb.Piece], None],
 ) -> None:
-    """Each piece's header, then its bytes straight from the file; the index of every piece
-    sent goes into ``sent`` (on a worker thread)."""
+    """Each piece's header, then its bytes straight from the file, ``sent(header)`` after
+    each (on a worker thread). Every manifest cuts pieces at multiples of PIECE_SIZE."""
     if headers:
         fd = os.open(path, os.O_RDONLY)
         try:
             for piece in headers:
                 stream.write_frame(piece)
-                stream.sendfile(
-                    fd, piece.index * PIECE_SIZE, piece.size
-                )  # every manifest cuts there
-                sent.append(piece.index)
+                stream.sendfile(fd, piece.index * PIECE_SIZE, piece.size)
+                sent(piece)
         finally:
             os.close(fd)
     if refusal is not None:
@@ -585,15 +592,18 @@ class Fetcher:
             return []
         holders = {i: sum(_held(i, s.have) for s in self.sources.values()) for i in wanted}
         rarest = min(holders.values())
-        # Start where a stretch of the rarest pieces starts, so the blob is fetched in a few
-        # long runs rather than cut into many short ones by random starting points.
-        start = random.choice(
-            [i for i in wanted if holders[i] == rarest and holders.get(i - 1) != rarest]
-        )
-        run = [start]
         # Long runs when nobody else is trading pieces of it (fewer round trips); short ones
         # while others are, so that pieces spread over the fetchers quickly.
         longest = _RUN if sharers else _LONG_RUN
+        # A random rarest piece (fetchers asking at once go different ways), moved back onto
+        # a grid of ``longest`` laid from the start of its stretch of rarest pieces: runs then
+        # take whole blocks, and no short remnants are left to cost a round trip each.
+        start = random.choice([i for i in wanted if holders[i] == rarest])
+        stretch = start
+        while holders.get(stretch - 1) == rarest:
+            stretch -= 1
+        start -= (start - stretch) % longest
+        run = [start]
         while len(run) < longest and run[-1] + 1 in holders and holders[run[-1] + 1] == rarest:
             run.append(run[-1] + 1)
         return run
