@@ -112,14 +112,6 @@ class Partial:
             self.have[index // 8] |= 1 << (index % 8)
         return True
 
-    def read_piece(self, index: int) -> bytes | None:
-        if not self.has(index):
-            return None
-        offset, length = piece_range(self.manifest, index)
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
     def save_progress(self) -> None:
         """Persist which pieces are in (after fsyncing them), so a restart resumes."""
         with self._lock:
