@@ -1,20 +1,20 @@
 """Blob exchange over libp2p streams: serve pieces, fetch from many providers, push uploads.
 
-A blob travels in pieces listed by a manifest (SHA-256 per piece). A fetcher
-asks every provider what it holds (``Have``), downloads runs of pieces from
-several providers at once, verifies each piece as it lands, and checks the
-whole blob against its id at the end. A provider whose piece does not match
-is skipped for a while and its pieces are fetched elsewhere; a broken stream
-only costs the pieces in flight. A peer serves the pieces it already has
-while it is still downloading (it announces itself as a partial provider),
-so a new base spreads like a torrent rather than every peer pulling from
-the origin.
+A blob travels in pieces listed by a manifest (SHA-256 per piece), which is
+checked against the blob id before a byte is fetched. A fetcher asks every
+provider what it holds (``Have``), downloads runs of pieces from several
+providers at once (one stream per provider, the next run asked for while the
+current one arrives) and verifies each piece as it lands. A provider whose
+piece does not match is skipped for a while and its pieces are fetched
+elsewhere; a broken stream only costs the pieces in flight. A peer serves
+the pieces it already has while it is still downloading (it announces itself
+as a partial provider), so a new base spreads like a torrent rather than
+every peer pulling from the origin.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -34,6 +34,7 @@ from node.blobstore import (
     Partial,
     QuotaError,
     check_manifest,
+    piece_buffer,
     piece_range,
 )
 from node.framing import (
@@ -58,9 +59,11 @@ UPLOAD = "mergeswarm.Upload"
 PROVIDER_TTL = 300.0
 _RUN = 4  # pieces per request while others trade the blob: pieces spread quickly
 _LONG_RUN = 64  # pieces per request otherwise: fewer round trips
-_STALL = 2.0  # seconds without a new piece before complete sources serve anything
+CAPPED = "run capped"  # a complete provider cut a long run short: sharers fetch the blob too
+_STALL = 5.0  # seconds without a new piece before complete sources serve anything
 _FRESH = 0.05  # seconds a source's answer to Have is used without asking again
 _REFRESH = 0.5  # seconds between looks for new providers while downloading
+_TICK = 0.05  # seconds between the download loop's looks at its workers and saves
 _SMALL = 4096  # cap of a request or result frame
 _TRACKED_BLOBS = 64  # blobs whose per-piece send counts a provider keeps
 _MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
@@ -111,6 +114,7 @@ class BlobService:
         self._uploaded: dict[PeerID, int] = defaultdict(int)
         self._uploading = 0
         self._sent_counts: dict[str, list[int]] = {}  # blob -> times each piece was sent
+        self._sharing: dict[str, int] = defaultdict(int)  # blob -> its runs to sharing fetchers
 
     def register(self) -> None:
         p2p = self.swarm.p2p
@@ -119,12 +123,16 @@ class BlobService:
         self.swarm.run(p2p.add_binary_stream_handler(UPLOAD, self._upload_stream))
 
     async def _pieces_stream(self, info, reader, writer) -> None:
+        """Serve runs of pieces, one request after another, until the fetcher closes the
+        stream or a run stops short (the fetcher asks for its next run while the current
+        one is still arriving, so the stream never runs dry between runs)."""
         stream = None
         try:
             request = await read_frame(reader, pb.PieceRequest, _SMALL)
             if request is not None:
                 stream = DetachedStream(reader, writer)  # pieces go out by sendfile
-                await self._serve_run(request, info.peer_id, stream)
+            while request is not None and await self._serve_run(request, info.peer_id, stream):
+                request = await stream.call(stream.read_frame, pb.PieceRequest, _SMALL, True)
         except (FrameError, OSError) as exc:
             self._refuse("broken request")
             logger.debug("pieces for %s: %s", info.peer_id, exc)
@@ -202,13 +210,14 @@ class BlobService:
 
     async def _serve_run(
         self, request: pb.PieceRequest, peer: PeerID, stream: DetachedStream
-    ) -> None:
+    ) -> bool:
         """Send the run of pieces the limits allow, then a header with an error if it stops
-        short. The run goes out in one call on a worker thread (``_send_run``)."""
+        short; whether the whole run went out. The run goes out in one call on a worker
+        thread (``_send_run``)."""
         found = self._lookup(request.swarm_id, request.blob_id)
         if isinstance(found, str):
             await stream.call(stream.write_frame, pb.Piece(error=found))
-            return
+            return False
         manifest, partial = found
         busy = (
             "busy"
@@ -219,7 +228,7 @@ class BlobService:
         )
         if busy:
             await stream.call(stream.write_frame, pb.Piece(error=self._refuse(busy)))
-            return
+            return False
         count = len(manifest.piece_hashes)
         headers: list[pb.Piece] = []
         refusal = None
@@ -241,22 +250,43 @@ class BlobService:
             if partial is None:  # what the next asker is offered depends on it at once
                 self._count_sent(request.blob_id, count, piece.index)
 
+        # A fetcher that shares what it gets can find the pieces among others once this
+        # peer has sent a whole copy out: it gets a short run, and looks for them.
+        copy_out = (
+            partial is None
+            and request.shares
+            and min(self._sent_counts.get(request.blob_id, [0])) > 0
+        )
+
+        def more(n: int) -> bool:  # on the run's thread, before its n-th piece
+            # Once a fetcher that shares what it gets fetches the blob from here too, the
+            # fetchers will trade pieces: a long run going on would have this peer send
+            # the whole blob to each of them.
+            others = self._sharing.get(request.blob_id, 0) - request.shares
+            return partial is not None or n < _RUN or not (others or copy_out)
+
         self._active += 1
         self._per_peer[peer] += 1
+        self._sharing[request.blob_id] += request.shares
         try:
-            await stream.call(
+            whole = await stream.call(
                 _send_run,
                 stream,
                 path,
                 headers,
                 refusal,
                 lambda piece: loop.call_soon_threadsafe(sent, piece),
+                more,
             )
         finally:
             self._active -= 1
             self._per_peer[peer] -= 1
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
+            self._sharing[request.blob_id] -= request.shares
+            if not self._sharing[request.blob_id]:
+                del self._sharing[request.blob_id]
+        return whole
 
     def _within_budget(self, peer: PeerID, nbytes: int) -> bool:
         limit = self.limits.peer_bytes_per_minute
@@ -339,13 +369,18 @@ def _send_run(
     headers: list[pb.Piece],
     refusal: pb.Piece | None,
     sent: Callable[[pb.Piece], None],
-) -> None:
+    more: Callable[[int], bool],
+) -> bool:
     """Each piece's header, then its bytes straight from the file, ``sent(header)`` after
-    each (on a worker thread). Every manifest cuts pieces at multiples of PIECE_SIZE."""
+    each, while ``more(n)`` before the n-th says so (on a worker thread); whether the run
+    went out whole. Every manifest cuts pieces at multiples of PIECE_SIZE."""
     if headers:
         fd = os.open(path, os.O_RDONLY)
         try:
-            for piece in headers:
+            for n, piece in enumerate(headers):
+                if not more(n):
+                    refusal = pb.Piece(index=piece.index, error=CAPPED)  # not a refusal
+                    break
                 stream.write_frame(piece)
                 stream.sendfile(fd, piece.index * PIECE_SIZE, piece.size)
                 sent(piece)
@@ -353,6 +388,7 @@ def _send_run(
             os.close(fd)
     if refusal is not None:
         stream.write_frame(refusal)
+    return refusal is None
 
 
 def _held(index: int, have: bytes) -> bool:
@@ -376,6 +412,13 @@ def providers(swarm: Swarm, blob_id: str) -> list[Provider]:
     found = [r.body for r in swarm.read("provider", topic=blob_id)]
     found = [p for p in found if isinstance(p, Provider) and p.peer_id != me]
     return sorted(found, key=lambda p: not p.complete)
+
+
+async def _close(writer: asyncio.StreamWriter | None, stream: DetachedStream | None) -> None:
+    if stream is not None:  # its threads let go (their writes landed) before a re-ask
+        await stream.aclose()
+    if writer is not None:
+        writer.close()
 
 
 class FetchError(BlobError):
@@ -421,7 +464,7 @@ class Fetcher:
         self.partial: Partial | None = None
         self.errors: list[str] = []
         self._last_piece = time.monotonic()
-        self._progress = asyncio.Event()  # a piece landed: the download loop looks again
+        self._buffers: list[memoryview] = []  # piece buffers free for the next run
 
     async def run(self, timeout: float) -> None:
         if self.store.has(self.blob_id):
@@ -551,9 +594,13 @@ class Fetcher:
                 if self.partial.done - saved_at >= _SAVE_EVERY:
                     await loop.run_in_executor(None, self.partial.save_progress)
                     saved_at = self.partial.done
-                self._progress.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._progress.wait(), 0.05)
+                # Woken by a worker that stops (its source gets a new one, or the blob is
+                # complete), not by every piece: the pieces' threads need the CPU more.
+                running = [t for t in workers.values() if not t.done()]
+                if running:
+                    await asyncio.wait(running, timeout=_TICK, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(_TICK)
         finally:
             for task in workers.values():
                 task.cancel()
@@ -609,77 +656,149 @@ class Fetcher:
         return run
 
     async def _work(self, source: _Source) -> None:
-        """Fetch runs from one source until it has nothing we need, fails or lies."""
-        while not self.partial.complete:
-            fresh = time.monotonic() - source.asked_at < _FRESH  # just asked: spare a round trip
-            if not fresh and await self._ask_have(source, with_manifest=False) is None:
-                return
-            run = self._pick_run(source)
-            if not run:
-                await asyncio.sleep(0.2)
-                continue
-            self.in_flight.update(run)
-            try:
-                await self._fetch_run(source, run)
-            finally:
-                self.in_flight.difference_update(run)
-            if source.bad_until > time.monotonic():
-                return
+        """Fetch runs from one source until it has nothing we need, fails or lies.
 
-    async def _fetch_run(self, source: _Source, run: list[int]) -> None:
-        """Fetch a run of pieces from one source (received by ``_receive_run``)."""
-        request = pb.PieceRequest(
-            swarm_id=self.swarm.swarm_id, blob_id=self.blob_id, first=run[0], count=len(run)
+        Runs follow each other on one stream, each asked for while half of the one before
+        is still to come, so the provider goes straight on to it: a fresh stream, or a
+        request sent after the last piece, leaves the stream dry while it ramps up again.
+        """
+        writer = stream = None
+        ahead: list[int] = []  # the next run, already asked for on ``stream``
+        try:
+            while not self.partial.complete and source.bad_until <= time.monotonic():
+                run = ahead or await self._choose(source)
+                ahead = []
+                if run is None:
+                    return
+                if not run:
+                    await asyncio.sleep(0.2)
+                    continue
+                whole = False
+                try:
+                    if stream is None:
+                        writer, stream = await self._open(source, run)
+                    whole = await self._fetch_run(source, stream, run, ahead)
+                except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
+                    why = exc or type(exc).__name__
+                    self._fail(source, f"{source.peer}: stream broke ({why})", backoff=2)
+                except Exception as exc:  # noqa: BLE001 - p2pd errors have no common base; the pieces go elsewhere
+                    self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=2)
+                finally:
+                    self.in_flight.difference_update(run)
+                if not (whole and ahead):  # the provider stops, or waits for a request or the end
+                    self.in_flight.difference_update(ahead)
+                    ahead = []
+                    await _close(writer, stream)
+                    writer = stream = None
+        finally:
+            self.in_flight.difference_update(ahead)
+            await _close(writer, stream)
+
+    async def _choose(self, source: _Source) -> list[int] | None:
+        """The next run to ask ``source`` for, marked in flight (None: it did not answer)."""
+        fresh = time.monotonic() - source.asked_at < _FRESH  # just asked: spare a round trip
+        if not fresh and await self._ask_have(source, with_manifest=False) is None:
+            return None
+        run = self._pick_run(source)
+        self.in_flight.update(run)
+        return run
+
+    def _may_ask_ahead(self, source: _Source) -> bool:
+        """Whether ``source`` may be asked for a run before the current one is in: not a
+        complete source while others trade the blob, whose pieces are best chosen as late
+        as possible, from what the traders hold by then (so the origin sends each about once).
+        """
+        return not source.complete or all(s.complete for s in self.sources.values())
+
+    def _request(self, run: list[int]) -> pb.PieceRequest:
+        return pb.PieceRequest(
+            swarm_id=self.swarm.swarm_id,
+            blob_id=self.blob_id,
+            first=run[0],
+            count=len(run),
+            shares=self.serve,
         )
+
+    async def _open(
+        self, source: _Source, run: list[int]
+    ) -> tuple[asyncio.StreamWriter, DetachedStream]:
+        """A stream to ``source`` that asks for ``run``."""
+        _, reader, writer = await asyncio.wait_for(
+            self.swarm.p2p.call_binary_stream_handler(source.peer, PIECES), IO_TIMEOUT
+        )
+        try:
+            await write_frame(writer, self._request(run))
+        except BaseException:
+            writer.close()
+            raise
+        return writer, DetachedStream(reader, writer)
+
+    async def _fetch_run(
+        self, source: _Source, stream: DetachedStream, run: list[int], ahead: list[int]
+    ) -> bool:
+        """Receive a run (asked for already) with ``_receive_run``; whether it landed whole.
+
+        Once half of it has landed, the next run is chosen, asked for on the same stream
+        and put in ``ahead``.
+        """
         loop = asyncio.get_running_loop()
+        halfway = asyncio.Event()
+        count = 0
 
         def landed(size: int) -> None:  # on the event loop, as each piece is written
+            nonlocal count
             self.stats.bytes_in += size
             source.received += size
             self._last_piece = time.monotonic()
-            self._progress.set()
+            count += 1
+            if 2 * count >= len(run):
+                halfway.set()
 
-        writer = stream = None
-        try:
-            _, reader, writer = await asyncio.wait_for(
-                self.swarm.p2p.call_binary_stream_handler(source.peer, PIECES), IO_TIMEOUT
-            )
-            await write_frame(writer, request)
-            stream = DetachedStream(reader, writer)
-            problem = await stream.call(
+        receiving = asyncio.ensure_future(
+            stream.call(
                 self._receive_run, stream, run, lambda n: loop.call_soon_threadsafe(landed, n)
             )
-            if isinstance(problem, int):
-                self.stats.bad_pieces += 1
-                self._fail(
-                    source, f"{source.peer}: piece {problem} does not match its hash", backoff=120
-                )
-            elif problem is not None and problem.error:
-                busy = problem.error in ("busy", "too many requests")
-                self._fail(
-                    source,
-                    f"{source.peer}: {problem.error}",
-                    backoff=0.5 if busy else 5,
-                    count=not busy,
-                )
-            elif problem is not None:
-                self._fail(
-                    source,
-                    f"{source.peer}: sent piece {problem.index} of {problem.size} bytes "
-                    "for another",
-                    backoff=60,
-                )
-        except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
-            self._fail(
-                source, f"{source.peer}: stream broke ({exc or type(exc).__name__})", backoff=2
-            )
-        except Exception as exc:  # noqa: BLE001 - p2pd errors have no common base; the pieces go elsewhere
-            self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=2)
+        )
+        half = asyncio.ensure_future(halfway.wait())
+        try:
+            await asyncio.wait([receiving, half], return_when=asyncio.FIRST_COMPLETED)
+            if (
+                not receiving.done()
+                and self._may_ask_ahead(source)
+                and (following := await self._choose(source))
+            ):
+                ahead.extend(following)
+                await stream.call(stream.write_frame, self._request(following))
+            problem = await receiving
+        except BaseException:
+            await stream.aclose()  # stops the run's thread
+            await asyncio.gather(receiving, return_exceptions=True)
+            raise
         finally:
-            if stream is not None:  # the run's thread lets go (its writes landed) before a re-ask
-                await stream.aclose()
-            if writer is not None:
-                writer.close()
+            half.cancel()
+        if isinstance(problem, int):
+            self.stats.bad_pieces += 1
+            self._fail(
+                source, f"{source.peer}: piece {problem} does not match its hash", backoff=120
+            )
+        elif problem is not None and problem.error == CAPPED:
+            # Whole so far; others have or fetch the blob too: the rest from whoever has it.
+            await self._refresh_sources()
+        elif problem is not None and problem.error:
+            busy = problem.error in ("busy", "too many requests")
+            self._fail(
+                source,
+                f"{source.peer}: {problem.error}",
+                backoff=0.5 if busy else 5,
+                count=not busy,
+            )
+        elif problem is not None:
+            self._fail(
+                source,
+                f"{source.peer}: sent piece {problem.index} of {problem.size} bytes for another",
+                backoff=60,
+            )
+        return problem is None
 
     def _receive_run(
         self, stream: DetachedStream, run: list[int], landed: Callable[[int], None]
@@ -692,7 +811,11 @@ class Fetcher:
         match its hash. ``landed(size)`` is called as each piece is written.
         """
         manifest = self.partial.manifest
-        buffers = [memoryview(bytearray(manifest.piece_size)) for _ in range(_IN_FLIGHT + 1)]
+        # Reused from run to run: a fresh buffer's first touch costs a page fault per 4 KiB.
+        buffers = [
+            self._buffers.pop() if self._buffers else piece_buffer(manifest.piece_size)
+            for _ in range(_IN_FLIGHT + 1)
+        ]
         writes: deque[tuple[int, int, Future]] = deque()  # (index, size, check-and-write)
 
         def settle(keep: int) -> int | None:
@@ -706,10 +829,13 @@ class Fetcher:
         try:
             for n, index in enumerate(run):
                 piece = stream.read_frame(pb.Piece, _SMALL)
-                if piece.error or piece.index != index:
-                    return piece
-                if piece.size != piece_range(manifest, index)[1]:
-                    return piece
+                if (
+                    piece.error
+                    or piece.index != index
+                    or piece.size != piece_range(manifest, index)[1]
+                ):
+                    bad = settle(0)  # the pieces before it count, unless one of them is bad
+                    return piece if bad is None else bad
                 view = buffers[n % len(buffers)][: piece.size]  # free: at most _IN_FLIGHT pending
                 stream.read_into(view)
                 write = thread_pool("pieces", 8).submit(self.partial.write_piece, index, view)
@@ -719,6 +845,7 @@ class Fetcher:
             return settle(0)
         finally:
             wait([w for _, _, w in writes])  # writes land before the pieces can be asked again
+            self._buffers.extend(buffers)
 
     def _fail(self, source: _Source, message: str, *, backoff: float, count: bool = True) -> None:
         if count:

@@ -32,6 +32,14 @@ class FrameError(MergeswarmError):
     """A peer sent an oversized, truncated or undecodable frame, or stalled."""
 
 
+class StreamEnded(FrameError):
+    """The stream ended before all the bytes asked for came (``done`` of them did)."""
+
+    def __init__(self, message: str, done: int) -> None:
+        super().__init__(message)
+        self.done = done
+
+
 async def write_frame(
     writer: asyncio.StreamWriter, message: Message, timeout: float = IO_TIMEOUT
 ) -> None:
@@ -122,8 +130,10 @@ class DetachedStream:
     few kilobytes.
 
     A call gives up after ``timeout`` seconds without progress; :meth:`aclose`
-    stops a call in flight within ``_SLICE`` seconds, and hands the socket back
-    to the transport (non-blocking) only once it has returned.
+    stops the calls in flight within ``_SLICE`` seconds, and hands the socket
+    back to the transport (non-blocking) only once they have returned. One call
+    that reads and one that writes may run at once (a request for the next run
+    goes out while the current one is still arriving).
     """
 
     _SLICE = 0.2  # the socket's send and receive timeouts: how often a blocked call looks up
@@ -151,23 +161,25 @@ class DetachedStream:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, slice_)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, slice_)
         self._stop = threading.Event()
-        self._job: Future | None = None
+        self._jobs: set[Future] = set()
         self.timeout = timeout
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)``, which uses this stream, on a worker thread (one call at a time)."""
-        # One thread per stream in use, so a call may wait for other pools' work, never its own.
-        self._job = thread_pool("streams", 64).submit(fn, *args)
-        return await asyncio.wrap_future(self._job)
+        """``fn(*args)``, which uses this stream, on a worker thread."""
+        # One thread per call, so a call may wait for other pools' work, never its own.
+        job = thread_pool("streams", 64).submit(fn, *args)
+        self._jobs = {j for j in self._jobs if not j.done()} | {job}
+        return await asyncio.wrap_future(job)
 
     async def aclose(self) -> None:
-        """Stop the call in flight, wait until its thread lets go of the socket, close it."""
+        """Stop the calls in flight, wait until their threads let go of the socket, close it."""
         self._stop.set()
-        if self._job is not None and not self._job.done():
-            done = asyncio.wrap_future(self._job)
-            await asyncio.wait([done])
-            if not done.cancelled():
-                done.exception()  # the caller of ``call`` gets it; this copy is only waited on
+        running = [asyncio.wrap_future(j) for j in self._jobs if not j.done()]
+        if running:
+            await asyncio.wait(running)
+            for done in running:
+                if not done.cancelled():
+                    done.exception()  # the caller of ``call`` gets it; this copy is only waited on
         if self._sock.fileno() >= 0:
             self._sock.setblocking(False)  # what the transport expects of its descriptor
             self._sock.close()
@@ -191,7 +203,7 @@ class DetachedStream:
                 self._stalled(progress, idle)
                 continue
             if moved == 0:
-                raise FrameError(short.format(done=done, total=total))
+                raise StreamEnded(short.format(done=done, total=total), done)
             done += moved
             progress = time.monotonic()
 
@@ -209,9 +221,16 @@ class DetachedStream:
             "the stream ended {done} bytes into {total}",
         )
 
-    def read_frame(self, kind: type[M], max_bytes: int) -> M:
+    def read_frame(self, kind: type[M], max_bytes: int, end_ok: bool = False) -> M | None:
+        """The next frame; None if ``end_ok`` and the stream ends cleanly before it."""
         head = bytearray(_LEN.size)
-        self.read_into(memoryview(head))
+        clean = not self._pending
+        try:
+            self.read_into(memoryview(head))
+        except StreamEnded as exc:
+            if end_ok and clean and exc.done == 0:
+                return None
+            raise
         (length,) = _LEN.unpack(head)
         if length > max_bytes:
             raise FrameError(f"a frame of {length} bytes is over the {max_bytes}-byte cap")

@@ -59,3 +59,23 @@ def test_bench_merge_smoke_run_agrees_with_peft(tmp_path):
     for row in rows:
         assert row["diff"]["outside_tolerance"] == 0
         assert row["ours"]["seconds"] > 0 and row["peft"]["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_bench_transfer_smoke_run_moves_the_blob_every_way(tmp_path):
+    out = tmp_path / "bench.json"
+    script = SCRIPT.with_name("bench_transfer.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--mb", "5", "--peers", "3", "--rounds", "2", "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| blob protocol (pieces verified, stored) |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {k: len(v) for k, v in result["pair"].items()} == {"blob": 2, "raw": 2, "tcp": 2}
+    assert len(result["ratios"]) == 2 and all(r > 0 for r in result["ratios"])
+    for part in ("pull", "swarm"):
+        assert result[part]["seconds"] > 0
+    assert result["pull"]["origin_copies"] > 1.5  # nobody else serves: the origin sent both

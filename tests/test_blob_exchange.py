@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 
@@ -248,3 +249,84 @@ def test_providers_refuse_unknown_ids_other_swarms_and_greedy_peers(tmp_path, lo
     assert got[-1].error == "peer byte budget"
     assert service.stats.refused["unknown blob"] == 1
     assert service.stats.bytes_out == 3 * MB
+
+
+def test_runs_follow_each_other_on_one_stream_and_long_ones_are_cut_once_others_fetch(
+    tmp_path, local_peer
+):
+    from node.blobs import CAPPED, PIECES, BlobService
+    from node.framing import read_frame, read_raw, write_frame
+    from protocol import transfer_pb2 as pb
+
+    server = local_peer("server")
+    client = local_peer("client", join=server.maddrs)
+    store = BlobStore(tmp_path / "server" / "blobs")
+    service = BlobService(server, store)
+    service.register()
+    data = os.urandom(8 * MB)
+    blob_id = store.add_bytes(data)
+
+    def request(first: int, count: int) -> pb.PieceRequest:
+        return pb.PieceRequest(
+            swarm_id=server.swarm_id, blob_id=blob_id, first=first, count=count, shares=True
+        )
+
+    async def open_stream(first: int, count: int):
+        _, reader, writer = await client.p2p.call_binary_stream_handler(server.peer_id, PIECES)
+        await write_frame(writer, request(first, count))
+        return reader, writer
+
+    async def receive(reader, until_error: bool, pieces: int = 0) -> list[pb.Piece]:
+        got = []
+        while (until_error or len(got) < pieces) and (
+            piece := await read_frame(reader, pb.Piece, 4096)
+        ):
+            got.append(piece)
+            if piece.error:
+                break
+            chunk = await read_raw(reader, piece.size)
+            assert chunk == data[piece.index * MB : (piece.index + 1) * MB]
+        return got
+
+    async def pipelined() -> list[int]:
+        reader, writer = await open_stream(0, 3)
+        await write_frame(writer, request(5, 2))  # the next run, before the first is read
+        got = await receive(reader, False, 5)
+        writer.write_eof()  # no more runs: the provider lets the stream go
+        assert await read_frame(reader, pb.Piece, 4096) is None
+        writer.close()
+        return [p.index for p in got]
+
+    assert client.run(pipelined()) == [0, 1, 2, 5, 6]
+    assert service.stats.bytes_out == 5 * MB
+
+    async def two_at_once() -> tuple[list[int], list[pb.Piece]]:
+        first, first_writer = await open_stream(0, 8)  # not read: stuck a few pieces in
+        await asyncio.sleep(0.5)
+        second, second_writer = await open_stream(0, 8)
+        cut = await receive(second, True)  # cut short while the first run is going out
+        second_writer.close()
+        whole = await receive(first, False, 8)  # alone again: nothing cuts it
+        first_writer.close()
+        return [p.index for p in whole], cut
+
+    whole, cut = client.run(two_at_once())
+    assert whole == list(range(8))
+    assert [p.index for p in cut] == [0, 1, 2, 3, 4] and cut[-1].error == CAPPED
+    assert service.stats.refused == {}  # cutting a run short is not a refusal
+
+    async def alone(shares: bool) -> list[pb.Piece]:
+        _, reader, writer = await client.p2p.call_binary_stream_handler(server.peer_id, PIECES)
+        await write_frame(
+            writer,
+            pb.PieceRequest(
+                swarm_id=server.swarm_id, blob_id=blob_id, first=0, count=8, shares=shares
+            ),
+        )
+        got = await receive(reader, False, 5)
+        writer.close()
+        return got
+
+    # A whole copy is out now: a fetcher that shares is sent to look among the others.
+    assert client.run(alone(True))[-1].error == CAPPED
+    assert not client.run(alone(False))[-1].error  # one that does not gets its run

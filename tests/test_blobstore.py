@@ -7,7 +7,15 @@ import os
 
 import pytest
 
-from node.blobstore import PIECE_SIZE, BlobError, BlobStore, QuotaError, check_manifest
+from node import blobstore
+from node.blobstore import (
+    PIECE_SIZE,
+    BlobError,
+    BlobStore,
+    QuotaError,
+    check_manifest,
+    piece_buffer,
+)
 from protocol import transfer_pb2 as pb
 from protocol.ids import bytes_id
 
@@ -80,6 +88,54 @@ def test_a_download_resumes_from_saved_progress_after_a_restart(tmp_path):
     resumed.store.finish_partial(resumed)
     assert resumed.store.path(manifest.blob_id).read_bytes() == data
     assert list((tmp_path / "blobs" / "partial").iterdir()) == []
+
+
+def _opened_direct(monkeypatch) -> list[bool]:
+    """Whether each ``os.open`` of the blob store asked for O_DIRECT."""
+    flags: list[bool] = []
+    real_open = os.open
+
+    def spy(path, flag, *args, **kwargs):
+        flags.append(bool(flag & getattr(os, "O_DIRECT", 0)))
+        return real_open(path, flag, *args, **kwargs)
+
+    monkeypatch.setattr(blobstore.os, "open", spy)
+    return flags
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="direct I/O is Linux only")
+def test_pieces_in_piece_buffers_are_written_around_the_page_cache(tmp_path, monkeypatch):
+    data = os.urandom(2 * P + 4097)  # the last piece is not block-aligned
+    partial = BlobStore(tmp_path / "blobs").start_partial(_manifest(data))
+    opened = _opened_direct(monkeypatch)
+    for i in range(partial.count):
+        chunk = data[i * P : (i + 1) * P]
+        buffer = piece_buffer()[: len(chunk)]
+        buffer[:] = chunk
+        assert partial.write_piece(i, buffer)
+    # Aligned pieces go direct; the short last one is refused there and lands buffered.
+    assert opened == [True, True, True, False]
+    partial.store.finish_partial(partial)
+    assert partial.store.path(partial.blob_id).read_bytes() == data
+
+
+def test_a_piece_lands_through_the_page_cache_where_direct_io_is_refused(tmp_path, monkeypatch):
+    data = os.urandom(2 * P)
+    partial = BlobStore(tmp_path / "blobs").start_partial(_manifest(data))
+    real_open = os.open
+
+    def no_direct(path, flag, *args, **kwargs):  # what tmpfs answers
+        if flag & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flag, *args, **kwargs)
+
+    monkeypatch.setattr(blobstore.os, "open", no_direct)
+    aligned = piece_buffer()
+    aligned[:] = data[:P]
+    assert partial.write_piece(0, aligned)
+    assert partial.write_piece(1, data[P:])
+    partial.store.finish_partial(partial)
+    assert partial.store.path(partial.blob_id).read_bytes() == data
 
 
 def test_a_manifest_that_does_not_add_up_to_the_id_is_refused_before_any_download(tmp_path):

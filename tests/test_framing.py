@@ -129,3 +129,55 @@ def test_asyncio_frames_are_capped_and_end_cleanly():
 
     first, end = run(go())
     assert first.index == 1 and end is None
+
+
+def test_a_detached_stream_tells_a_clean_end_between_frames_from_one_inside_a_frame():
+    async def go():
+        (reader, writer), (_, peer) = await _pair()
+        stream = DetachedStream(reader, writer)
+        await write_frame(peer, pb.PieceRequest(first=3, count=2))
+        peer.write(b"\x10\x00")  # half of the next frame's length, then the end
+        peer.close()
+        first = await stream.call(stream.read_frame, pb.PieceRequest, 64, True)
+        with pytest.raises(FrameError, match="ended 2 bytes into 4"):
+            await stream.call(stream.read_frame, pb.PieceRequest, 64, True)
+        await stream.aclose()
+        writer.close()
+
+        (reader, writer), (_, peer) = await _pair()
+        stream = DetachedStream(reader, writer)
+        peer.close()
+        end = await stream.call(stream.read_frame, pb.PieceRequest, 64, True)
+        with pytest.raises(FrameError, match="ended 0 bytes into 4"):  # not expected to end
+            await stream.call(stream.read_frame, pb.PieceRequest, 64)
+        await stream.aclose()
+        writer.close()
+        return first, end
+
+    first, end = run(go())
+    assert (first.first, first.count) == (3, 2) and end is None
+
+
+def test_one_call_may_write_while_another_reads_and_closing_waits_for_both():
+    async def go():
+        (reader, writer), (peer_reader, peer) = await _pair()
+        stream = DetachedStream(reader, writer, timeout=60)
+        reading = asyncio.ensure_future(stream.call(stream.read_frame, pb.Piece, 64))
+        await stream.call(stream.write_frame, pb.PieceRequest(first=9, count=1))
+        request = await read_frame(peer_reader, pb.PieceRequest, 64)  # sent while reading
+        await write_frame(peer, pb.Piece(index=9, size=1))
+        piece = await reading
+        blocked = asyncio.ensure_future(stream.call(stream.read_into, memoryview(bytearray(8))))
+        writing = asyncio.ensure_future(stream.call(stream.write, b"x" * (64 << 20)))  # fills up
+        await asyncio.sleep(0.1)
+        await stream.aclose()
+        assert blocked.done() and writing.done()  # aclose returned once both let go
+        for call in (blocked, writing):
+            with pytest.raises(FrameError, match="stopped"):
+                await call
+        writer.close()
+        peer.close()
+        return request, piece
+
+    request, piece = run(go())
+    assert request.first == 9 and piece.index == 9
