@@ -1,6 +1,6 @@
 """Blob exchange over libp2p streams: serve pieces, fetch from many providers, push uploads.
 
-A blob travels in pieces listed by a manifest (SHA-256 per piece), which is
+A blob travels in pieces listed by a manifest (a BLAKE3 digest per piece), which is
 checked against the blob id before a byte is fetched. A fetcher asks every
 provider what it holds (``Have``), downloads runs of pieces from several
 providers at once (one stream per provider, the next run asked for while the

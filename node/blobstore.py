@@ -16,7 +16,6 @@ used unpinned blobs when a new one needs room under the quota; a pinned blob
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -28,7 +27,15 @@ from pathlib import Path
 from protocol import transfer_pb2 as pb
 from protocol.durable import fsync_dir, write_atomic
 from protocol.errors import MergeswarmError
-from protocol.ids import BLOB_PIECE, BlobHasher, blob_piece_count, blob_root, file_hasher, is_id
+from protocol.ids import (
+    BLOB_PIECE,
+    BlobHasher,
+    blob_piece_count,
+    blob_root,
+    file_hasher,
+    is_id,
+    piece_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +69,7 @@ def check_manifest(manifest: pb.Manifest, blob_id: str, size: int | None = None)
     if n > MAX_PIECES or len(manifest.piece_hashes) != n:
         raise BlobError(f"manifest lists {len(manifest.piece_hashes)} pieces for {n}")
     if any(len(h) != 32 for h in manifest.piece_hashes):
-        raise BlobError("manifest piece hashes must be SHA-256")
+        raise BlobError("manifest piece hashes must be 32-byte BLAKE3 digests")
     if blob_root(manifest.size, manifest.piece_hashes) != blob_id:
         raise BlobError("manifest piece hashes do not add up to the blob id")
 
@@ -99,10 +106,7 @@ class Partial:
     def write_piece(self, index: int, data: bytes) -> bool:
         """Store piece ``index`` if it matches its hash; False (nothing written) if not."""
         offset, length = piece_range(self.manifest, index)
-        if (
-            len(data) != length
-            or hashlib.sha256(data).digest() != self.manifest.piece_hashes[index]
-        ):
+        if len(data) != length or piece_digest(data) != self.manifest.piece_hashes[index]:
             return False
         _write_at(self.path, data, offset)
         with self._lock:

@@ -44,7 +44,7 @@ from protocol.schema import Body
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = "2"  # 2: blob ids hash a list of piece hashes
+PROTOCOL_VERSION = "3"  # 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256
 SWARM_INFO = "mergeswarm.SwarmInfo"
 IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta create`)
 P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id
@@ -172,6 +172,12 @@ class Swarm:
             except Exception as exc:  # noqa: BLE001 - any failure: try the next peer
                 errors.append(f"{maddr}: {exc or type(exc).__name__}")
                 continue
+            if info.version != PROTOCOL_VERSION:
+                # Blob ids would not add up between the two: every fetch would fail later.
+                raise SwarmError(
+                    f"{maddr} speaks mergeswarm protocol {info.version or '1'}, this peer "
+                    f"speaks {PROTOCOL_VERSION}; install the mergeswarm version the swarm runs"
+                )
             if is_swarm_id(info.swarm_id):
                 return info.swarm_id
             errors.append(f"{maddr} answered with an invalid swarm id")

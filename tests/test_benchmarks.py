@@ -76,6 +76,8 @@ def test_bench_transfer_smoke_run_moves_the_blob_every_way(tmp_path):
     result = json.loads(out.read_text())
     assert {k: len(v) for k, v in result["pair"].items()} == {"blob": 2, "raw": 2, "tcp": 2}
     assert len(result["ratios"]) == 2 and all(r > 0 for r in result["ratios"])
+    assert set(result["hashing"]) == {"blake3", "sha256"} and min(result["hashing"].values()) > 0
+    assert "piece hashes on one core: BLAKE3" in proc.stdout
     for part in ("pull", "swarm"):
         assert result[part]["seconds"] > 0
     assert result["pull"]["origin_copies"] > 1.5  # nobody else serves: the origin sent both

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
+from blake3 import blake3
 
 from node import blobstore
 from node.blobstore import (
@@ -20,7 +20,7 @@ from protocol import transfer_pb2 as pb
 from protocol.ids import bytes_id
 
 P = PIECE_SIZE
-_sha = bytes_id
+_id = bytes_id
 
 
 def test_a_blob_is_stored_under_its_hash_with_a_piece_manifest(tmp_path):
@@ -28,10 +28,10 @@ def test_a_blob_is_stored_under_its_hash_with_a_piece_manifest(tmp_path):
     data = os.urandom(PIECE_SIZE * 2 + 5)
     (tmp_path / "f").write_bytes(data)
     blob_id = store.add_file(tmp_path / "f")
-    assert blob_id == _sha(data) and store.ids() == [blob_id] and store.verify(blob_id)
+    assert blob_id == _id(data) and store.ids() == [blob_id] and store.verify(blob_id)
     manifest = store.manifest(blob_id)
     assert manifest.size == len(data) and len(manifest.piece_hashes) == 3
-    assert manifest.piece_hashes[2] == hashlib.sha256(data[2 * PIECE_SIZE :]).digest()
+    assert manifest.piece_hashes[2] == blake3(data[2 * PIECE_SIZE :]).digest()
     assert store.read_piece(blob_id, manifest, 2) == data[2 * PIECE_SIZE :]
     assert store.add_bytes(data) == blob_id and store.ids() == [blob_id]
 
@@ -61,10 +61,10 @@ def test_garbage_collection_drops_the_oldest_unpinned_blobs_only(tmp_path):
 def _manifest(data: bytes, piece_size: int = PIECE_SIZE, blob_id: str | None = None) -> pb.Manifest:
     pieces = [data[i : i + piece_size] for i in range(0, len(data), piece_size)]
     return pb.Manifest(
-        blob_id=blob_id or _sha(data),
+        blob_id=blob_id or _id(data),
         size=len(data),
         piece_size=piece_size,
-        piece_hashes=[hashlib.sha256(p).digest() for p in pieces],
+        piece_hashes=[blake3(p).digest() for p in pieces],
     )
 
 
@@ -141,7 +141,7 @@ def test_a_piece_lands_through_the_page_cache_where_direct_io_is_refused(tmp_pat
 def test_a_manifest_that_does_not_add_up_to_the_id_is_refused_before_any_download(tmp_path):
     data = os.urandom(3 * P)
     fake = os.urandom(3 * P)
-    lie = _manifest(fake, blob_id=_sha(data))  # self-consistent pieces, someone else's id
+    lie = _manifest(fake, blob_id=_id(data))  # self-consistent pieces, someone else's id
     store = BlobStore(tmp_path / "blobs")
     with pytest.raises(BlobError, match="do not add up to the blob id"):
         store.start_partial(lie)
@@ -155,7 +155,7 @@ def test_an_incomplete_download_is_not_installed(tmp_path):
     partial.write_piece(0, data[:P])
     with pytest.raises(BlobError, match="1 of 3 pieces"):
         store.finish_partial(partial)
-    assert not store.has(_sha(data))
+    assert not store.has(_id(data))
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_an_incomplete_download_is_not_installed(tmp_path):
         ({"blob_id": "cd" * 32}, "manifest is for"),
         ({"piece_size": 10}, "piece size"),
         ({"size": 10**9}, "lists 4 pieces"),
-        ({"piece_hashes": [b"x"] * 4}, "SHA-256"),
+        ({"piece_hashes": [b"x"] * 4}, "32-byte BLAKE3"),
         ({"piece_hashes": [bytes(32)] * 4}, "do not add up"),
     ],
 )
@@ -188,7 +188,7 @@ def test_a_push_is_installed_only_when_whole_and_matching(tmp_path):
     incoming = store.receive(len(data))
     incoming.write(data[:100])
     with pytest.raises(BlobError, match="100 of 5000"):
-        incoming.finish(_sha(data))
+        incoming.finish(_id(data))
     incoming = store.receive(len(data))
     incoming.write(data)
     with pytest.raises(BlobError, match="more bytes"):
@@ -197,6 +197,6 @@ def test_a_push_is_installed_only_when_whole_and_matching(tmp_path):
         incoming.finish("cd" * 32)
     incoming = store.receive(len(data))
     incoming.write(data)
-    incoming.finish(_sha(data))
-    assert store.ids() == [_sha(data)]
+    incoming.finish(_id(data))
+    assert store.ids() == [_id(data)]
     assert not [p for p in (tmp_path / "blobs").iterdir() if p.name.startswith(".")]

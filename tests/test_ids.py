@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import struct
 
 import pytest
+from blake3 import blake3
 
-from protocol.ids import BLOB_PIECE, BlobHasher, blob_root, bytes_id, file_hasher, file_id
+from protocol.ids import (
+    BLOB_PIECE,
+    BlobHasher,
+    blob_root,
+    bytes_id,
+    file_hasher,
+    file_id,
+    piece_digest,
+)
 
 
 def _spec(data: bytes) -> str:
     """The docstring's formula, written out independently of the module."""
     pieces = [data[i : i + BLOB_PIECE] for i in range(0, len(data), BLOB_PIECE)] or [b""]
-    h = hashlib.sha256(b"mergeswarm/blob/v1\n" + struct.pack("<Q", len(data)))
+    h = blake3(b"mergeswarm/blob/v2\n" + struct.pack("<Q", len(data)))
     for piece in pieces:
-        h.update(hashlib.sha256(piece).digest())
+        h.update(blake3(piece).digest())
     return h.hexdigest()
 
 
@@ -33,7 +41,14 @@ def test_a_blob_id_is_the_specified_tree_of_piece_hashes(tmp_path, size):
 
 def test_the_blob_id_of_a_known_input_is_pinned():
     # Changing this digest changes every delta, patch and snapshot id: bump PROTOCOL_VERSION.
-    assert bytes_id(b"") == "06ab96b807599f46265302692953ff6881c1ef0a982ad0bb917e7164702c4b42"
+    assert bytes_id(b"") == "53af1e5fb7b79b5221257c8f1d64f277d57660870f7c67458bdbbdd9982a6b32"
+
+
+def test_the_piece_hash_is_blake3_as_its_reference_vectors_give_it():
+    # The empty input's digest from the BLAKE3 specification's test vectors.
+    empty = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    assert piece_digest(b"").hex() == empty
+    assert blob_root(0, [bytes.fromhex(empty)]) == bytes_id(b"")
 
 
 def test_the_id_does_not_depend_on_how_the_bytes_are_chunked():
@@ -50,6 +65,4 @@ def test_the_id_does_not_depend_on_how_the_bytes_are_chunked():
 
 def test_the_id_commits_to_the_size():
     # A blob ending on a piece boundary and the same blob with an empty last piece differ.
-    assert blob_root(0, [hashlib.sha256(b"").digest()]) != blob_root(
-        1, [hashlib.sha256(b"").digest()]
-    )
+    assert blob_root(0, [piece_digest(b"")]) != blob_root(1, [piece_digest(b"")])

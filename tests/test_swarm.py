@@ -7,6 +7,8 @@ import json
 import pytest
 from hivemind.utils import get_dht_time
 
+import node.swarm as swarm_module
+from node.swarm import SwarmError
 from protocol.identity import Identity
 from protocol.records import Heartbeat, sign_record
 from tests.swarm import start_peer, wait_for
@@ -61,6 +63,18 @@ def test_joining_a_swarm_under_another_data_dir_swarm_is_refused(tmp_path):
     b.stop()
     with pytest.raises(AssertionError, match="belongs to swarm"):
         start_peer(tmp_path / "b", "--join", a.maddrs[0], *FAST)
+
+
+def test_joining_a_peer_of_another_protocol_version_is_refused_with_both_versions(
+    tmp_path, local_peer, monkeypatch
+):
+    boot = start_peer(tmp_path / "boot", *FAST)  # its own process: today's version
+    theirs = swarm_module.PROTOCOL_VERSION
+    monkeypatch.setattr(swarm_module, "PROTOCOL_VERSION", "99")  # this peer: a newer release
+    with pytest.raises(
+        SwarmError, match=f"speaks mergeswarm protocol {theirs}, this peer speaks 99"
+    ):
+        local_peer("newer", join=[boot.maddrs[0]])
 
 
 def _store_raw(peer, key: str, value: bytes, expiration: float, subkey: str) -> bool:
