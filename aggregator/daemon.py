@@ -10,14 +10,18 @@ round loop (:meth:`Aggregator.run_rounds`). One round:
    the staleness window;
 3. fetch and inspect each one (signature, author, base, layout, finite values),
    screen their norms against the round's median, discount stale ones;
-4. merge them into the head with the swarm's recipe (streaming, deterministic);
+4. merge them into the head with the swarm's recipe (streaming, deterministic) and
+   apply the merged delta with the swarm's outer optimizer, stepping from the
+   momentum the head names (aggregator.outer);
 5. optionally refuse a child whose loss on an evaluation set rose too far;
-6. store the patch (and a snapshot every ``snapshot_every`` rounds), then
-   announce the head.
+6. store the patch (and a snapshot every ``snapshot_every`` rounds) and the new
+   momentum, then announce the head.
 
 A standby that sees the lease lapse before a head appears takes the round
 over with the deltas the lapsed lease named, so the round publishes the same
-base whichever aggregator finishes it. Nothing is announced before the blobs
+base whichever aggregator finishes it. Every aggregator holds the momentum of
+the head it follows (and seeds mirror it), so the chain continues exactly after
+any one of them dies. Nothing is announced before the blobs
 it names are stored, so a kill -9 at any instant publishes nothing half-made.
 """
 
@@ -35,6 +39,7 @@ from hivemind.utils import get_dht_time
 from aggregator.engine import REPORT_FILE, MergeInput, merge_models
 from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
+from aggregator.outer import OuterStep, outer_lr
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
 from node.bases import HEAD_PIN, Bases
 from node.blobstore import BlobStore
@@ -47,6 +52,7 @@ from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head, head_order
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
+from protocol.momentum import momentum_size
 from protocol.patch import write_patch
 from protocol.records import DeltaAnnouncement, Head, Lease
 from protocol.swarm_config import SwarmConfig
@@ -58,6 +64,8 @@ CONFIG_TTL = 3600.0
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
+MOMENTUM_PIN = "momentum"  # the outer momentum of the heads whose bases are kept
+MOMENTUM_FILE = "momentum.safetensors"  # in scratch, from the merge until it is published
 
 
 class Aggregator(PeerDaemon):
@@ -185,6 +193,7 @@ class Aggregator(PeerDaemon):
         if not self.bases.has(head.base_id):
             self.status = f"fetching base {head.base_id[:16]}"
             sync_head(self.swarm, self.bases, head, set(self.config.aggregators))
+        self._hold_momentum(head)
         waited = time.monotonic() - self.head_seen_at
         if waited < self.config.round_period:
             self.status = (
@@ -201,6 +210,18 @@ class Aggregator(PeerDaemon):
             self._release()
         if child is not None:
             self.metrics.round_seconds.observe(time.monotonic() - started)
+
+    def _hold_momentum(self, head: Head) -> None:
+        """Fetch the head's momentum (the next outer step starts from it), checked by its id."""
+        blob = head.momentum_id
+        if blob is None or self.store.has(blob):
+            return
+        self.status = f"fetching the momentum of round {head.round}"
+        with ModelDir(self.bases.path(head.base_id)) as base:
+            size = momentum_size(base)
+        self.fetch(blob, timeout=FETCH_TIMEOUT, expected_size=size)
+        self.store.pin(blob, MOMENTUM_PIN)
+        self._keep_momentum(self._recent(head))
 
     def _publish_genesis(self) -> None:
         self.status = "publishing the genesis head"
@@ -334,6 +355,7 @@ class Aggregator(PeerDaemon):
             logger.warning("round %d: no delta passed; waiting for more", round_)
             return None
         crash_point("aggregator:fetched")
+        crash_point(f"aggregator:fetched:{round_}")  # mid-chain: the round's number
         child_dir = self._merge(head, inputs)
         crash_point("aggregator:merged")
         if self.gate is not None and not self._gate_passes(parent_dir, child_dir):
@@ -358,7 +380,12 @@ class Aggregator(PeerDaemon):
         shutil.rmtree(work)
         recipe = Recipe(cfg.merge_method, lam=cfg.lam, sign_method=cfg.sign_method)
         report = merge_models(
-            self.bases.path(head.base_id), inputs, recipe, work, density=cfg.density
+            self.bases.path(head.base_id),
+            inputs,
+            recipe,
+            work,
+            density=cfg.density,
+            outer=self._outer_step(head),
         )
         (work / REPORT_FILE).unlink(missing_ok=True)  # local paths and timings: not the swarm's
         out = self.bases.path(report.child_id)
@@ -374,6 +401,18 @@ class Aggregator(PeerDaemon):
             "merged %d deltas into %s in %.1f s", len(inputs), report.child_id[:16], seconds
         )
         return out
+
+    def _outer_step(self, head: Head) -> OuterStep | None:
+        cfg = self.config
+        (self.scratch / MOMENTUM_FILE).unlink(missing_ok=True)
+        if cfg.outer_optimizer == "none":
+            return None
+        return OuterStep(
+            lr=outer_lr(cfg.outer_lr, cfg.outer_warmup, head.round + 1),
+            momentum=cfg.outer_momentum,
+            previous=self.store.path(head.momentum_id) if head.momentum_id else None,
+            out=self.scratch / MOMENTUM_FILE,
+        )
 
     def _gate_passes(self, parent: Path, child: Path) -> bool:
         verdict = self.gate.judge(parent, child)
@@ -396,7 +435,11 @@ class Aggregator(PeerDaemon):
                 snap_path = Path(tmp) / "snapshot.msp"
                 write_patch(child, snap_path)
                 snapshot = self.store.add_file(snap_path, pin=HEAD_PIN)
-        for blob in (patch, snapshot):
+        momentum = None
+        if (self.scratch / MOMENTUM_FILE).is_file():
+            momentum = self.store.add_file(self.scratch / MOMENTUM_FILE, pin=MOMENTUM_PIN)
+            (self.scratch / MOMENTUM_FILE).unlink()
+        for blob in (patch, snapshot, momentum):
             if blob:
                 self.metrics.published_bytes.inc(self.store.size(blob))
         new = Head(
@@ -407,6 +450,7 @@ class Aggregator(PeerDaemon):
             patch_id=patch,
             snapshot_id=snapshot,
             merged=merged,
+            momentum_id=momentum,
             recipe=self.recipe_text(),
             created=round(get_dht_time(), 3),
         )
@@ -417,7 +461,11 @@ class Aggregator(PeerDaemon):
     def recipe_text(self) -> str:
         c = self.config
         text = f"{c.merge_method} density={c.density:g} lambda={c.lam:g} sign={c.sign_method}"
-        return text + f" staleness={c.staleness}x{c.staleness_discount:g}"
+        text += f" staleness={c.staleness}x{c.staleness_discount:g}"
+        if c.outer_optimizer == "nesterov":
+            text += f" outer=nesterov lr={c.outer_lr:g} mu={c.outer_momentum:g}"
+            text += f" warmup={c.outer_warmup}"
+        return text
 
     def _announce_head(self, head: Head) -> None:
         self.share_new_blobs()  # provider records before the head that names the blobs
@@ -425,10 +473,9 @@ class Aggregator(PeerDaemon):
         self.swarm.publish("head", head, ttl=HEAD_TTL)
         self.metrics.heads_published.inc()
         self._set_head(head)
-        keep = [head.base_id]
-        while len(keep) < KEEP_BASES and (h := self.chain.get(keep[-1])) and h.parent:
-            keep.append(h.parent)
-        self.bases.keep_only(set(keep))
+        recent = self._recent(head)
+        self.bases.keep_only({h.base_id for h in recent} | {recent[-1].parent or ""})
+        self._keep_momentum(recent)
         logger.info(
             "published head: round %d, base %s, %d deltas",
             head.round,
@@ -436,3 +483,20 @@ class Aggregator(PeerDaemon):
             head.deltas,
             extra={"fields": head.model_dump(mode="json")},
         )
+
+    def _recent(self, head: Head) -> list[Head]:
+        """The head and its known ancestors whose bases stay on disk, newest first."""
+        recent = [head]
+        while len(recent) < KEEP_BASES - 1 and (h := self.chain.get(recent[-1].parent or "")):
+            recent.append(h)
+        return recent
+
+    def _keep_momentum(self, recent: list[Head]) -> None:
+        """Delete the momentum of older heads (4 bytes a parameter each): only aggregators
+        need it, and only the head's (its ancestors' for a fork choice switch back)."""
+        keep = {h.momentum_id for h in recent}
+        for blob in self.store.ids():
+            if blob not in keep and MOMENTUM_PIN in self.store.pins(blob):
+                self.store.unpin(blob, MOMENTUM_PIN)
+                if not self.store.pins(blob):
+                    self.store.delete(blob)

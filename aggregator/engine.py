@@ -21,9 +21,11 @@ import torch
 
 from aggregator.inputs import TaskVectorSource, open_source
 from aggregator.methods import Recipe, TensorStats, merge_tensor
+from aggregator.outer import OuterStep
 from protocol.errors import BaseMismatchError, EncodeError
 from protocol.ids import BaseHasher, base_id
 from protocol.model_dir import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, ModelDir, write_model_dir
+from protocol.momentum import MomentumReader, MomentumWriter
 from protocol.numerics import all_finite
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,35 @@ class _Plan:
     base_hex: str | None  # None until hashed along the merge (no input needed it earlier)
     sources: list[TaskVectorSource]  # in the engine's order
     inputs: list[MergeInput]  # in the same order
+
+
+@dataclass
+class _Outer:
+    """An outer step under way: the parent's momentum read, this round's written."""
+
+    step: OuterStep
+    previous: MomentumReader | None
+    writer: MomentumWriter
+
+    @classmethod
+    def open(cls, step: OuterStep, base: ModelDir) -> _Outer:
+        previous = MomentumReader(step.previous, base) if step.previous else None
+        return cls(step, previous, MomentumWriter(step.out, base))
+
+    def apply(self, name: str, merged: torch.Tensor) -> torch.Tensor:
+        """The update for one tensor; its new momentum goes to the writer."""
+        previous = self.previous.tensor(name) if self.previous else None
+        update, momentum = self.step.apply(merged, previous)
+        self.writer.add(name, momentum)
+        return update
+
+    def close(self, ok: bool) -> None:
+        if self.previous is not None:
+            self.previous.close()
+        if ok:
+            self.writer.close()
+        else:
+            self.writer.abort()
 
 
 def _plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], dry_run: bool) -> _Plan:
@@ -127,12 +158,15 @@ def merge_models(
     dtype: str | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
+    outer: OuterStep | None = None,
 ) -> MergeReport:
     """Merge ``inputs`` into ``base`` and write the result to ``out`` (unless ``dry_run``).
 
     :param density: the default per-input density (trim keep fraction or DARE keep rate).
     :param dtype: output dtype of floating-point tensors (safetensors name); default the base's.
     :param progress: called with base bytes as each tensor is done.
+    :param outer: apply the merged delta with this outer step (aggregator.outer) instead of
+        adding it; its momentum file is written once the child is.
     """
     started = time.perf_counter()
     plan = _plan(base, inputs, dry_run)
@@ -151,13 +185,18 @@ def merge_models(
             for i, s in zip(plan.inputs, plan.sources, strict=True)
         ],
     )
+    if outer is not None:
+        report.recipe["outer"] = {"lr": outer.lr, "momentum": outer.momentum}
+    state: _Outer | None = None
+    ok = False
     try:
         if dry_run:
             return report
         hasher = BaseHasher()
         base_hasher = BaseHasher() if plan.base_hex is None else None
+        state = _Outer.open(outer, plan.base) if outer is not None else None
         stream = _merged_tensors(
-            plan, recipe, density, dtype, (hasher, base_hasher), report, progress
+            plan, recipe, density, dtype, (hasher, base_hasher), report, progress, state
         )
         write_model_dir(
             out,
@@ -168,8 +207,11 @@ def merge_models(
                 _finish(report, hasher, base_hasher, started) | _config_with_dtype(plan.base, dtype)
             ),
         )
+        ok = True
         return report
     finally:
+        if state is not None:
+            state.close(ok)
         for src in plan.sources:
             src.close()
 
@@ -205,6 +247,7 @@ def _merged_tensors(
     hashers: tuple[BaseHasher, BaseHasher | None],
     report: MergeReport,
     progress: Callable[[int], None] | None,
+    outer: _Outer | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     weights = [i.weight for i in plan.inputs]
     densities = [i.density if i.density is not None else density for i in plan.inputs]
@@ -224,7 +267,7 @@ def _merged_tensors(
                     f"{plan.base.path}: base tensor {name!r} contains NaN or Inf"
                 )
             tensor = _merge_one(
-                name, tensor, plan, weights, densities, presparsified, recipe, report
+                name, tensor, plan, weights, densities, presparsified, recipe, report, outer
             )
             tensor = tensor.to(DTYPES[dtype or info.dtype])
             if not all_finite(tensor):
@@ -247,8 +290,10 @@ def _merge_one(
     presparsified: list[bool],
     recipe: Recipe,
     report: MergeReport,
+    outer: _Outer | None,
 ) -> torch.Tensor:
-    if not any(src.touches(name) for src in plan.sources):  # e.g. LoRA on other modules only
+    touched = any(src.touches(name) for src in plan.sources)  # not: LoRA on other modules
+    if not touched and outer is None:
         report.tensors[name] = _stats_row(TensorStats(0.0, 0.0))
         return tensor
     base32 = tensor.to(torch.float32)  # task vectors and their merge are float32
@@ -258,10 +303,15 @@ def _merge_one(
             tv = src.task_vector(name, base32)
             yield torch.zeros_like(base32) if tv is None else tv
 
-    merged, stats = merge_tensor(
-        name, task_vectors(), weights, densities, recipe, presparsified=presparsified
-    )
+    if touched:
+        merged, stats = merge_tensor(
+            name, task_vectors(), weights, densities, recipe, presparsified=presparsified
+        )
+    else:  # the momentum still moves it
+        merged, stats = torch.zeros_like(base32), TensorStats(0.0, 0.0)
     report.tensors[name] = _stats_row(stats)
+    if outer is not None:
+        merged = outer.apply(name, merged)
     if tensor.dtype == torch.float64:  # keep the base's precision where it has more
         return tensor.add_(merged)
     return base32.add_(merged)

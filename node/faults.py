@@ -2,7 +2,8 @@
 
 ``MERGESWARM_CRASH_AT=<name>`` in a daemon's environment makes the first
 :func:`crash_point` of that name SIGKILL the process, the way a power cut
-would: no finally blocks, no flushing. Unset (always, outside tests), each
+would: no finally blocks, no flushing. Some points also exist per round
+(``aggregator:fetched:3``), to crash in the middle of a chain. Unset (always, outside tests), each
 point costs one dictionary lookup.
 """
 

@@ -51,7 +51,8 @@ class Seed(PeerDaemon):
         if chosen is None:
             return {}
         head = self.head = chosen[1]  # heart-beaten: the monitor shows the seed's lag too
-        wanted = {b: (HEAD_PIN, None) for b in (head.patch_id, head.snapshot_id) if b}
+        named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators
+        wanted = {b: (HEAD_PIN, None) for b in named if b}
         for record in self.swarm.read("announce", topic=head.base_id):
             if isinstance(record.body, DeltaAnnouncement):
                 wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)

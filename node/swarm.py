@@ -44,7 +44,8 @@ from protocol.schema import Body
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = "3"  # 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256
+# 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256; 4: heads name a momentum blob
+PROTOCOL_VERSION = "4"
 SWARM_INFO = "mergeswarm.SwarmInfo"
 IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta create`)
 P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id

@@ -1,6 +1,7 @@
 """The embedded main job: a whole swarm on 127.0.0.1 that trains, merges and reports.
 
-1. Pretrain a small causal LM briefly on text shipped with Python (the genesis base).
+1. Make the genesis base: pretrain a small causal LM briefly on text shipped with
+   Python (``tiny``), or write SmolLM2-135M from its offline package (``smollm2-135m``).
 2. ``mergeswarm init`` a swarm; start a bootstrap aggregator (holding the genesis), a
    standby aggregator and one volunteer per domain, each a real process with its own
    libp2p daemon, each volunteer training on a different kind of text.
@@ -18,16 +19,59 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.config import TrainOptions
 from node.domains import DOMAINS, domain_texts
 
 logger = logging.getLogger(__name__)
 
-SEQ_LEN = 64
-VOLUNTEER_LR = 3e-4  # where the genesis schedule ended (3e-3 decayed to a tenth): no jolt
+SEQ_LEN = 64  # tokens per training and held-out block, for every demo model
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model the demo (and scripts/bench_quality.py) runs: its genesis and how volunteers
+    train on it (the benchmark's experts and joint training train the same way).
+
+    :param drop_rate: the volunteers' DARE drop rate (a tiny model has far less redundancy
+        than a pretrained one, so it drops less).
+    """
+
+    name: str
+    train: TrainOptions
+    round_steps: int
+    drop_rate: float
+
+
+DEMO_MODELS = {
+    # lr: where the tiny genesis's schedule ended (3e-3 decayed to a tenth): no jolt
+    "tiny": DemoModel(
+        "tiny",
+        TrainOptions(seq_len=SEQ_LEN, batch_size=8, lr=3e-4, warmup_steps=5, eval_blocks=8),
+        round_steps=30,
+        drop_rate=0.5,
+    ),
+    # full fine-tuning at a pretrained model's usual fine-tuning lr; about 2 s a step here
+    "smollm2-135m": DemoModel(
+        "smollm2-135m",
+        TrainOptions(seq_len=SEQ_LEN, batch_size=4, lr=1e-4, warmup_steps=1, eval_blocks=4),
+        round_steps=6,
+        drop_rate=0.9,
+    ),
+}
+
+
+def volunteer_flags(options: TrainOptions) -> tuple[str, ...]:
+    """``mergeswarm node`` flags that train as ``options`` says."""
+    flags = ("--seq-len", str(options.seq_len), "--batch-size", str(options.batch_size))
+    flags += ("--lr", str(options.lr), "--warmup-steps", str(options.warmup_steps))
+    flags += ("--eval-blocks", str(options.eval_blocks), "--device", options.device)
+    return flags + (("--lora", "--lora-rank", str(options.lora_rank)) if options.lora else ())
+
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT_EVERY = 1.0  # seconds: the per-round byte counts come from heartbeats
 
@@ -66,10 +110,25 @@ def write_domain_data(workdir: Path, domains: list[str]) -> dict[str, Path]:
     return out
 
 
+def make_genesis(
+    model: DemoModel, out: Path, data: dict[str, Path], pretrain_steps: int, log: Callable
+) -> Path:
+    """The genesis of ``model`` in ``out`` (kept when already there)."""
+    if (out / "config.json").is_file():
+        return out
+    if model.name == "tiny":
+        log(f"[1/4] pretraining a small genesis model on Python's own text ({', '.join(data)})")
+        return pretrain_genesis(out, data, pretrain_steps, log)
+    from node.genesis import write_genesis
+
+    log(f"[1/4] writing the genesis: {model.name} from its offline package (about 30 s)")
+    write_genesis(out, model=model.name, dtype="float32")
+    return out
+
+
 def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable) -> Path:
     """A small Llama-architecture model, its tokenizer trained on every domain, pretrained
     ``steps`` steps on a mix of them (the volunteers then specialise it)."""
-    from node.config import TrainOptions
     from node.data import load_mixture
     from node.tiny_model import build_tiny_model
     from node.trainer import Trainer
@@ -153,25 +212,30 @@ class SwarmSetup:
 def prepare_swarm(
     workdir: Path,
     *,
+    model: DemoModel = DEMO_MODELS["tiny"],
     volunteers: int = 3,
     pretrain_steps: int = 400,
-    drop_rate: float = 0.5,
+    drop_rate: float | None = None,
     genesis: Path | None = None,
     merge_method: str = "linear",
     lam: float = 1.0,
     round_period: float = 3.0,
+    rules: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> SwarmSetup:
     """The demo swarm's files: domain data, the genesis, the aggregators' keys and swarm.toml
-    (also what ``mergeswarm demo --prepare DIR`` writes for docker/compose.yaml)."""
+    (also what ``mergeswarm demo --prepare DIR`` writes for docker/compose.yaml).
+
+    :param rules: more ``mergeswarm init`` flags (they win over the demo's own).
+    """
     if not 1 <= volunteers <= len(DOMAINS):
         raise ValueError(f"--volunteers must be 1 to {len(DOMAINS)} (one per domain)")
     workdir.mkdir(parents=True, exist_ok=True)
     domains = list(DOMAINS)[:volunteers]
     data = write_domain_data(workdir, domains)
     if genesis is None:
-        log(f"[1/4] pretraining a small genesis model on Python's own text ({', '.join(domains)})")
-        genesis = pretrain_genesis(workdir / "genesis", data, pretrain_steps, log)
+        genesis = make_genesis(model, workdir / "genesis", data, pretrain_steps, log)
+    drop_rate = model.drop_rate if drop_rate is None else drop_rate
     log("[2/4] writing the swarm config (mergeswarm init)")
     agg_dirs = [workdir / "aggregator-1", workdir / "aggregator-2"]
     config = workdir / "swarm.toml"
@@ -180,7 +244,7 @@ def prepare_swarm(
         "--round-period", str(round_period), "--min-deltas", str(volunteers), "--staleness", "0",
         "--on-new-head", "restart", "--drop-rate", str(drop_rate), "--merge-method", merge_method,
         "--lambda", str(lam), "--density", "0.5", "--snapshot-every", "1000",
-        *(a for d in agg_dirs for a in ("--aggregator-dir", str(d))),
+        *(a for d in agg_dirs for a in ("--aggregator-dir", str(d))), *rules,
     )  # fmt: skip
     return SwarmSetup(genesis, data, config, agg_dirs)
 
@@ -188,17 +252,23 @@ def prepare_swarm(
 def run_swarm_demo(
     workdir: Path,
     *,
+    model: DemoModel = DEMO_MODELS["tiny"],
     rounds: int = 3,
     volunteers: int = 3,
-    round_steps: int = 30,
+    round_steps: int | None = None,
     pretrain_steps: int = 400,
-    drop_rate: float = 0.5,
+    drop_rate: float | None = None,
     genesis: Path | None = None,
     merge_method: str = "linear",
     lam: float = 1.0,
+    rules: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the demo in ``workdir``; ``genesis`` skips pretraining and starts from that model."""
+    """Run the demo in ``workdir``; ``genesis`` skips making one and starts from that model.
+
+    :param round_steps: each volunteer's steps per head (default: the model's).
+    :param rules: more ``mergeswarm init`` flags, e.g. ``("--outer-optimizer", "nesterov")``.
+    """
     from node.bases import Bases
     from node.blobs import fetch
     from node.blobstore import BlobStore
@@ -211,14 +281,17 @@ def run_swarm_demo(
     started = time.monotonic()
     # SIGTERM unwinds like Ctrl-C, so that the finally below stops every daemon started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    round_steps = round_steps or model.round_steps
     setup = prepare_swarm(
         workdir,
+        model=model,
         volunteers=volunteers,
         pretrain_steps=pretrain_steps,
         drop_rate=drop_rate,
         genesis=genesis,
         merge_method=merge_method,
         lam=lam,
+        rules=rules,
         log=log,
     )
     genesis, data, config, agg_dirs = setup.genesis, setup.data, setup.config, setup.aggregators
@@ -235,17 +308,7 @@ def run_swarm_demo(
             "aggregator-1", *agg, "--genesis", str(genesis), data_dir=agg_dirs[0]
         )[0]
         procs.start("aggregator-2", *agg, "--join", bootstrap, data_dir=agg_dirs[1])
-        train = ("--round-steps", str(round_steps), "--seq-len", str(SEQ_LEN))
-        train += (
-            "--batch-size",
-            "8",
-            "--lr",
-            str(VOLUNTEER_LR),
-            "--warmup-steps",
-            "5",
-            "--eval-blocks",
-            "8",
-        )
+        train = ("--round-steps", str(round_steps), *volunteer_flags(model.train))
         train += ("--rounds-per-head", "1")  # one round per head: the rounds stay in step
         for name, path in data.items():
             procs.start(

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -73,12 +74,13 @@ class TensorInfo:
 class ModelDir:
     """Read-only view of the safetensors weights of a model directory.
 
-    :param path: a directory with ``model.safetensors`` or a sharded index.
+    :param path: a directory with ``model.safetensors`` or a sharded index, or one
+        safetensors file (such as an outer-momentum blob).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
+        if not self.path.is_dir() and not self.path.is_file():
             raise ModelDirError(f"{self.path}: not a directory")
         self.tensors: dict[str, TensorInfo] = {}
         shards, expected = self._shard_files()
@@ -91,6 +93,8 @@ class ModelDir:
 
     def _shard_files(self) -> tuple[list[Path], set[str] | None]:
         """The weight files, and the tensor names the index promises (None without an index)."""
+        if self.path.is_file():
+            return [self.path], None
         index = self.path / INDEX_FILE
         if index.is_file():
             try:
@@ -215,7 +219,7 @@ def _data_offsets(shard: Path) -> dict[str, int]:
         raise ModelDirError(f"{shard}: not a valid safetensors file ({exc})") from None
 
 
-def _header_bytes(shard: list[TensorInfo]) -> bytes:
+def safetensors_header(shard: list[TensorInfo]) -> bytes:
     """The safetensors header of a file holding ``shard`` in order."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -335,22 +339,22 @@ def _write_shard(
     path: Path, shard: list[TensorInfo], stream: Iterator[tuple[str, torch.Tensor]]
 ) -> None:
     with open(path, "wb") as f:
-        f.write(_header_bytes(shard))
+        f.write(safetensors_header(shard))
         for info in shard:
             item = next(stream, None)
             if item is None:
                 raise ModelDirError(f"{path}: tensor {info.name!r} was never supplied")
-            name, t = item
-            if (
-                name != info.name
-                or DTYPE_NAMES.get(t.dtype) != info.dtype
-                or tuple(t.shape) != info.shape
-            ):
-                raise ModelDirError(
-                    f"{path}: expected {info.name} {info.dtype}{list(info.shape)}, got "
-                    f"{name} {DTYPE_NAMES.get(t.dtype, t.dtype)}{list(t.shape)}"
-                )
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            del item, t  # let the tensor go before the producer makes the next one
+            write_tensor(f, info, *item)
+            del item  # let the tensor go before the producer makes the next one
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_tensor(f: BinaryIO, info: TensorInfo, name: str, t: torch.Tensor) -> None:
+    """Append the bytes of ``t`` to a safetensors file whose header planned ``info`` next."""
+    if name != info.name or DTYPE_NAMES.get(t.dtype) != info.dtype or tuple(t.shape) != info.shape:
+        raise ModelDirError(
+            f"{f.name}: expected {info.name} {info.dtype}{list(info.shape)}, got "
+            f"{name} {DTYPE_NAMES.get(t.dtype, t.dtype)}{list(t.shape)}"
+        )
+    f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -92,6 +92,7 @@ class Head(Body):
     patch_id: Hex64 | None = None  # blob turning the parent into this base
     snapshot_id: Hex64 | None = None  # blob holding the whole base
     merged: tuple[Hex64, ...] = Field(default=(), max_length=MAX_MERGED)  # the delta ids
+    momentum_id: Hex64 | None = None  # blob of the outer optimizer's momentum after this round
     recipe: ShortText = ""  # how they were merged, e.g. "ties density=0.5 lambda=1"
     created: float | None = None  # DHT time it was published (for the time since the last head)
 

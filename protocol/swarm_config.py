@@ -1,6 +1,6 @@
 """A swarm's config: what every peer of one swarm must agree on, written by ``mergeswarm init``.
 
-It names the genesis base, the merge recipe, the volunteers' DARE drop rate and
+It names the genesis base, the merge recipe and outer optimizer, the volunteers' DARE drop rate and
 codec, the round policy, how aggregators screen deltas, and the aggregators
 volunteers trust. Aggregators publish it in the DHT (record kind ``config``),
 so a volunteer needs only a multiaddr; one that pins ``--swarm-config`` or
@@ -50,6 +50,18 @@ class SwarmConfig(Body):
     )
     sign_method: Literal["total", "frequency"] = Field(
         "total", description="TIES sign election: by total mass or by count"
+    )
+    outer_optimizer: Literal["none", "nesterov"] = Field(
+        "none",
+        description="how a round's merged delta moves the head: added as it is, or as an outer "
+        "gradient with Nesterov momentum (DiLoCo)",
+    )
+    outer_lr: float = Field(0.7, gt=0, le=10, description="nesterov: the outer learning rate")
+    outer_momentum: float = Field(
+        0.9, ge=0, lt=1, description="nesterov: the outer momentum factor"
+    )
+    outer_warmup: int = Field(
+        0, ge=0, le=10_000, description="nesterov: rounds over which the outer lr ramps up"
     )
     drop_rate: float = Field(0.9, ge=0, lt=1, description="volunteers' DARE drop rate")
     codec: Literal["bf16", "fp16", "fp32", "int8"] = Field(

@@ -1,167 +1,376 @@
-"""Does merge-training work? Held-out loss per domain: genesis, experts, joint training,
-offline merges of the experts, and the swarm's own head, all from one genesis in one run.
+"""Does merge-training work? The fraction of joint training's gain the swarm reaches at equal
+compute, from one genesis in one run, on held-out text of four domains.
 
-    .venv/bin/python scripts/bench_quality.py [--rounds 3] [--round-steps 30] [--workdir DIR]
+    .venv/bin/python scripts/bench_quality.py --model smollm2-135m [--rounds 3] [--round-steps 6]
+        [--device auto|cpu|cuda] [--json FILE] [--plot docs/quality.png] [--sweep]
 
-The demo's setting with four domains of text shipped with Python (reference
-manual, library code, docstrings, licence) and a genesis pretrained on a
-balanced mixture of them. First a real local swarm (two aggregators, one
-volunteer per domain, one round of --round-steps per head) runs R rounds.
-Then, from the same genesis: each domain's expert trains alone for the
-R x round-steps its volunteer put into the head; one model trains jointly on
-the balanced mixture for the sum of those steps; and the experts are merged
-offline with linear averaging, task arithmetic, TIES and DARE-TIES. Every
-model is measured on the same held-out blocks of each domain, which no
-training saw.
+The demo's setting: four domains of text shipped with Python (reference manual,
+library code, docstrings, licence), one volunteer per domain, so the data is not
+identically distributed. Every row starts from the same genesis, trains with the
+same optimizer settings (node.swarm_demo.DEMO_MODELS) and is measured on the same
+held-out blocks of every domain, which no training saw:
+
+- ``genesis``; ``expert D``: domain D's volunteer alone for R x H steps;
+- ``joint training``: synchronous data-parallel training on the balanced mixture with
+  the same tokens (batch = volunteers x the volunteer batch, R x H steps): the
+  reference at equal compute;
+- ``swarm ...``: a real local swarm (two aggregators, one volunteer per domain, each a
+  process with its own libp2p daemon; one round of H steps per head) for R rounds,
+  with the outer optimizer, merge method and delta codec the row names;
+- ``merge ...``: the experts merged offline (linear, TIES, DARE-TIES);
+- with ``--sweep``, ``sim ...`` rows: the swarm's arithmetic in one process (the same
+  trainer, delta codec, merge engine and outer step, no network), for a grid of outer
+  learning rates, momenta and warm-ups, much cheaper than daemons.
+
+Headline figures: each swarm row's fraction of joint training's mean-loss gain over
+the genesis, and each domain's share of its expert's own-domain gain.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aggregator.engine import MergeInput, merge_models  # noqa: E402
-from aggregator.methods import Recipe  # noqa: E402
 from node.config import TrainOptions  # noqa: E402
 from node.domains import DOMAINS  # noqa: E402
 from node.swarm_demo import (  # noqa: E402
-    SEQ_LEN,
-    VOLUNTEER_LR,
+    DEMO_MODELS,
+    DemoModel,
     domain_losses,
     eval_sets,
-    pretrain_genesis,
+    make_genesis,
     run_swarm_demo,
     write_domain_data,
 )
-from protocol.model_dir import ModelDir, write_model_dir  # noqa: E402
 
-# The swarm volunteers' optimiser settings (node/swarm_demo.py), so experts and joint
-# training differ from the swarm only in how they combine, never in how they train.
-LR, BATCH, WARMUP = VOLUNTEER_LR, 8, 5
+Losses = dict[str, float]
 
 
-def train(genesis: Path, data: list[Path], steps: int, out: Path) -> Path:
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class SwarmRow:
+    """A swarm configuration: outer optimizer, merge method, delta codec."""
 
-    from node.data import load_mixture
-    from node.trainer import Trainer
+    outer: str  # none | nesterov
+    method: str  # linear | ties | dare_ties | task_arithmetic
+    dense: bool = False  # deltas with no DARE drop, float32 values
+    lr: float = 0.7
+    momentum: float = 0.9
+    warmup: int = 0
 
-    dataset = load_mixture(data, AutoTokenizer.from_pretrained(genesis), seq_len=SEQ_LEN)
-    options = TrainOptions(seq_len=SEQ_LEN, batch_size=BATCH, lr=LR, warmup_steps=WARMUP)
-    trainer = Trainer(genesis, dataset, options)
-    trainer.train_round(max_steps=steps, max_seconds=None)
+    @property
+    def label(self) -> str:
+        outer = self.outer
+        if self.outer == "nesterov":
+            outer += f" lr={self.lr:g} mu={self.momentum:g}" + (
+                f" warmup={self.warmup}" if self.warmup else ""
+            )
+        return f"{outer}, {self.method}" + (", dense" if self.dense else "")
+
+    def rules(self, drop_rate: float) -> tuple[str, ...]:
+        """``mergeswarm init`` flags for this row."""
+        flags = ("--outer-optimizer", self.outer, "--outer-lr", str(self.lr))
+        flags += ("--outer-momentum", str(self.momentum), "--outer-warmup", str(self.warmup))
+        drop, codec = (0.0, "fp32") if self.dense else (drop_rate, "bf16")
+        return flags + ("--drop-rate", str(drop), "--codec", codec)
+
+
+def parse_row(text: str, base: SwarmRow) -> SwarmRow:
+    """``OUTER:METHOD[:dense]``, e.g. ``nesterov:ties`` or ``none:linear:dense``."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("none", "nesterov"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OUTER:METHOD[:dense]")
+    return SwarmRow(parts[0], parts[1], parts[2:] == ["dense"], base.lr, base.momentum, base.warmup)
+
+
+def mean(loss: Losses) -> float:
+    return sum(loss.values()) / len(loss)
+
+
+def save_weights(trainer, genesis: Path, out: Path) -> Path:
+    from protocol.model_dir import ModelDir, write_model_dir
+
+    shutil.rmtree(out, ignore_errors=True)
     weights = trainer.trained_weights()
     with ModelDir(genesis) as md:
         write_model_dir(out, md, ((n, weights[n].to(md.tensor(n).dtype)) for n in md.names()))
     return out
 
 
-def main() -> int:
+def train_rows(genesis, data, options: TrainOptions, rounds, steps, work, evals):
+    """Experts (each domain alone) and joint training (the mixture, the volunteers' batches
+    together), with joint training measured after every R-th of its steps for the curve."""
+    from transformers import AutoTokenizer
+
+    from node.data import load_dataset, load_mixture
+    from node.trainer import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(genesis)
+    rows: dict[str, Losses] = {}
+    curves: dict[str, list[float]] = {}
+    for d, path in data.items():
+        print(f"expert {d}: {rounds * steps} steps", flush=True)
+        dataset = load_dataset([path], tokenizer, seq_len=options.seq_len)
+        trainer = Trainer(genesis, dataset, options)
+        trainer.train_round(max_steps=rounds * steps, max_seconds=None)
+        out = save_weights(trainer, genesis, work / f"expert-{d}")
+        rows[f"expert {d}"] = domain_losses(out, evals)
+        del trainer
+    joint_options = options.model_copy(update={"batch_size": options.batch_size * len(data)})
+    print(f"joint: {rounds * steps} steps of {joint_options.batch_size} blocks", flush=True)
+    dataset = load_mixture(list(data.values()), tokenizer, seq_len=options.seq_len)
+    trainer = Trainer(genesis, dataset, joint_options)
+    curves["joint training"] = []
+    for _ in range(rounds):
+        trainer.train_round(max_steps=steps, max_seconds=None)
+        out = save_weights(trainer, genesis, work / "joint")
+        rows["joint training"] = domain_losses(out, evals)
+        curves["joint training"].append(mean(rows["joint training"]))
+    return rows, curves
+
+
+def offline_merges(genesis, data, work, evals) -> dict[str, Losses]:
+    from aggregator.engine import MergeInput, merge_models
+    from aggregator.methods import Recipe
+
+    inputs = [MergeInput(work / f"expert-{d}") for d in data]
+    rows = {}
+    for label, recipe, density in (
+        ("merge linear", Recipe("linear"), 1.0),
+        ("merge ties", Recipe("ties"), 0.5),
+        ("merge dare_ties", Recipe("dare_ties", seed=1), 0.5),
+    ):
+        out = work / label.replace(" ", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        merge_models(genesis, inputs, recipe, out, density=density)
+        rows[label] = domain_losses(out, evals)
+    return rows
+
+
+def simulate(genesis, data, options, row: SwarmRow, drop_rate, rounds, steps, work, evals):
+    """The swarm's rounds in one process: each volunteer trains H steps on the head (AdamW
+    moments and data position carried across heads, as the node does), makes a real delta,
+    and the deltas go through the aggregator's merge engine and outer step."""
+    from transformers import AutoTokenizer
+
+    from aggregator.engine import MergeInput, merge_models
+    from aggregator.methods import Recipe
+    from aggregator.outer import OuterStep, outer_lr
+    from node.data import load_dataset
+    from node.trainer import Trainer
+    from protocol.delta import TensorMap, create_delta
+    from protocol.identity import Identity
+
+    tokenizer = AutoTokenizer.from_pretrained(genesis)
+    datasets = {d: load_dataset([p], tokenizer, seq_len=options.seq_len) for d, p in data.items()}
+    identity = Identity.generate()
+    head, momentum, curve = genesis, None, []
+    drop, codec = (0.0, "fp32") if row.dense else (drop_rate, "bf16")
+    for r in range(1, rounds + 1):
+        deltas = []
+        for i, (d, dataset) in enumerate(datasets.items()):
+            trainer = Trainer(head, dataset, options)
+            state = work / f"state-{d}"
+            if Trainer.latest(state) is not None:
+                trainer.load(Trainer.latest(state), weights=False)
+            trainer.train_round(max_steps=steps, max_seconds=None)
+            trainer.save(state, {})
+            out = work / f"delta-{r}-{d}.msd"
+            create_delta(head, TensorMap(trainer.trained_weights()), out, identity=identity,
+                         drop_rate=drop, codec=codec, seed=1000 * r + i)  # fmt: skip
+            deltas.append(out)
+            del trainer
+        child = work / f"head-{r}"
+        step = None
+        if row.outer == "nesterov":
+            lr = outer_lr(row.lr, row.warmup, r)
+            step = OuterStep(lr, row.momentum, momentum, work / f"momentum-{r}")
+        method = Recipe(row.method)
+        merge_models(head, [MergeInput(p) for p in deltas], method, child, density=0.5, outer=step)
+        curve.append(domain_losses(child, evals))
+        for p in deltas:
+            p.unlink()
+        if head != genesis:
+            shutil.rmtree(head)
+        head, momentum = child, step.out if step else None
+    shutil.rmtree(work)
+    return curve
+
+
+def load_reference(path: Path, model: str, settings: dict, genesis: Losses) -> dict:
+    """The reference rows of an earlier run, checked to be of this very setting."""
+    earlier = json.loads(path.read_text())
+    if earlier["model"] != model or earlier["settings"] != settings:
+        raise SystemExit(f"{path}: another model or other settings than this run's")
+    if earlier["rows"]["genesis"]["loss"] != genesis:
+        raise SystemExit(f"{path}: its genesis measured otherwise; not the same genesis")
+    keep = ("genesis", "expert ", "joint training", "merge ")
+    rows = {k: v["loss"] for k, v in earlier["rows"].items() if k.startswith(keep)}
+    return {"rows": rows, "curves": {"joint training": earlier["curves"]["joint training"]}}
+
+
+def report(rows: dict[str, Losses], domains: list[str]) -> dict:
+    print(f"\n| model | {' | '.join(domains)} | mean |")
+    print(f"|---|{'---|' * len(domains)}---|")
+    for label, loss in rows.items():
+        cells = " | ".join(f"{loss[d]:.4f}" for d in domains)
+        print(f"| {label} | {cells} | {mean(loss):.4f} |")
+    genesis, joint = rows["genesis"], rows["joint training"]
+    joint_gain = mean(genesis) - mean(joint)
+    fraction, share = {}, {}
+    print(f"\njoint training gains {joint_gain:.4f} mean loss over the genesis")
+    for label, loss in rows.items():
+        if not label.startswith(("swarm", "sim", "merge")):
+            continue
+        fraction[label] = round((mean(genesis) - mean(loss)) / joint_gain, 4)
+        share[label] = {
+            d: round((genesis[d] - loss[d]) / (genesis[d] - rows[f"expert {d}"][d]), 4)
+            for d in domains
+        }
+        worst = min(share[label].values())
+        print(
+            f"{label}: {fraction[label]:.2f} of joint training's gain; "
+            f"own-domain share of the experts' gain: worst {worst:.2f}"
+        )
+    return {"fraction_of_joint": fraction, "expert_share": share}
+
+
+def plot(path: Path, curves: dict[str, list[float]], genesis: Losses, tokens_per_round: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, curve in curves.items():
+        xs = [0] + [tokens_per_round * (r + 1) for r in range(len(curve))]
+        ys = [mean(genesis), *curve]
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("tokens trained, all volunteers together (markers: rounds)")
+    ax.set_ylabel("mean held-out loss, four domains")
+    ax.set_title("mergeswarm: the swarm against joint training at equal compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(DEMO_MODELS), default="tiny")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--round-steps", type=int, default=30)
-    parser.add_argument("--pretrain-steps", type=int, default=400)
-    parser.add_argument("--drop-rate", type=float, default=0.5)
-    parser.add_argument("--merge-method", default="linear", help="the swarm's merge method")
-    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="the swarm's lambda")
+    parser.add_argument("--round-steps", type=int, help="H (default: the model's)")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="tiny: genesis steps")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--drop-rate", type=float, help="DARE p (default: the model's)")
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-warmup", type=int, default=0)
+    parser.add_argument(
+        "--swarm",
+        nargs="*",
+        metavar="OUTER:METHOD[:dense]",
+        default=["none:linear", "nesterov:linear", "nesterov:ties", "nesterov:linear:dense"],
+        help="swarm rows run with real daemons",
+    )
+    parser.add_argument(
+        "--sweep",
+        nargs="*",
+        metavar="LR:MU:WARMUP",
+        help="in-process sim rows with nesterov and linear merging at these outer settings",
+    )
+    parser.add_argument("--no-experts", action="store_true", help="skip experts and merges")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="JSON",
+        help="take the genesis, expert, joint and offline-merge rows from this earlier --json "
+        "of the same model and settings instead of training them again",
+    )
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--json", type=Path, help="also write the table as JSON")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--plot", type=Path, help="write the loss curves here (PNG)")
+    args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    model = DEMO_MODELS[args.model]
+    options = model.train.model_copy(update={"device": args.device})
+    model = DemoModel(model.name, options, model.round_steps, model.drop_rate)
+    steps, drop_rate = args.round_steps or model.round_steps, args.drop_rate or model.drop_rate
+    base = SwarmRow(
+        "nesterov", "linear", False, args.outer_lr, args.outer_momentum, args.outer_warmup
+    )
+    swarm_rows = [parse_row(t, base) for t in args.swarm]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mergeswarm-quality-"))
     work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     domains = list(DOMAINS)
     data = write_domain_data(work, domains)
-    started = time.monotonic()
-    print(f"genesis: pretraining {args.pretrain_steps} steps on all {len(domains)} domains")
-    genesis = pretrain_genesis(work / "genesis", data, args.pretrain_steps, print)
+    genesis = make_genesis(model, work / "genesis", data, args.pretrain_steps, print)
     evals = eval_sets(genesis, data)
-    rows: dict[str, dict[str, float]] = {"genesis": domain_losses(genesis, evals)}
-
-    print(f"swarm: {args.rounds} rounds, 2 aggregators, {len(domains)} volunteers")
-    swarm = run_swarm_demo(
-        work / "swarm",
-        rounds=args.rounds,
-        volunteers=len(domains),
-        round_steps=args.round_steps,
-        drop_rate=args.drop_rate,
-        genesis=genesis,
-        merge_method=args.merge_method,
-        lam=args.lam,
-        log=lambda line: print("  " + line),
-    )
-    rows[f"swarm head (round {swarm.rounds[-1].round})"] = swarm.rounds[-1].loss
-    # Each volunteer trains one round of --round-steps per head, so the head of round R holds
-    # R rounds of each (the checkpoints may hold one more, begun on the last head).
-    steps = {d: args.rounds * args.round_steps for d in domains}
-    print(f"volunteer steps in the swarm's head: {steps}")
-
-    experts = {}
-    for d in domains:
-        print(f"expert {d}: {steps[d]} steps")
-        experts[d] = train(genesis, [data[d]], steps[d], work / f"expert-{d}")
-        rows[f"expert {d}"] = domain_losses(experts[d], evals)
-    total = sum(steps.values())
-    print(f"joint: {total} steps on all domains")
-    rows["joint training"] = domain_losses(
-        train(genesis, list(data.values()), total, work / "joint"), evals
-    )
-    inputs = [MergeInput(experts[d]) for d in domains]
-    for label, recipe, density in (
-        ("merge linear", Recipe("linear"), 1.0),
-        ("merge task arithmetic", Recipe("task_arithmetic", lam=1.0), 1.0),
-        ("merge ties", Recipe("ties", lam=1.0), 0.5),
-        ("merge dare_ties", Recipe("dare_ties", lam=1.0, seed=1), 0.5),
-    ):
-        out = work / label.replace(" ", "-")
-        merge_models(genesis, inputs, recipe, out, density=density)
-        rows[label] = domain_losses(out, evals)
-    report(rows, domains, swarm.rounds[-1].round)
-    print(f"\n{time.monotonic() - started:.0f} s in all; models in {work}")
+    rows: dict[str, Losses] = {"genesis": domain_losses(genesis, evals)}
+    print(f"genesis: mean held-out loss {mean(rows['genesis']):.4f}", flush=True)
+    curves: dict[str, list[float]] = {}  # mean held-out loss after each round
+    tokens = len(domains) * steps * options.batch_size * options.seq_len
+    settings = {"rounds": args.rounds, "round_steps": steps, "drop_rate": drop_rate,
+                "train": options.model_dump(), "tokens_per_round": tokens}  # fmt: skip
+    if args.reference:
+        reference = load_reference(args.reference, model.name, settings, rows["genesis"])
+        rows |= reference["rows"]
+        curves["joint training"] = reference["curves"]["joint training"]
+    elif not args.no_experts:
+        trained, curves = train_rows(genesis, data, options, args.rounds, steps, work, evals)
+        rows |= trained
+    for row in swarm_rows:
+        label = f"swarm {row.label}"
+        print(
+            f"{label}: {args.rounds} rounds, 2 aggregators, {len(domains)} volunteers", flush=True
+        )
+        result = run_swarm_demo(
+            work / "swarm", model=model, rounds=args.rounds, volunteers=len(domains),
+            round_steps=steps, genesis=genesis, merge_method=row.method,
+            rules=row.rules(drop_rate), log=lambda line: print("  " + line, flush=True),
+        )  # fmt: skip
+        shutil.rmtree(work / "swarm", ignore_errors=True)
+        rows[label] = result.rounds[args.rounds - 1].loss
+        curves[label] = [mean(r.loss) for r in result.rounds[: args.rounds]]
+    for spec in args.sweep or []:
+        lr, mu, warmup = spec.split(":")
+        row = SwarmRow("nesterov", "linear", False, float(lr), float(mu), int(warmup))
+        label = f"sim {row.label}"
+        print(f"{label}: {args.rounds} rounds in one process", flush=True)
+        curve = simulate(
+            genesis, data, options, row, drop_rate, args.rounds, steps, work / "sim", evals
+        )
+        curves[label] = [mean(loss) for loss in curve]
+        rows[label] = curve[-1]
+    if not args.no_experts and not args.reference:
+        rows |= offline_merges(genesis, data, work, evals)
+    figures = report(rows, domains) if "joint training" in rows else {}
+    seconds = time.monotonic() - started
+    print(f"\n{seconds:.0f} s in all; models in {work}")
+    if args.plot:
+        plot(args.plot, curves, rows["genesis"], tokens)
     if args.json:
-        args.json.write_text(json.dumps({"steps": steps, "loss": rows}, indent=2) + "\n")
+        out = {
+            "model": model.name,
+            "settings": settings,
+            "rows": {k: {"loss": v, "mean": round(mean(v), 4)} for k, v in rows.items()},
+            **figures,
+            "curves": {k: [round(m, 4) for m in c] for k, c in curves.items()},
+            "seconds": round(seconds, 1),
+        }
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
-
-
-def report(rows: dict[str, dict[str, float]], domains: list[str], rounds: int) -> None:
-    print()
-    print(f"| model | {' | '.join(domains)} | mean loss | mean ppl |")
-    print(f"|---|{'---|' * len(domains)}---|---|")
-    for label, loss in rows.items():
-        mean = sum(loss[d] for d in domains) / len(domains)
-        cells = " | ".join(f"{loss[d]:.3f}" for d in domains)
-        print(f"| {label} | {cells} | {mean:.3f} | {math.exp(mean):.1f} |")
-    head = next(v for k, v in rows.items() if k.startswith("swarm head"))
-    genesis, linear, joint = rows["genesis"], rows["merge linear"], rows["joint training"]
-
-    def mean(loss: dict[str, float]) -> float:
-        return sum(loss[d] for d in domains) / len(domains)
-
-    expert_own = {d: rows[f"expert {d}"][d] for d in domains}
-    print()
-    beats_genesis = [d for d in domains if head[d] < genesis[d]]
-    print(
-        f"swarm head beats genesis on {len(beats_genesis)}/{len(domains)} domains "
-        f"(target: all): {'met' if len(beats_genesis) == len(domains) else 'NOT met'}"
-    )
-    print(
-        f"swarm head mean loss {mean(head):.3f} vs linear averaging {mean(linear):.3f} "
-        f"(target: lower): {'met' if mean(head) < mean(linear) else 'NOT met'}"
-    )
-    gained = mean(genesis) - mean(head)
-    print(
-        f"of the experts' own-domain gain over genesis ({mean(genesis) - mean(expert_own):.3f}), "
-        f"the head keeps {gained:.3f}; joint training gains {mean(genesis) - mean(joint):.3f}"
-    )
 
 
 if __name__ == "__main__":

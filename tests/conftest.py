@@ -25,6 +25,16 @@ def tiny_finetuned(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def finetunes(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three short fine-tunes of ``tiny_base``, each on its own third of the corpus."""
+    root = tmp_path_factory.mktemp("finetunes")
+    return [
+        quick_finetune(tiny_base, root / f"ft{i}", CORPUS[i::3], steps=3, seed=i).out_dir
+        for i in range(3)
+    ]
+
+
+@pytest.fixture(scope="session")
 def tiny_base_bf16_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same architecture in bf16, split into several safetensors shards."""
     return build_tiny_model(

@@ -9,14 +9,15 @@ import pytest
 
 from aggregator.engine import MergeInput, merge_models
 from aggregator.methods import Recipe
+from aggregator.outer import OuterStep, outer_lr
 from node.blobs import BlobService, announce, fetch
 from node.blobstore import BlobStore
 from node.faults import ENV as ENV_CRASH
-from node.history import current_head
+from node.history import base_record, current_head
 from node.tiny_model import CORPUS
 from protocol.delta import create_delta
 from protocol.identity import Identity
-from protocol.ids import base_id
+from protocol.ids import base_id, file_hasher
 from protocol.model_dir import ModelDir
 from protocol.records import DeltaAnnouncement, Heartbeat
 from protocol.swarm_config import load_swarm_config
@@ -144,6 +145,72 @@ def test_a_standby_finishes_the_round_of_a_killed_lease_holder(tmp_path, local_p
 
     wait_for(follows, 120, "the restarted aggregator to follow the head")
     assert not [p for p in (again.data_dir / "bases").iterdir() if p.name.startswith(".")]
+
+
+def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(
+    tmp_path, local_peer, tiny_base
+):
+    config_path, config = _swarm_config(
+        tmp_path, tiny_base, "--round-period", "2", "--min-deltas", "1",
+        "--outer-optimizer", "nesterov", "--outer-lr", "0.5", "--outer-momentum", "0.8",
+    )  # fmt: skip
+    seed = start_peer(tmp_path / "seed", "--swarm-id", config.swarm_id)
+    join = seed.maddrs[0]
+    lease = ("--lease-seconds", "5")
+    first = _aggregator(
+        tmp_path, "agg1", config_path, join, "--genesis", str(tiny_base), *lease,
+        env={ENV_CRASH: "aggregator:fetched:3"},
+    )  # fmt: skip
+    _volunteer(tmp_path, 0, join)
+    assert first.proc.wait(timeout=300) == -9, first.log_tail()  # rounds 1-2 made, 3 leased
+    # A late joiner takes the lapsed round 3 over from the first one's momentum, makes
+    # round 4, and is killed in round 5; the first, restarted, goes on from its momentum
+    # (held by the seed, since its maker is gone).
+    late = _aggregator(
+        tmp_path, "agg2", config_path, join, *lease, env={ENV_CRASH: "aggregator:fetched:5"}
+    )
+    assert late.proc.wait(timeout=300) == -9, late.log_tail()
+    again = _aggregator(tmp_path, "agg1", config_path, join, *lease)
+    observer = local_peer("observer", join=[join], swarm_id=config.swarm_id)
+    head = wait_for(
+        lambda: (h := current_head(observer, set())) and h.round >= 5 and h, 240, "round 5"
+    )
+    trusted = set(config.aggregators)
+    by_round = {head.round: head}
+    while min(by_round) > 1:
+        parent = base_record(observer, by_round[min(by_round)].parent, trusted)
+        by_round[parent.round] = parent
+    author = {
+        r: next(a.author for a in observer.read("base", topic=h.base_id))
+        for r, h in by_round.items()
+    }
+    ids = {
+        name: Identity.load(tmp_path / name / "identity.pem").author for name in ("agg1", "agg2")
+    }
+    assert author[2] == author[5] == ids["agg1"] and author[3] == author[4] == ids["agg2"]
+    assert all(h.momentum_id for h in by_round.values()) and again.proc.poll() is None
+
+    # Each head is its parent, the deltas it names and the parent's momentum, bit for bit.
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    recipe = Recipe(config.merge_method, lam=config.lam, sign_method=config.sign_method)
+    for r in (3, 5):
+        h, parent = by_round[r], by_round[r - 1]
+        out = run_cli("export", "--join", join, "--host-maddr", "/ip4/127.0.0.1/tcp/0",
+                      "--base", parent.base_id, "-o", str(tmp_path / f"parent{r}"), timeout=240)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        for blob in (*h.merged, parent.momentum_id):
+            fetch(observer, store, blob, timeout=60, serve_while_fetching=False)
+        step = OuterStep(
+            lr=outer_lr(config.outer_lr, config.outer_warmup, r),
+            momentum=config.outer_momentum,
+            previous=store.path(parent.momentum_id),
+            out=tmp_path / f"momentum{r}",
+        )
+        inputs = [MergeInput(store.path(d)) for d in h.merged]
+        report = merge_models(tmp_path / f"parent{r}", inputs, recipe, tmp_path / f"redo{r}",
+                              density=config.density, outer=step)  # fmt: skip
+        assert report.child_id == h.base_id
+        assert file_hasher(step.out).hexdigest() == h.momentum_id
 
 
 def test_the_demo_runs_one_round(tmp_path):

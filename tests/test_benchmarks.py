@@ -81,3 +81,30 @@ def test_bench_transfer_smoke_run_moves_the_blob_every_way(tmp_path):
     for part in ("pull", "swarm"):
         assert result[part]["seconds"] > 0
     assert result["pull"]["origin_copies"] > 1.5  # nobody else serves: the origin sent both
+
+
+@pytest.mark.slow
+def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_path):
+    out, picture = tmp_path / "quality.json", tmp_path / "quality.png"
+    script = SCRIPT.with_name("bench_quality.py")
+    args = ["--model", "tiny", "--rounds", "2", "--round-steps", "3", "--pretrain-steps", "20"]
+    args += ["--swarm", "nesterov:linear", "--sweep", "0.7:0.5:1"]
+    args += ["--workdir", tmp_path / "work", "--json", out, "--plot", picture]
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    domains = {"manual", "code", "docs", "license"}
+    swarm, sim = (
+        "swarm nesterov lr=0.7 mu=0.9, linear",
+        "sim nesterov lr=0.7 mu=0.5 warmup=1, linear",
+    )
+    assert result["model"] == "tiny"
+    assert {"genesis", "joint training", swarm, sim, "merge ties"} <= set(result["rows"])
+    assert {f"expert {d}" for d in domains} <= set(result["rows"])
+    for row in result["rows"].values():
+        assert set(row["loss"]) == domains
+    assert set(result["fraction_of_joint"]) >= {swarm, sim}
+    assert [len(result["curves"][k]) for k in ("joint training", swarm, sim)] == [2, 2, 2]
+    assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"

