@@ -307,7 +307,12 @@ def run_swarm_demo(
         bootstrap = procs.start(
             "aggregator-1", *agg, "--genesis", str(genesis), data_dir=agg_dirs[0]
         )[0]
-        procs.start("aggregator-2", *agg, "--join", bootstrap, data_dir=agg_dirs[1])
+        # The standby holds the genesis too: it need not download a real model's 538 MB
+        # snapshot from volunteers that are busy training.
+        procs.start(
+            "aggregator-2", *agg, "--join", bootstrap, "--genesis", str(genesis),
+            data_dir=agg_dirs[1],
+        )  # fmt: skip
         train = ("--round-steps", str(round_steps), *volunteer_flags(model.train))
         train += ("--rounds-per-head", "1")  # one round per head: the rounds stay in step
         for name, path in data.items():

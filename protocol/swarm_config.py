@@ -35,8 +35,12 @@ class SwarmConfig(Body):
     version: Literal[1] = Field(CONFIG_VERSION, json_schema_extra={"cli": False})
     swarm_id: SwarmId = Field(json_schema_extra={"cli": False})
     genesis_id: Hex64 = Field(json_schema_extra={"cli": False})
+    # Defaults of the recipe and outer step: the best of scripts/bench_quality.py on
+    # SmolLM2-135M (docs/benchmarks.md). TIES did far worse on DARE-sparse deltas: their
+    # random masks rarely overlap, and its disjoint mean keeps a lone entry whole where
+    # averaging divides it by the number of deltas.
     merge_method: Literal["ties", "dare_ties", "task_arithmetic", "linear"] = Field(
-        "ties", description="how aggregators merge the round's deltas"
+        "linear", description="how aggregators merge the round's deltas"
     )
     density: float = Field(
         0.5, gt=0, le=1, description="TIES: fraction of each delta's largest entries kept"
@@ -52,13 +56,13 @@ class SwarmConfig(Body):
         "total", description="TIES sign election: by total mass or by count"
     )
     outer_optimizer: Literal["none", "nesterov"] = Field(
-        "none",
+        "nesterov",
         description="how a round's merged delta moves the head: added as it is, or as an outer "
         "gradient with Nesterov momentum (DiLoCo)",
     )
-    outer_lr: float = Field(0.7, gt=0, le=10, description="nesterov: the outer learning rate")
+    outer_lr: float = Field(1.0, gt=0, le=10, description="nesterov: the outer learning rate")
     outer_momentum: float = Field(
-        0.9, ge=0, lt=1, description="nesterov: the outer momentum factor"
+        0.5, ge=0, lt=1, description="nesterov: the outer momentum factor"
     )
     outer_warmup: int = Field(
         0, ge=0, le=10_000, description="nesterov: rounds over which the outer lr ramps up"

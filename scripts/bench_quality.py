@@ -2,7 +2,10 @@
 compute, from one genesis in one run, on held-out text of four domains.
 
     .venv/bin/python scripts/bench_quality.py --model smollm2-135m [--rounds 3] [--round-steps 6]
-        [--device auto|cpu|cuda] [--json FILE] [--plot docs/quality.png] [--sweep]
+        [--device auto|cpu|cuda] [--swarm OUTER:METHOD[:dense] ...] [--sweep LR:MU:WARMUP ...]
+        [--reference EARLIER.json] [--json FILE] [--plot docs/quality.png]
+
+docs/benchmarks.md has the commands and figures of the measured runs.
 
 The demo's setting: four domains of text shipped with Python (reference manual,
 library code, docstrings, licence), one volunteer per domain, so the data is not
@@ -50,6 +53,7 @@ from node.swarm_demo import (  # noqa: E402
     run_swarm_demo,
     write_domain_data,
 )
+from protocol.swarm_config import SwarmConfig  # noqa: E402
 
 Losses = dict[str, float]
 
@@ -211,35 +215,47 @@ def load_reference(path: Path, model: str, settings: dict, genesis: Losses) -> d
         raise SystemExit(f"{path}: another model or other settings than this run's")
     if earlier["rows"]["genesis"]["loss"] != genesis:
         raise SystemExit(f"{path}: its genesis measured otherwise; not the same genesis")
-    keep = ("genesis", "expert ", "joint training", "merge ")
+    keep = ("genesis", "expert ", "joint training", "merge ", "sim ", "swarm ")
     rows = {k: v["loss"] for k, v in earlier["rows"].items() if k.startswith(keep)}
-    return {"rows": rows, "curves": {"joint training": earlier["curves"]["joint training"]}}
+    curves = {k: v for k, v in earlier["curves"].items() if k in rows}
+    return {"rows": rows, "curves": curves}
 
 
-def report(rows: dict[str, Losses], domains: list[str]) -> dict:
+def headline(rows: dict[str, Losses], domains: list[str]) -> dict:
+    """Each merged row's fraction of joint training's mean-loss gain over the genesis, and
+    each domain's share of its expert's own-domain gain."""
+    if "joint training" not in rows:
+        return {}
+    genesis = rows["genesis"]
+    joint_gain = mean(genesis) - mean(rows["joint training"])
+    fraction, share = {}, {}
+    for label, loss in rows.items():
+        if label.startswith(("swarm", "sim", "merge")):
+            fraction[label] = round((mean(genesis) - mean(loss)) / joint_gain, 4)
+            share[label] = {
+                d: round((genesis[d] - loss[d]) / (genesis[d] - rows[f"expert {d}"][d]), 4)
+                for d in domains
+            }
+    return {"fraction_of_joint": fraction, "expert_share": share}
+
+
+def report(rows: dict[str, Losses], domains: list[str]) -> None:
     print(f"\n| model | {' | '.join(domains)} | mean |")
     print(f"|---|{'---|' * len(domains)}---|")
     for label, loss in rows.items():
         cells = " | ".join(f"{loss[d]:.4f}" for d in domains)
         print(f"| {label} | {cells} | {mean(loss):.4f} |")
-    genesis, joint = rows["genesis"], rows["joint training"]
-    joint_gain = mean(genesis) - mean(joint)
-    fraction, share = {}, {}
-    print(f"\njoint training gains {joint_gain:.4f} mean loss over the genesis")
-    for label, loss in rows.items():
-        if not label.startswith(("swarm", "sim", "merge")):
-            continue
-        fraction[label] = round((mean(genesis) - mean(loss)) / joint_gain, 4)
-        share[label] = {
-            d: round((genesis[d] - loss[d]) / (genesis[d] - rows[f"expert {d}"][d]), 4)
-            for d in domains
-        }
-        worst = min(share[label].values())
+    figures = headline(rows, domains)
+    if not figures:
+        return
+    gain = mean(rows["genesis"]) - mean(rows["joint training"])
+    print(f"\njoint training gains {gain:.4f} mean loss over the genesis")
+    for label, fraction in figures["fraction_of_joint"].items():
+        worst = min(figures["expert_share"][label].values())
         print(
-            f"{label}: {fraction[label]:.2f} of joint training's gain; "
+            f"{label}: {fraction:.2f} of joint training's gain; "
             f"own-domain share of the experts' gain: worst {worst:.2f}"
         )
-    return {"fraction_of_joint": fraction, "expert_share": share}
 
 
 def plot(path: Path, curves: dict[str, list[float]], genesis: Losses, tokens_per_round: int):
@@ -252,7 +268,10 @@ def plot(path: Path, curves: dict[str, list[float]], genesis: Losses, tokens_per
     for label, curve in curves.items():
         xs = [0] + [tokens_per_round * (r + 1) for r in range(len(curve))]
         ys = [mean(genesis), *curve]
-        ax.plot(xs, ys, marker="o", label=label)
+        style = {"linestyle": "--", "linewidth": 1, "alpha": 0.7} if label.startswith("sim") else {}
+        if label == "joint training":
+            style = {"color": "black", "linewidth": 2.5}
+        ax.plot(xs, ys, marker="o", label=label, **style)
     ax.set_xlabel("tokens trained, all volunteers together (markers: rounds)")
     ax.set_ylabel("mean held-out loss, four domains")
     ax.set_title("mergeswarm: the swarm against joint training at equal compute")
@@ -271,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=400, help="tiny: genesis steps")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--drop-rate", type=float, help="DARE p (default: the model's)")
-    parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.9)
-    parser.add_argument("--outer-warmup", type=int, default=0)
+    swarm_default = {name: f.default for name, f in SwarmConfig.model_fields.items()}
+    for flag, kind in (("outer_lr", float), ("outer_momentum", float), ("outer_warmup", int)):
+        parser.add_argument(
+            "--" + flag.replace("_", "-"), type=kind, default=swarm_default[flag],
+            help="nesterov rows (default: the swarm config's)",
+        )  # fmt: skip
     parser.add_argument(
         "--swarm",
         nargs="*",
@@ -284,16 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep",
         nargs="*",
-        metavar="LR:MU:WARMUP",
-        help="in-process sim rows with nesterov and linear merging at these outer settings",
+        metavar="LR:MU:WARMUP[:ties][:dense]",
+        help="in-process sim rows with nesterov at these outer settings, linear merging (or "
+        "ties), DARE deltas (or dense: no drop, float32 values)",
     )
     parser.add_argument("--no-experts", action="store_true", help="skip experts and merges")
     parser.add_argument(
         "--reference",
         type=Path,
         metavar="JSON",
-        help="take the genesis, expert, joint and offline-merge rows from this earlier --json "
-        "of the same model and settings instead of training them again",
+        help="take every row (genesis, experts, joint training, merges, swarm and sim rows) "
+        "from this earlier --json of the same model and settings instead of running it again",
     )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
@@ -326,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         reference = load_reference(args.reference, model.name, settings, rows["genesis"])
         rows |= reference["rows"]
-        curves["joint training"] = reference["curves"]["joint training"]
+        curves |= reference["curves"]
     elif not args.no_experts:
         trained, curves = train_rows(genesis, data, options, args.rounds, steps, work, evals)
         rows |= trained
@@ -335,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{label}: {args.rounds} rounds, 2 aggregators, {len(domains)} volunteers", flush=True
         )
+        shutil.rmtree(work / "swarm", ignore_errors=True)  # left by an interrupted run
         result = run_swarm_demo(
             work / "swarm", model=model, rounds=args.rounds, volunteers=len(domains),
             round_steps=steps, genesis=genesis, merge_method=row.method,
@@ -343,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "swarm", ignore_errors=True)
         rows[label] = result.rounds[args.rounds - 1].loss
         curves[label] = [mean(r.loss) for r in result.rounds[: args.rounds]]
+        save(args.json, model.name, settings, rows, curves, time.monotonic() - started)
     for spec in args.sweep or []:
-        lr, mu, warmup = spec.split(":")
-        row = SwarmRow("nesterov", "linear", False, float(lr), float(mu), int(warmup))
+        lr, mu, warmup, *more = spec.split(":")
+        method = "ties" if "ties" in more else "linear"
+        row = SwarmRow("nesterov", method, "dense" in more, float(lr), float(mu), int(warmup))
         label = f"sim {row.label}"
         print(f"{label}: {args.rounds} rounds in one process", flush=True)
         curve = simulate(
@@ -353,24 +379,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         curves[label] = [mean(loss) for loss in curve]
         rows[label] = curve[-1]
+        save(args.json, model.name, settings, rows, curves, time.monotonic() - started)
     if not args.no_experts and not args.reference:
         rows |= offline_merges(genesis, data, work, evals)
-    figures = report(rows, domains) if "joint training" in rows else {}
+    report(rows, domains)
     seconds = time.monotonic() - started
     print(f"\n{seconds:.0f} s in all; models in {work}")
     if args.plot:
         plot(args.plot, curves, rows["genesis"], tokens)
-    if args.json:
-        out = {
-            "model": model.name,
-            "settings": settings,
-            "rows": {k: {"loss": v, "mean": round(mean(v), 4)} for k, v in rows.items()},
-            **figures,
-            "curves": {k: [round(m, 4) for m in c] for k, c in curves.items()},
-            "seconds": round(seconds, 1),
-        }
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    save(args.json, model.name, settings, rows, curves, seconds)
     return 0
+
+
+def save(path: Path | None, model: str, settings: dict, rows, curves, seconds: float) -> None:
+    """The figures so far as JSON (after every row, so a long run's rows are never lost)."""
+    if path is None:
+        return
+    out = {
+        "model": model,
+        "settings": settings,
+        "rows": {k: {"loss": v, "mean": round(mean(v), 4)} for k, v in rows.items()},
+        **headline(rows, list(rows["genesis"])),
+        "curves": {k: [round(m, 4) for m in c] for k, c in curves.items()},
+        "seconds": round(seconds, 1),
+    }
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

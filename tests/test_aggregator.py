@@ -59,8 +59,8 @@ def _volunteer(tmp_path, i, join, *extra):
 def test_three_rounds_leave_every_peer_on_one_head_that_the_merge_reproduces(
     tmp_path, local_peer, tiny_base
 ):
-    config_path, config = _swarm_config(
-        tmp_path, tiny_base, "--round-period", "3", "--min-deltas", "3"
+    config_path, config = _swarm_config(  # the outer step's replay: the test below
+        tmp_path, tiny_base, "--round-period", "3", "--min-deltas", "3", "--outer-optimizer", "none"
     )
     seed = start_peer(tmp_path / "seed", "--swarm-id", config.swarm_id)
     join = seed.maddrs[0]

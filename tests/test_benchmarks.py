@@ -88,7 +88,7 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
     out, picture = tmp_path / "quality.json", tmp_path / "quality.png"
     script = SCRIPT.with_name("bench_quality.py")
     args = ["--model", "tiny", "--rounds", "2", "--round-steps", "3", "--pretrain-steps", "20"]
-    args += ["--swarm", "nesterov:linear", "--sweep", "0.7:0.5:1"]
+    args += ["--swarm", "nesterov:linear", "--sweep", "0.7:0.5:1:ties"]
     args += ["--workdir", tmp_path / "work", "--json", out, "--plot", picture]
     proc = subprocess.run(
         [sys.executable, script, *args], capture_output=True, text=True, timeout=900
@@ -96,10 +96,7 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     domains = {"manual", "code", "docs", "license"}
-    swarm, sim = (
-        "swarm nesterov lr=0.7 mu=0.9, linear",
-        "sim nesterov lr=0.7 mu=0.5 warmup=1, linear",
-    )
+    swarm, sim = "swarm nesterov lr=1 mu=0.5, linear", "sim nesterov lr=0.7 mu=0.5 warmup=1, ties"
     assert result["model"] == "tiny"
     assert {"genesis", "joint training", swarm, sim, "merge ties"} <= set(result["rows"])
     assert {f"expert {d}" for d in domains} <= set(result["rows"])

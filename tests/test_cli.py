@@ -174,3 +174,23 @@ def test_a_closed_pipe_is_not_an_error(tiny_base):
         f"{MERGESWARM} --help | head -c 10", shell=True, capture_output=True, text=True
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
+
+
+def test_the_demo_offers_every_demo_model_and_only_those():
+    from node.cli.demo import DEMO_MODEL_NAMES
+    from node.swarm_demo import DEMO_MODELS
+
+    assert tuple(DEMO_MODELS) == DEMO_MODEL_NAMES
+    assert all(m.name == name for name, m in DEMO_MODELS.items())
+
+
+def test_the_swarm_demo_passes_the_models_training_to_its_volunteers():
+    from node.cli import build_parser
+    from node.swarm_demo import DEMO_MODELS, volunteer_flags
+
+    for model in DEMO_MODELS.values():
+        flags = volunteer_flags(model.train)
+        args = build_parser().parse_args(["node", *flags])
+        for field in ("seq_len", "batch_size", "lr", "warmup_steps", "eval_blocks", "device"):
+            want = getattr(model.train, field)
+            assert type(want)(getattr(args, field)) == want, field  # flags stay strings here

@@ -30,7 +30,7 @@ def _unusual() -> SwarmConfig:
             density=0.3,
             lam=1.5,
             sign_method="frequency",
-            outer_optimizer="nesterov",
+            outer_optimizer="none",
             outer_lr=0.5,
             outer_momentum=0.8,
             outer_warmup=3,
