@@ -5,6 +5,9 @@ vectors, the base in float32, the output) plus bounded per-chunk
 temporaries, whatever the model size. Inputs are sorted by content (see
 aggregator.inputs) and every reduction runs in that order in float32, so the same inputs in any
 order, with any thread count, give the same bytes and the same base id.
+Given an outer step (aggregator.outer), the merged delta moves the base through
+it instead, with the previous momentum read and the next written tensor by
+tensor (two more float32 tensors at a time).
 """
 
 from __future__ import annotations
