@@ -132,7 +132,6 @@ def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable
     from node.data import load_mixture
     from node.tiny_model import build_tiny_model
     from node.trainer import Trainer
-    from protocol.model_dir import ModelDir, write_model_dir
 
     texts = [t for name in data for t in domain_texts(name)]
     raw = out.with_name(out.name + "-init")
@@ -150,8 +149,15 @@ def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable
     log(
         f"  pretrained {stats.steps} steps in {stats.seconds:.0f} s; held-out loss {trainer.evaluate():.3f}"
     )
+    return save_trained(trainer, raw, out)
+
+
+def save_trained(trainer, template: Path, out: Path) -> Path:
+    """The trainer's weights as a model directory shaped like ``template`` (its dtypes)."""
+    from protocol.model_dir import ModelDir, write_model_dir
+
     weights = trainer.trained_weights()
-    with ModelDir(raw) as md:
+    with ModelDir(template) as md:
         write_model_dir(out, md, ((n, weights[n].to(md.tensor(n).dtype)) for n in md.names()))
     return out
 

@@ -51,6 +51,7 @@ from node.swarm_demo import (  # noqa: E402
     eval_sets,
     make_genesis,
     run_swarm_demo,
+    save_trained,
     write_domain_data,
 )
 from protocol.swarm_config import SwarmConfig  # noqa: E402
@@ -99,13 +100,8 @@ def mean(loss: Losses) -> float:
 
 
 def save_weights(trainer, genesis: Path, out: Path) -> Path:
-    from protocol.model_dir import ModelDir, write_model_dir
-
-    shutil.rmtree(out, ignore_errors=True)
-    weights = trainer.trained_weights()
-    with ModelDir(genesis) as md:
-        write_model_dir(out, md, ((n, weights[n].to(md.tensor(n).dtype)) for n in md.names()))
-    return out
+    shutil.rmtree(out, ignore_errors=True)  # joint training saves after every round
+    return save_trained(trainer, genesis, out)
 
 
 def train_rows(genesis, data, options: TrainOptions, rounds, steps, work, evals):
