@@ -60,7 +60,7 @@ class SwarmConfig(Body):
         description="how a round's merged delta moves the head: added as it is, or as an outer "
         "gradient with Nesterov momentum (DiLoCo)",
     )
-    outer_lr: float = Field(1.0, gt=0, le=10, description="nesterov: the outer learning rate")
+    outer_lr: float = Field(1.2, gt=0, le=10, description="nesterov: the outer learning rate")
     outer_momentum: float = Field(
         0.5, ge=0, lt=1, description="nesterov: the outer momentum factor"
     )

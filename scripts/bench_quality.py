@@ -2,8 +2,8 @@
 compute, from one genesis in one run, on held-out text of four domains.
 
     .venv/bin/python scripts/bench_quality.py --model smollm2-135m [--rounds 3] [--round-steps 6]
-        [--device auto|cpu|cuda] [--swarm OUTER:METHOD[:dense] ...] [--sweep LR:MU:WARMUP ...]
-        [--reference EARLIER.json] [--json FILE] [--plot docs/quality.png]
+        [--device auto|cpu|cuda] [--swarm OUTER:METHOD[:dense] ...] [--sim OUTER:METHOD ...]
+        [--sweep LR:MU:WARMUP ...] [--reference EARLIER.json] [--json FILE] [--plot FILE]
 
 docs/benchmarks.md has the commands and figures of the measured runs.
 
@@ -21,9 +21,15 @@ held-out blocks of every domain, which no training saw:
   process with its own libp2p daemon; one round of H steps per head) for R rounds,
   with the outer optimizer, merge method and delta codec the row names;
 - ``merge ...``: the experts merged offline (linear, TIES, DARE-TIES);
-- with ``--sweep``, ``sim ...`` rows: the swarm's arithmetic in one process (the same
-  trainer, delta codec, merge engine and outer step, no network), for a grid of outer
-  learning rates, momenta and warm-ups, much cheaper than daemons.
+- ``sim ...`` (``--sim``, and ``--sweep`` for a grid of outer learning rates, momenta and
+  warm-ups): the swarm's arithmetic in one process (the same trainer, delta codec, merge
+  engine and outer step, no network), much cheaper than daemons.
+
+The rows run by default depend on the model (DEFAULT_ROWS): every swarm row with daemons on
+the tiny model; on SmolLM2, to finish within 45 minutes on a 2-core CPU, the swarm's
+defaults with daemons and the other rows as sims. With ``--device cuda`` (or ``auto`` where
+CUDA is there) the same comparison runs larger (CUDA_SCALE): longer blocks, bigger
+batches, more steps and rounds.
 
 Headline figures: each swarm row's fraction of joint training's mean-loss gain over
 the genesis, and each domain's share of its expert's own-domain gain.
@@ -93,6 +99,41 @@ def parse_row(text: str, base: SwarmRow) -> SwarmRow:
     if len(parts) not in (2, 3) or parts[0] not in ("none", "nesterov"):
         raise argparse.ArgumentTypeError(f"{text!r}: expected OUTER:METHOD[:dense]")
     return SwarmRow(parts[0], parts[1], parts[2:] == ["dense"], base.lr, base.momentum, base.warmup)
+
+
+# (daemon rows, sim rows) run when --swarm and --sim are not given
+DEFAULT_ROWS = {
+    "tiny": (["none:linear", "nesterov:linear", "nesterov:ties", "nesterov:linear:dense"], []),
+    # one daemon row is ~17 min here, a sim ~7 min (calibrated to within 0.002 mean loss)
+    "smollm2-135m": (["nesterov:linear"], ["none:linear", "nesterov:ties"]),
+}
+# on a GPU: 4x longer blocks, 2x bigger batches, 2x the steps a round, 6 rounds
+CUDA_SCALE = {"seq_len": 4, "batch_size": 2, "round_steps": 2, "rounds": 6}
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` is cuda where torch sees a CUDA device, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scaled(model: DemoModel, device: str) -> tuple[DemoModel, int]:
+    """The model's training setting and default rounds on ``device``: as measured on the CPU,
+    or CUDA_SCALE larger on a GPU."""
+    options = model.train.model_copy(update={"device": device})
+    if device != "cuda":
+        return DemoModel(model.name, options, model.round_steps, model.drop_rate), 3
+    options = options.model_copy(
+        update={
+            "seq_len": options.seq_len * CUDA_SCALE["seq_len"],
+            "batch_size": options.batch_size * CUDA_SCALE["batch_size"],
+        }
+    )
+    steps = model.round_steps * CUDA_SCALE["round_steps"]
+    return DemoModel(model.name, options, steps, model.drop_rate), CUDA_SCALE["rounds"]
 
 
 def mean(loss: Losses) -> float:
@@ -281,7 +322,7 @@ def plot(path: Path, curves: dict[str, list[float]], genesis: Losses, tokens_per
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(DEMO_MODELS), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, help="R (default: 3; 6 on CUDA)")
     parser.add_argument("--round-steps", type=int, help="H (default: the model's)")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="tiny: genesis steps")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -296,8 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         "--swarm",
         nargs="*",
         metavar="OUTER:METHOD[:dense]",
-        default=["none:linear", "nesterov:linear", "nesterov:ties", "nesterov:linear:dense"],
-        help="swarm rows run with real daemons",
+        help="swarm rows run with real daemons (default: the model's, DEFAULT_ROWS)",
+    )
+    parser.add_argument(
+        "--sim",
+        nargs="*",
+        metavar="OUTER:METHOD[:dense]",
+        help="the same rows as in-process sims (default: the model's, DEFAULT_ROWS)",
     )
     parser.add_argument(
         "--sweep",
@@ -321,14 +367,24 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = DEMO_MODELS[args.model]
-    options = model.train.model_copy(update={"device": args.device})
-    model = DemoModel(model.name, options, model.round_steps, model.drop_rate)
+    model, rounds = scaled(DEMO_MODELS[args.model], resolve_device(args.device))
+    args.rounds = args.rounds or rounds
+    options = model.train
     steps, drop_rate = args.round_steps or model.round_steps, args.drop_rate or model.drop_rate
     base = SwarmRow(
         "nesterov", "linear", False, args.outer_lr, args.outer_momentum, args.outer_warmup
     )
-    swarm_rows = [parse_row(t, base) for t in args.swarm]
+    daemon_rows, sim_rows = DEFAULT_ROWS[model.name]
+    if args.swarm is not None or args.sim is not None:
+        daemon_rows, sim_rows = args.swarm or [], args.sim or []
+    swarm_rows = [parse_row(t, base) for t in daemon_rows]
+    sims = [parse_row(t, base) for t in sim_rows]
+    for spec in args.sweep or []:
+        lr, mu, warmup, *more = spec.split(":")
+        method = "ties" if "ties" in more else "linear"
+        sims.append(
+            SwarmRow("nesterov", method, "dense" in more, float(lr), float(mu), int(warmup))
+        )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mergeswarm-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -364,10 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[label] = result.rounds[args.rounds - 1].loss
         curves[label] = [mean(r.loss) for r in result.rounds[: args.rounds]]
         save(args.json, model.name, settings, rows, curves, time.monotonic() - started)
-    for spec in args.sweep or []:
-        lr, mu, warmup, *more = spec.split(":")
-        method = "ties" if "ties" in more else "linear"
-        row = SwarmRow("nesterov", method, "dense" in more, float(lr), float(mu), int(warmup))
+    for row in sims:
         label = f"sim {row.label}"
         print(f"{label}: {args.rounds} rounds in one process", flush=True)
         curve = simulate(

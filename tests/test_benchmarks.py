@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from node.swarm_demo import DEMO_MODELS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_codec.py"
 
@@ -88,7 +91,7 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
     out, picture = tmp_path / "quality.json", tmp_path / "quality.png"
     script = SCRIPT.with_name("bench_quality.py")
     args = ["--model", "tiny", "--rounds", "2", "--round-steps", "3", "--pretrain-steps", "20"]
-    args += ["--swarm", "nesterov:linear", "--sweep", "0.7:0.5:1:ties"]
+    args += ["--swarm", "nesterov:linear", "--sim", "none:linear", "--sweep", "0.7:0.5:1:ties"]
     args += ["--workdir", tmp_path / "work", "--json", out, "--plot", picture]
     proc = subprocess.run(
         [sys.executable, script, *args], capture_output=True, text=True, timeout=900
@@ -98,10 +101,44 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
     domains = {"manual", "code", "docs", "license"}
     swarm, sim = "swarm nesterov lr=1 mu=0.5, linear", "sim nesterov lr=0.7 mu=0.5 warmup=1, ties"
     assert result["model"] == "tiny"
-    assert {"genesis", "joint training", swarm, sim, "merge ties"} <= set(result["rows"])
+    assert {"genesis", "joint training", swarm, sim, "sim none, linear"} <= set(result["rows"])
+    assert "merge ties" in result["rows"]
     assert {f"expert {d}" for d in domains} <= set(result["rows"])
     for row in result["rows"].values():
         assert set(row["loss"]) == domains
     assert set(result["fraction_of_joint"]) >= {swarm, sim}
     assert [len(result["curves"][k]) for k in ("joint training", swarm, sim)] == [2, 2, 2]
     assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def _bench_quality():
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", SCRIPT.parent / "bench_quality.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_runs_larger_on_cuda_and_as_measured_on_cpu():
+    bench = _bench_quality()
+    smol = DEMO_MODELS["smollm2-135m"]
+    on_cpu, rounds = bench.scaled(smol, "cpu")
+    assert rounds == 3 and on_cpu.round_steps == smol.round_steps
+    assert on_cpu.train == smol.train.model_copy(update={"device": "cpu"})
+    on_gpu, rounds = bench.scaled(smol, "cuda")
+    assert rounds > 3 and on_gpu.round_steps > smol.round_steps
+    assert on_gpu.train.device == "cuda"
+    assert on_gpu.train.seq_len > smol.train.seq_len
+    assert on_gpu.train.batch_size > smol.train.batch_size
+    assert on_gpu.train.lr == smol.train.lr and on_gpu.drop_rate == smol.drop_rate
+
+
+def test_bench_quality_default_rows_parse_for_every_demo_model():
+    bench = _bench_quality()
+    assert set(bench.DEFAULT_ROWS) == set(DEMO_MODELS)
+    base = bench.SwarmRow("nesterov", "linear", lr=1.0, momentum=0.5)
+    for daemons, sims in bench.DEFAULT_ROWS.values():
+        rows = [bench.parse_row(text, base) for text in daemons + sims]
+        assert any(r.outer == "nesterov" and r.method == "linear" for r in rows)
