@@ -41,15 +41,15 @@ from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
-from node.bases import HEAD_PIN, Bases
-from node.blobstore import BlobStore
+from node.bases import Bases
+from node.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
 from node.faults import crash_point
-from node.history import sync_head
+from node.history import current_head, sync_head
 from node.metrics import AggregatorMetrics
 from node.peer import PeerDaemon
-from node.swarm import Swarm
+from node.swarm import HEAD_TTL, Swarm
 from protocol.errors import MergeswarmError
-from protocol.forkchoice import choose_head, head_order
+from protocol.forkchoice import head_order
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
 from protocol.momentum import momentum_size
@@ -59,12 +59,10 @@ from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
 
-HEAD_TTL = 3600.0  # refreshed by the owner while it runs
 CONFIG_TTL = 3600.0
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
-MOMENTUM_PIN = "momentum"  # the outer momentum of the heads whose bases are kept
 MOMENTUM_FILE = "momentum.safetensors"  # in scratch, from the merge until it is published
 
 
@@ -138,11 +136,9 @@ class Aggregator(PeerDaemon):
             self.metrics.head_round.set(self.head.round)
 
     def follow_head(self) -> None:
-        heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
-        chosen = choose_head(heads, set(self.config.aggregators))
-        if chosen is None:
+        head = current_head(self.swarm, self.config.aggregators)
+        if head is None:
             return
-        head = chosen[1]
         if self.head is None or head_order(head) > head_order(self.head):
             self._set_head(head)
 

@@ -13,15 +13,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from node.blobstore import BlobStore
+from node.blobstore import HEAD_PIN, BlobStore
 from protocol.errors import MergeswarmError
 from protocol.model_dir import ModelDir
 from protocol.patch import apply_patch
 from protocol.records import Head
 
 logger = logging.getLogger(__name__)
-
-HEAD_PIN = "head"
 
 
 class BaseError(MergeswarmError):

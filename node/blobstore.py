@@ -43,6 +43,12 @@ PIECE_SIZE = BLOB_PIECE  # pieces are the id's own: each is verified against it 
 MAX_PIECES = 1 << 16  # 64 GiB blobs: bounds a manifest from a peer (~2 MiB)
 _COPY = 1 << 20
 
+# Why a blob is kept (pin reasons; a blob stays while it has any)
+HEAD_PIN = "head"  # a head's snapshot or patch
+DELTA_PIN = "unmerged-delta"  # a seed's mirror of a delta not yet merged
+OWN_DELTA_PIN = "own-delta"  # a volunteer's own delta until a head has moved past it
+MOMENTUM_PIN = "momentum"  # the outer momentum of the heads whose bases are kept
+
 
 class BlobError(MergeswarmError):
     """A blob is missing, does not match its id, or does not fit."""

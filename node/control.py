@@ -16,6 +16,7 @@ import grpc
 
 from node import control_pb2 as pb
 from node import control_pb2_grpc as rpc
+from node.data_dir import DataDir
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
 
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from node.volunteer import Volunteer
 
 logger = logging.getLogger(__name__)
-
-PORT_FILE = "control_port"
 
 
 class ControlError(MergeswarmError):
@@ -70,15 +69,15 @@ def serve(node: Volunteer, data_dir: Path, port: int = 0) -> grpc.Server:
     if not bound:
         raise ControlError(f"cannot bind the control service to 127.0.0.1:{port}")
     server.start()
-    write_atomic(data_dir / PORT_FILE, f"{bound}\n".encode())
+    write_atomic(DataDir(data_dir).control_port, f"{bound}\n".encode())
     return server
 
 
 def call(data_dir: Path, method: str, timeout: float = 10.0):
     """Call ``method`` (Status, Pause, Resume, PublishNow) on the node of ``data_dir``."""
-    port_file = data_dir / PORT_FILE
+    port_file = DataDir(data_dir).control_port
     if not port_file.is_file():
-        raise ControlError(f"no node has run with --data-dir {data_dir} (no {PORT_FILE} file)")
+        raise ControlError(f"no node has run with --data-dir {data_dir} (no {port_file.name} file)")
     port = port_file.read_text().strip()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rpc.NodeControlStub(channel)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from node.bases import Bases
@@ -36,7 +36,9 @@ def find_config(swarm: Swarm) -> SwarmConfig | None:
     return None
 
 
-def current_head(swarm: Swarm, trusted: set[str]) -> Head | None:
+def current_head(swarm: Swarm, trusted: Collection[str]) -> Head | None:
+    """The head every role follows: fork choice over the heads by ``trusted`` authors (any
+    author when empty)."""
     heads = [(r.author, r.body) for r in swarm.read("head") if isinstance(r.body, Head)]
     chosen = choose_head(heads, trusted)
     return chosen[1] if chosen else None

@@ -27,7 +27,9 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.utils import get_dht_time
 
 from node.config import SwarmOptions
+from node.data_dir import DataDir
 from protocol import transfer_pb2 as pb
+from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
 from protocol.identity import Identity
@@ -44,13 +46,8 @@ from protocol.schema import Body
 
 logger = logging.getLogger(__name__)
 
-# 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256; 4: heads name a momentum blob
-PROTOCOL_VERSION = "4"
 SWARM_INFO = "mergeswarm.SwarmInfo"
-IDENTITY_FILE = "identity.pem"  # Ed25519, signs records and deltas (as `delta create`)
-P2P_IDENTITY_FILE = "p2p.key"  # libp2p, fixes the peer id
-SWARM_ID_FILE = "swarm_id"
-MULTIADDRS_FILE = "multiaddrs"
+HEAD_TTL = 3600.0  # seconds a head record lives; its publisher refreshes it while it runs
 DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process counts as stuck
 TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
@@ -77,7 +74,7 @@ class Swarm:
         self.options = options
         self.data_dir = Path(options.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = Identity.load_or_create(self.data_dir / IDENTITY_FILE)
+        self.identity = Identity.load_or_create(DataDir(self.data_dir).identity)
         self.rejected: dict[str, int] = {}  # records dropped on read, by reason
         self._owned: dict[tuple[str, str], tuple[Body, float]] = {}
         self._lock = threading.Lock()
@@ -96,7 +93,7 @@ class Swarm:
             )
             self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
             write_atomic(
-                self.data_dir / MULTIADDRS_FILE, "".join(m + "\n" for m in self.maddrs).encode()
+                DataDir(self.data_dir).multiaddrs, "".join(m + "\n" for m in self.maddrs).encode()
             )
         except BaseException:
             self.shutdown()
@@ -123,7 +120,7 @@ class Swarm:
                 start=True,
                 client_mode=o.client_mode,
                 record_validators=[SwarmRecordValidator()],
-                identity_path=str(self.data_dir / P2P_IDENTITY_FILE),
+                identity_path=str(DataDir(self.data_dir).p2p_key),
                 host_maddrs=o.host_maddrs,
                 announce_maddrs=o.announce_maddrs or None,
                 use_relay=o.use_relay,
@@ -139,7 +136,7 @@ class Swarm:
             raise SwarmError(f"could not start the DHT: {exc}.{hint}") from None
 
     def _settle_swarm_id(self) -> str:
-        saved_path = self.data_dir / SWARM_ID_FILE
+        saved_path = DataDir(self.data_dir).swarm_id
         saved = saved_path.read_text().strip() if saved_path.is_file() else None
         swarm_id = self.options.swarm_id
         if swarm_id is None and self.options.join:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import TrainOptions
+from node.data_dir import DataDir
 from node.domains import DOMAINS, domain_texts
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class Processes:
 
     def start(self, name: str, *args: str, data_dir: Path) -> list[str]:
         """Start ``mergeswarm ARGS`` and return its multiaddrs once it is up."""
-        (data_dir / "multiaddrs").unlink(missing_ok=True)
+        DataDir(data_dir).multiaddrs.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "node.cli", *args, "--data-dir", str(data_dir)]
         cmd += ["--host-maddr", LOOPBACK, "--heartbeat-every", str(HEARTBEAT_EVERY)]
         with open(self.logs / f"{name}.log", "ab") as log:
@@ -186,12 +187,12 @@ class Processes:
             )
         self.running.append(proc)
         deadline = time.monotonic() + 120
-        while not (data_dir / "multiaddrs").is_file():
+        while not DataDir(data_dir).multiaddrs.is_file():
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} did not start:\n{tail}")
             time.sleep(0.2)
-        return (data_dir / "multiaddrs").read_text().split()
+        return DataDir(data_dir).multiaddrs.read_text().split()
 
     def stop(self) -> None:
         for proc in self.running:
@@ -330,7 +331,7 @@ def run_swarm_demo(
         observer = Swarm(
             SwarmOptions(workdir / "observer", join=[bootstrap], host_maddrs=[LOOPBACK])
         )
-        store = BlobStore(workdir / "observer" / "blobs")
+        store = BlobStore(DataDir(workdir / "observer").blobs)
         bases = Bases(
             workdir / "observer" / "bases", store, lambda b: fetch(observer, store, b, timeout=300)
         )
@@ -378,7 +379,7 @@ def _cli(*args: str) -> None:
 def _author(data_dir: Path) -> str:
     from protocol.identity import Identity
 
-    return Identity.load(data_dir / "identity.pem").author
+    return Identity.load(DataDir(data_dir).identity).author
 
 
 def eval_sets(genesis: Path, data: dict[str, Path]) -> dict:

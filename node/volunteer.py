@@ -23,11 +23,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from node.bases import Bases
-from node.blobstore import BlobStore
+from node.blobstore import OWN_DELTA_PIN, BlobStore
 from node.config import NodeSettings
 from node.data import Dataset, load_dataset
 from node.faults import crash_point
-from node.history import find_config, sync_head
+from node.history import current_head, find_config, sync_head
 from node.metrics import NodeMetrics
 from node.peer import PeerDaemon
 from node.swarm import Swarm
@@ -35,13 +35,12 @@ from node.trainer import Trainer
 from protocol.delta import TensorMap, create_delta
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
-from protocol.forkchoice import choose_head, head_order
+from protocol.forkchoice import head_order
 from protocol.records import DeltaAnnouncement, Head, Heartbeat
 from protocol.swarm_config import SwarmConfig, load_swarm_config
 
 logger = logging.getLogger(__name__)
 
-OWN_DELTA = "own-delta"
 ANNOUNCE_TTL = 6 * 3600.0  # refreshed while the daemon runs; well under the 24 h cap
 STATE_FILE = "node.json"
 CONFIG_FILE = "swarm.toml"  # the swarm's config, as adopted (or pinned)
@@ -129,8 +128,8 @@ class Volunteer(PeerDaemon):
         """
         recorded = {item.get("delta_id") for item in self.state["announced"]}
         for blob_id in self.store.ids():
-            if blob_id not in recorded and OWN_DELTA in self.store.pins(blob_id):
-                self.store.unpin(blob_id, OWN_DELTA)
+            if blob_id not in recorded and OWN_DELTA_PIN in self.store.pins(blob_id):
+                self.store.unpin(blob_id, OWN_DELTA_PIN)
         for item in self.state["announced"]:
             try:
                 announcement = DeltaAnnouncement.model_validate_json(json.dumps(item))
@@ -138,7 +137,7 @@ class Volunteer(PeerDaemon):
                 logger.warning("%s: skipping an unreadable announcement (%s)", STATE_FILE, exc)
                 continue
             delta = announcement.delta_id
-            if self.store.has(delta) and OWN_DELTA in self.store.pins(delta):
+            if self.store.has(delta) and OWN_DELTA_PIN in self.store.pins(delta):
                 self.swarm.publish(
                     "announce", announcement, topic=announcement.base_id, ttl=ANNOUNCE_TTL
                 )
@@ -171,11 +170,9 @@ class Volunteer(PeerDaemon):
 
     def follow_head(self) -> None:
         self.adopt_config()
-        heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
-        chosen = choose_head(heads, self.trusted)
-        if chosen is None:
+        head = current_head(self.swarm, self.trusted)
+        if head is None:
             return
-        head = chosen[1]
         if self.latest is None or head_order(head) > head_order(self.latest):
             self.latest = head
             if self.head is None or head.base_id != self.head.base_id:
@@ -316,7 +313,7 @@ class Volunteer(PeerDaemon):
                 codec=self.rule("codec"),
                 metadata=metadata,
             )
-            self.store.add_file(out, pin=OWN_DELTA)
+            self.store.add_file(out, pin=OWN_DELTA_PIN)
             crash_point("publish:stored")  # the temporary copy is still on disk here
         announcement = DeltaAnnouncement(
             base_id=head.base_id,
@@ -330,7 +327,7 @@ class Volunteer(PeerDaemon):
         )
         for old in self.state["announced"]:  # one delta per author and base: this one replaces
             if old["base_id"] == head.base_id and old["delta_id"] != delta_id:
-                self.store.unpin(old["delta_id"], OWN_DELTA)
+                self.store.unpin(old["delta_id"], OWN_DELTA_PIN)
         self.state["announced"] = [
             a for a in self.state["announced"] if a["base_id"] != head.base_id
         ] + [announcement.model_dump(mode="json")]

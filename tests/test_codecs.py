@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from protocol.codecs import CODECS, TINY_BLOCK, get_codec
+from protocol.constants import CODEC_NAMES
 
 finite32 = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 values32 = arrays(np.float32, st.integers(0, 700), elements=finite32)
@@ -114,3 +115,7 @@ def test_fp16_encoding_matches_numpy_on_edge_values():
         [2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14, 65504, 1 + 2.0**-11, 1e-40, -0.0], np.float32
     )
     test_fp16_encoding_matches_numpys_ieee_conversion.hypothesis.inner_test(edges)
+
+
+def test_the_codec_registry_implements_exactly_the_named_codecs():
+    assert sorted(CODECS) == sorted(CODEC_NAMES)

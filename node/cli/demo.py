@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from protocol.codecs import CODECS
+from protocol.constants import CODEC_NAMES
 
 from . import common
 
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead: one volunteer's create -> inspect -> apply round trip, no swarm",
     )
     p.add_argument("--steps", type=int, default=30, help="--offline: fine-tuning steps")
-    p.add_argument("--codec", choices=sorted(CODECS), default="bf16", help="--offline: codec")
+    p.add_argument("--codec", choices=sorted(CODEC_NAMES), default="bf16", help="--offline: codec")
     p.set_defaults(run=run)
 
 

@@ -7,6 +7,8 @@ import logging
 import threading
 from pathlib import Path
 
+from node.data_dir import DataDir
+
 from . import common
 from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
 
@@ -118,7 +120,7 @@ def run_node(args: argparse.Namespace) -> int:
     server = control_server = None
     failure: list[BaseException] = []
     try:
-        volunteer = Volunteer(swarm, BlobStore(args.data_dir / "blobs"), settings)
+        volunteer = Volunteer(swarm, BlobStore(DataDir(args.data_dir).blobs), settings)
         volunteer.heartbeat_every = args.heartbeat_every
         volunteer.reannounce()
         control_server = serve_control(volunteer, args.data_dir)

@@ -8,6 +8,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from node.data_dir import DataDir
+
 from . import common
 from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
 
@@ -125,7 +127,7 @@ def run_init(args: argparse.Namespace) -> int:
     }
     aggregators = list(values.get("aggregators", []))
     for data_dir in args.aggregator_dir:
-        aggregators.append(Identity.load_or_create(data_dir / "identity.pem").author)
+        aggregators.append(Identity.load_or_create(DataDir(data_dir).identity).author)
     values["aggregators"] = sorted(set(aggregators))
     swarm_id = args.swarm_id or _new_swarm_id()
     if not is_swarm_id(swarm_id):
@@ -170,7 +172,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     try:
         aggregator = Aggregator(
             swarm,
-            BlobStore(args.data_dir / "blobs"),
+            BlobStore(DataDir(args.data_dir).blobs),
             config,
             genesis=args.genesis,
             lease_seconds=args.lease_seconds,
@@ -212,7 +214,7 @@ def run_export(args: argparse.Namespace) -> int:
         data_dir = args.data_dir or Path(tmp) / "peer"
         swarm = Swarm(join.options(data_dir))
         try:
-            store = BlobStore(data_dir / "blobs")
+            store = BlobStore(DataDir(data_dir).blobs)
             fetch_blob = lambda blob: fetch(swarm, store, blob, timeout=args.timeout)  # noqa: E731
             bases = Bases(Path(tmp) / "bases", store, fetch_blob)
             chain = chain_to(swarm, round_=args.round, base=args.base)

@@ -10,9 +10,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import common
+from node.data_dir import DataDir
 
-HEAD_TTL = 3600.0  # a published head is refreshed by its publisher while it runs
+from . import common
 
 
 def add_join_args(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
@@ -63,7 +63,7 @@ def serve_metrics(daemon, args: argparse.Namespace, data_dir: Path):
     server = MetricsServer(
         daemon.metrics.registry, daemon.health, args.metrics_host, args.metrics_port, daemon.ready
     )
-    write_atomic(data_dir / "metrics_port", f"{server.port}\n".encode())
+    write_atomic(DataDir(data_dir).metrics_port, f"{server.port}\n".encode())
     print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
     return server
 
@@ -149,12 +149,12 @@ def run_seed(args: argparse.Namespace) -> int:
     from node.blobstore import BlobStore
     from node.peer import run_until
     from node.seed import Seed
-    from node.swarm import Swarm
+    from node.swarm import HEAD_TTL, Swarm
 
     swarm = Swarm(swarm_options(args, args.data_dir))
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     try:
-        store = BlobStore(args.data_dir / "blobs", int(args.quota_gb * 1e9))
+        store = BlobStore(DataDir(args.data_dir).blobs, int(args.quota_gb * 1e9))
         seed = Seed(swarm, store, trusted_aggregators=args.trusted_aggregators)
         seed.mirror = not args.no_mirror
         seed.heartbeat_every = args.heartbeat_every
@@ -180,7 +180,7 @@ def run_blob_add(args: argparse.Namespace) -> int:
 
     if not args.file.is_file():
         raise FileNotFoundError(2, "no such file", str(args.file))
-    print(BlobStore(args.data_dir / "blobs").add_file(args.file))
+    print(BlobStore(DataDir(args.data_dir).blobs).add_file(args.file))
     return 0
 
 
@@ -199,7 +199,7 @@ def run_blob_get(args: argparse.Namespace) -> int:
         options.data_dir = data_dir
         swarm = Swarm(options)
         try:
-            store = BlobStore(data_dir / "blobs")
+            store = BlobStore(DataDir(data_dir).blobs)
             fetch(swarm, store, args.blob_id, timeout=args.timeout, serve_while_fetching=False)
         finally:
             swarm.shutdown()
@@ -216,7 +216,7 @@ def run_blob_get(args: argparse.Namespace) -> int:
 def run_blob_ls(args: argparse.Namespace) -> int:
     from node.blobstore import BlobStore
 
-    store = BlobStore(args.data_dir / "blobs")
+    store = BlobStore(DataDir(args.data_dir).blobs)
     for blob_id in store.ids():
         pins = ",".join(store.pins(blob_id)) or "-"
         print(f"{blob_id}  {store.size(blob_id):>14,}  {pins}")

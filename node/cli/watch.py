@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from node.data_dir import DataDir
+
 from . import common
 from .swarm import add_heartbeat_arg, add_join_args, print_join_line, serve_metrics, stop_event
 
@@ -57,7 +59,7 @@ def run_monitor(args: argparse.Namespace) -> int:
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     server = None
     try:
-        monitor = Monitor(swarm, BlobStore(args.data_dir / "blobs"))
+        monitor = Monitor(swarm, BlobStore(DataDir(args.data_dir).blobs))
         monitor.upload = False  # it holds no blobs worth offering
         monitor.heartbeat_every = args.heartbeat_every
         monitor.tick()
