@@ -22,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from aggregator.screening import REJECT_REASONS as DELTA_REJECT_REASONS
+from protocol.constants import DELTA_REJECT_REASONS
 from protocol.records import REJECT_REASONS as RECORD_REJECT_REASONS
 
 logger = logging.getLogger(__name__)

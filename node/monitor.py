@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from aggregator.screening import REJECT_REASONS as DELTA_REJECT_REASONS
 from node.peer import PeerDaemon
 from node.swarm_view import SwarmView, read_view
+from protocol.constants import DELTA_REJECT_REASONS
 
 logger = logging.getLogger(__name__)
 

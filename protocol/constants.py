@@ -14,3 +14,16 @@ PROTOCOL_VERSION = "4"
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)
 CodecName = Literal["bf16", "fp16", "fp32", "int8"]
 CODEC_NAMES: tuple[str, ...] = get_args(CodecName)
+
+# every reason an aggregator refuses a delta for: bounded metric labels, and the keys of the
+# counts an aggregator's heartbeat carries to monitors
+DELTA_REJECT_REASONS = (
+    "size",
+    "bad_signature",
+    "unknown_base",
+    "layout",
+    "non_finite",
+    "malformed",
+    "norm",
+    "eval_gate",
+)
