@@ -41,13 +41,13 @@ from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
-from node.bases import Bases
-from node.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
-from node.faults import crash_point
-from node.history import current_head, sync_head
-from node.metrics import AggregatorMetrics
-from node.peer import PeerDaemon
-from node.swarm import HEAD_TTL, Swarm
+from node.chain.bases import Bases
+from node.chain.history import current_head, sync_head
+from node.daemon.faults import crash_point
+from node.daemon.metrics import AggregatorMetrics
+from node.daemon.peer import PeerDaemon
+from node.net.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
+from node.net.swarm import HEAD_TTL, Swarm
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import head_order
 from protocol.ids import base_id

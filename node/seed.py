@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from node.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
-from node.history import current_head
-from node.peer import PeerDaemon
+from node.chain.history import current_head
+from node.daemon.peer import PeerDaemon
+from node.net.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
 from protocol.errors import MergeswarmError
 from protocol.model_dir import ModelDir
 from protocol.patch import write_patch

@@ -48,10 +48,10 @@ RAW = "bench.raw"
 
 
 def serve(args: argparse.Namespace) -> int:
-    from node.blobs import BlobService, announce
-    from node.blobstore import BlobStore
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.blobs import BlobService, announce
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
 
     data_dir = Path(args.data_dir)
     swarm = Swarm(SwarmOptions(data_dir, host_maddrs=[LOOPBACK]))
@@ -106,10 +106,10 @@ def two_peers(root: Path, blob: Path, size: int, rounds: int) -> dict:
     """
     from hivemind.p2p import PeerID
 
-    from node.blobs import fetch
-    from node.blobstore import BlobStore
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.blobs import fetch
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
 
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--blob", str(blob), "--data-dir", str(root / "srv")],
@@ -196,7 +196,7 @@ def piece_hashing(blob: Path) -> dict[str, float]:
 
 def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.swarm import Swarm
     from protocol.ids import file_id
     from protocol.records import Head, Heartbeat
 

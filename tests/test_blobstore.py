@@ -7,8 +7,8 @@ import os
 import pytest
 from blake3 import blake3
 
-from node import blobstore
-from node.blobstore import (
+from node.net import blobstore
+from node.net.blobstore import (
     PIECE_SIZE,
     BlobError,
     BlobStore,

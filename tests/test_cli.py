@@ -208,7 +208,7 @@ def test_a_closed_pipe_is_not_an_error(tiny_base):
 
 def test_the_demo_offers_every_demo_model_and_only_those():
     from node.cli.demo import DEMO_MODEL_NAMES
-    from node.swarm_demo import DEMO_MODELS
+    from node.demo.local_swarm import DEMO_MODELS
 
     assert tuple(DEMO_MODELS) == DEMO_MODEL_NAMES
     assert all(m.name == name for name, m in DEMO_MODELS.items())
@@ -216,7 +216,7 @@ def test_the_demo_offers_every_demo_model_and_only_those():
 
 def test_the_swarm_demo_passes_the_models_training_to_its_volunteers():
     from node.cli import build_parser
-    from node.swarm_demo import DEMO_MODELS, volunteer_flags
+    from node.demo.local_swarm import DEMO_MODELS, volunteer_flags
 
     for model in DEMO_MODELS.values():
         flags = volunteer_flags(model.train)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from node.data import (
+from node.training.data import (
     IGNORE,
     DataError,
     Example,
@@ -16,7 +16,7 @@ from node.data import (
     pack,
     read_examples,
 )
-from node.tiny_model import build_tokenizer
+from node.training.tiny_model import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from node.framing import DetachedStream, FrameError, read_frame, write_frame
+from node.net.framing import DetachedStream, FrameError, read_frame, write_frame
 from protocol import transfer_pb2 as pb
 
 

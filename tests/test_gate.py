@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from aggregator.gate import EvalGate
-from node.tiny_model import CORPUS
+from node.training.tiny_model import CORPUS
 from protocol.model_dir import ModelDir, write_model_dir
 
 

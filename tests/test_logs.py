@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from node import logs
+from node.daemon import logs
 
 
 @pytest.fixture(autouse=True)

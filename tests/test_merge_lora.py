@@ -57,7 +57,7 @@ def test_lora_and_full_finetunes_merge_together(tiny_base, tiny_finetuned, tmp_p
 def test_lora_for_another_architecture_is_named(tiny_base, tiny_base_bf16_sharded, tmp_path):
     make_adapter(tiny_base, tmp_path / "adapter")
     other = tmp_path / "other"
-    from node.tiny_model import build_tiny_model
+    from node.training.tiny_model import build_tiny_model
 
     build_tiny_model(other, hidden_size=32, heads=2)
     with pytest.raises(

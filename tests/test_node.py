@@ -8,11 +8,11 @@ import urllib.request
 
 import pytest
 
-from node.blobs import BlobService, announce, fetch, providers
-from node.blobstore import OWN_DELTA_PIN, BlobStore
-from node.faults import ENV as ENV_CRASH
+from node.daemon.faults import ENV as ENV_CRASH
+from node.net.blobs import BlobService, announce, fetch, providers
+from node.net.blobstore import OWN_DELTA_PIN, BlobStore
 from node.seed import genesis_head
-from node.tiny_model import CORPUS
+from node.training.tiny_model import CORPUS
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas
 from protocol.identity import Identity
@@ -114,9 +114,9 @@ def _status(node) -> dict:
 
 def _genesis_loss(model, corpus) -> float:
     from node.config import TrainOptions
-    from node.data import load_dataset
-    from node.tiny_model import build_tokenizer
-    from node.trainer import Trainer
+    from node.training.data import load_dataset
+    from node.training.tiny_model import build_tokenizer
+    from node.training.trainer import Trainer
 
     data = load_dataset([corpus], build_tokenizer(), seq_len=32)
     options = TrainOptions(seq_len=32, batch_size=4, eval_blocks=4)

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
-from node.monitor import SwarmCollector
-from node.swarm_view import PeerView, SwarmView
+from node.monitor.monitor import SwarmCollector
+from node.monitor.view import PeerView, SwarmView
 from protocol.records import Head, Heartbeat
 from protocol.swarm_config import SwarmConfig
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from node.config import TrainOptions
-from node.data import load_dataset
-from node.tiny_model import CORPUS, build_tokenizer
-from node.trainer import Trainer, TrainError, pick_device
+from node.training.data import load_dataset
+from node.training.tiny_model import CORPUS, build_tokenizer
+from node.training.trainer import Trainer, TrainError, pick_device
 from protocol.container import DeltaReader
 from protocol.delta import TensorMap, create_delta
 

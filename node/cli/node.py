@@ -10,7 +10,7 @@ from pathlib import Path
 from node.data_dir import DataDir
 
 from . import common
-from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def control(args: argparse.Namespace) -> int:
     """`mergeswarm node status|pause|resume|publish-now`: one call to the running node."""
     import json
 
-    from node.control import call
+    from node.volunteer.control import call
 
     method = {"status": "Status", "pause": "Pause", "resume": "Resume"}.get(
         args.action, "PublishNow"
@@ -96,13 +96,13 @@ def control(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from node.blobstore import BlobStore
-    from node.control import serve as serve_control
-    from node.data import read_examples
-    from node.peer import run_until
+    from node.daemon.peer import run_until
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
     from node.settings import SettingsError, load_settings
-    from node.swarm import Swarm
-    from node.volunteer import Volunteer
+    from node.training.data import read_examples
+    from node.volunteer.control import serve as serve_control
+    from node.volunteer.volunteer import Volunteer
     from protocol.swarm_config import load_swarm_config
 
     if args.action is not None:

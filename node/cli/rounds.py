@@ -11,7 +11,7 @@ from pathlib import Path
 from node.data_dir import DataDir
 
 from . import common
-from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,12 @@ def _new_swarm_id() -> str:
 def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.daemon import Aggregator
     from aggregator.gate import EvalGate
-    from node.blobstore import BlobStore
     from node.config import JoinSettings
-    from node.data import read_examples
-    from node.peer import run_until
+    from node.daemon.peer import run_until
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
     from node.settings import load_settings
-    from node.swarm import Swarm
+    from node.training.data import read_examples
     from protocol.swarm_config import load_swarm_config
 
     config = load_swarm_config(args.config)
@@ -195,13 +195,13 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from node.bases import Bases
-    from node.blobs import fetch
-    from node.blobstore import BlobStore
+    from node.chain.bases import Bases
+    from node.chain.history import chain_to
     from node.config import JoinSettings
-    from node.history import chain_to
+    from node.net.blobs import fetch
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
     from node.settings import load_settings
-    from node.swarm import Swarm
     from protocol.errors import MergeswarmError
     from protocol.model_dir import ModelDir, write_model_dir
 

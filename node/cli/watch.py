@@ -11,7 +11,7 @@ from pathlib import Path
 from node.data_dir import DataDir
 
 from . import common
-from .swarm import add_heartbeat_arg, add_join_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_join_args, print_join_line, serve_metrics, stop_event
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,12 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_monitor(args: argparse.Namespace) -> int:
-    from node.blobstore import BlobStore
-    from node.monitor import Monitor
-    from node.peer import run_until
-    from node.swarm import Swarm
+    from node.daemon.peer import run_until
+    from node.monitor.monitor import Monitor
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
 
-    from .swarm import swarm_options
+    from .daemon import swarm_options
 
     swarm = Swarm(swarm_options(args, args.data_dir))
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
@@ -75,9 +75,9 @@ def run_monitor(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from node.config import JoinSettings
+    from node.monitor.view import read_view
+    from node.net.swarm import Swarm
     from node.settings import load_settings
-    from node.swarm import Swarm
-    from node.swarm_view import read_view
     from protocol.errors import MergeswarmError
 
     join = load_settings(JoinSettings, args, config_file=args.config)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from hivemind.utils import get_dht_time
 
-from node.history import current_head, find_config
-from node.swarm import Swarm
+from node.chain.history import current_head, find_config
+from node.net.swarm import Swarm
 from protocol.records import Head, Heartbeat
 from protocol.swarm_config import SwarmConfig
 

@@ -4,7 +4,7 @@ One :class:`Swarm` per peer process. It starts (or joins) the DHT with the
 swarm's record validator, keeps the libp2p identity and the record-signing
 key in the data directory (a restarted peer keeps its peer id and author),
 learns the swarm id from the peer it joins through, and runs an asyncio loop
-in a thread for the libp2p stream handlers (see node.blobs).
+in a thread for the libp2p stream handlers (see node.net.blobs).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from node import control_pb2 as control__pb2
+from node.volunteer import control_pb2 as control__pb2
 
 GRPC_GENERATED_VERSION = '1.85.0'
 GRPC_VERSION = grpc.__version__

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from node import control_pb2 as pb
-from node import control_pb2_grpc as rpc
 from node.data_dir import DataDir
+from node.volunteer import control_pb2 as pb
+from node.volunteer import control_pb2_grpc as rpc
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
 
 if TYPE_CHECKING:
-    from node.volunteer import Volunteer
+    from node.volunteer.volunteer import Volunteer
 
 logger = logging.getLogger(__name__)
 

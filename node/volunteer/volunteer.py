@@ -22,16 +22,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from node.bases import Bases
-from node.blobstore import OWN_DELTA_PIN, BlobStore
+from node.chain.bases import Bases
+from node.chain.history import current_head, find_config, sync_head
 from node.config import NodeSettings
-from node.data import Dataset, load_dataset
-from node.faults import crash_point
-from node.history import current_head, find_config, sync_head
-from node.metrics import NodeMetrics
-from node.peer import PeerDaemon
-from node.swarm import Swarm
-from node.trainer import Trainer
+from node.daemon.faults import crash_point
+from node.daemon.metrics import NodeMetrics
+from node.daemon.peer import PeerDaemon
+from node.net.blobstore import OWN_DELTA_PIN, BlobStore
+from node.net.swarm import Swarm
+from node.training.data import Dataset, load_dataset
+from node.training.trainer import Trainer
 from protocol.delta import TensorMap, create_delta
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError

@@ -1,7 +1,7 @@
 """The monitor role: the whole swarm as one Prometheus scrape target.
 
 It trains and serves nothing of its own; each tick it reads the swarm's
-heartbeats, head and config (:mod:`node.swarm_view`) and its ``/metrics``
+heartbeats, head and config (:mod:`node.monitor.view`) and its ``/metrics``
 renders that picture under ``mergeswarm_swarm_*``. Sums over peers (bytes,
 deltas) are exported as counters; they drop when a peer leaves, which
 Prometheus's ``rate`` reads as a counter reset.
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from node.peer import PeerDaemon
-from node.swarm_view import SwarmView, read_view
+from node.daemon.peer import PeerDaemon
+from node.monitor.view import SwarmView, read_view
 from protocol.constants import DELTA_REJECT_REASONS
 
 logger = logging.getLogger(__name__)

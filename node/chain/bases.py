@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from node.blobstore import HEAD_PIN, BlobStore
+from node.net.blobstore import HEAD_PIN, BlobStore
 from protocol.errors import MergeswarmError
 from protocol.model_dir import ModelDir
 from protocol.patch import apply_patch

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from node.tiny_model import CORPUS, build_tiny_model
-from node.training import lm_batch, mean_loss, quick_finetune
+from node.training.finetune import lm_batch, mean_loss, quick_finetune
+from node.training.tiny_model import CORPUS, build_tiny_model
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas, create_delta
 from protocol.identity import Identity

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hivemind.p2p import P2PContext, PeerID
 
-from node.blobstore import (
+from node.net.blobstore import (
     PIECE_SIZE,
     BlobError,
     BlobStore,
@@ -37,7 +37,7 @@ from node.blobstore import (
     piece_buffer,
     piece_range,
 )
-from node.framing import (
+from node.net.framing import (
     IO_TIMEOUT,
     DetachedStream,
     FrameError,
@@ -46,7 +46,7 @@ from node.framing import (
     thread_pool,
     write_frame,
 )
-from node.swarm import Swarm
+from node.net.swarm import Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
 from protocol.records import DeltaAnnouncement, Provider

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from node.config import TrainOptions
 from node.data_dir import DataDir
-from node.domains import DOMAINS, domain_texts
+from node.demo.domains import DOMAINS, domain_texts
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def make_genesis(
     if model.name == "tiny":
         log(f"[1/4] pretraining a small genesis model on Python's own text ({', '.join(data)})")
         return pretrain_genesis(out, data, pretrain_steps, log)
-    from node.genesis import write_genesis
+    from node.training.genesis import write_genesis
 
     log(f"[1/4] writing the genesis: {model.name} from its offline package (about 30 s)")
     write_genesis(out, model=model.name, dtype="float32")
@@ -130,9 +130,9 @@ def make_genesis(
 def pretrain_genesis(out: Path, data: dict[str, Path], steps: int, log: Callable) -> Path:
     """A small Llama-architecture model, its tokenizer trained on every domain, pretrained
     ``steps`` steps on a mix of them (the volunteers then specialise it)."""
-    from node.data import load_mixture
-    from node.tiny_model import build_tiny_model
-    from node.trainer import Trainer
+    from node.training.data import load_mixture
+    from node.training.tiny_model import build_tiny_model
+    from node.training.trainer import Trainer
 
     texts = [t for name in data for t in domain_texts(name)]
     raw = out.with_name(out.name + "-init")
@@ -276,12 +276,12 @@ def run_swarm_demo(
     :param round_steps: each volunteer's steps per head (default: the model's).
     :param rules: more ``mergeswarm init`` flags, e.g. ``("--outer-optimizer", "nesterov")``.
     """
-    from node.bases import Bases
-    from node.blobs import fetch
-    from node.blobstore import BlobStore
+    from node.chain.bases import Bases
+    from node.chain.history import chain_back, current_head
     from node.config import SwarmOptions
-    from node.history import chain_back, current_head
-    from node.swarm import Swarm
+    from node.net.blobs import fetch
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
     from protocol.ids import base_id
     from protocol.model_dir import ModelDir
 
@@ -385,14 +385,14 @@ def _author(data_dir: Path) -> str:
 def eval_sets(genesis: Path, data: dict[str, Path]) -> dict:
     from transformers import AutoTokenizer
 
-    from node.data import load_dataset
+    from node.training.data import load_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(genesis)
     return {name: load_dataset([path], tokenizer, seq_len=SEQ_LEN) for name, path in data.items()}
 
 
 def domain_losses(model_dir: Path, evals: dict) -> dict[str, float]:
-    from node.trainer import heldout_loss
+    from node.training.trainer import heldout_loss
 
     return {name: round(heldout_loss(model_dir, d, blocks=32), 4) for name, d in evals.items()}
 

@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from node.bases import Bases
-from node.swarm import Swarm
+from node.chain.bases import Bases
+from node.net.swarm import Swarm
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
 from protocol.records import Head

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from node.config import TrainOptions
-from node.data import Dataset, Packed
+from node.training.data import Dataset, Packed
 from protocol.durable import fsync_dir, write_atomic
 from protocol.errors import MergeswarmError
 

@@ -10,10 +10,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from hivemind.p2p import PeerID
 
-from node.blobs import BlobService, Fetcher, ServeLimits, announce, fetch, push
-from node.blobstore import BlobStore
-from node.metrics import PeerMetrics
-from node.swarm import Swarm
+from node.daemon.metrics import PeerMetrics
+from node.net.blobs import BlobService, Fetcher, ServeLimits, announce, fetch, push
+from node.net.blobstore import BlobStore
+from node.net.swarm import Swarm
 from protocol.container import DeltaReader
 from protocol.errors import DeltaFormatError
 from protocol.records import Head, Heartbeat
