@@ -21,7 +21,7 @@ from node.net.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
 from protocol.errors import MergeswarmError
 from protocol.model_dir import ModelDir
 from protocol.patch import write_patch
-from protocol.records import DeltaAnnouncement, Head
+from protocol.records import ANNOUNCE, Head
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,8 @@ class Seed(PeerDaemon):
             return {}
         named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators
         wanted = {b: (HEAD_PIN, None) for b in named if b}
-        for record in self.swarm.read("announce", topic=head.base_id):
-            if isinstance(record.body, DeltaAnnouncement):
-                wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
+        for record in self.swarm.read(ANNOUNCE, topic=head.base_id):
+            wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
         return wanted
 
     def mirror_forever(self, stop: threading.Event, interval: float = 2.0) -> None:

@@ -198,7 +198,7 @@ def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
     from node.config import SwarmOptions
     from node.net.swarm import Swarm
     from protocol.ids import file_id
-    from protocol.records import Head, Heartbeat
+    from protocol.records import HEAD, HEARTBEAT, PROVIDER, Head
 
     procs = []
     try:
@@ -222,21 +222,17 @@ def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
         try:
             origin_peer = maddrs[0].rsplit("/p2p/", 1)[1]
             while not any(
-                r.body.peer_id == origin_peer for r in observer.read("provider", topic=blob_id)
+                r.body.peer_id == origin_peer for r in observer.read(PROVIDER, topic=blob_id)
             ):
                 time.sleep(0.2)
             start = time.perf_counter()
-            observer.publish(
-                "head", Head(base_id="ab" * 32, round=1, deltas=0, snapshot_id=blob_id)
-            )
+            observer.publish(HEAD, Head(base_id="ab" * 32, round=1, deltas=0, snapshot_id=blob_id))
             while not all((d / "blobs" / blob_id).is_file() for d in dirs):
                 time.sleep(0.05)
             seconds = time.perf_counter() - start
             time.sleep(2.5)  # one more heartbeat from the origin
             sent = next(
-                r.body.bytes_out
-                for r in observer.read("heartbeat")
-                if isinstance(r.body, Heartbeat) and r.body.peer_id == origin_peer
+                r.body.bytes_out for r in observer.read(HEARTBEAT) if r.body.peer_id == origin_peer
             )
         finally:
             observer.shutdown()

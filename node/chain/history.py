@@ -10,7 +10,7 @@ from node.chain.bases import Bases
 from node.net.swarm import Swarm
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
-from protocol.records import Head
+from protocol.records import BASE, CONFIG, HEAD, Head
 from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
@@ -25,32 +25,23 @@ def find_config(swarm: Swarm) -> SwarmConfig | None:
     open swarm that names none); where they disagree, the smallest author wins, so every
     reader picks the same one. Pin a config file to trust nothing read here.
     """
-    for record in swarm.read("config"):  # sorted by author
-        body = record.body
-        if (
-            isinstance(body, SwarmConfig)
-            and body.swarm_id == swarm.swarm_id
-            and body.trusts(record.author)
-        ):
-            return body
+    for record in swarm.read(CONFIG):  # sorted by author
+        if record.body.swarm_id == swarm.swarm_id and record.body.trusts(record.author):
+            return record.body
     return None
 
 
 def current_head(swarm: Swarm, trusted: Collection[str]) -> Head | None:
     """The head every role follows: fork choice over the heads by ``trusted`` authors (any
     author when empty)."""
-    heads = [(r.author, r.body) for r in swarm.read("head") if isinstance(r.body, Head)]
+    heads = [(r.author, r.body) for r in swarm.read(HEAD)]
     chosen = choose_head(heads, trusted)
     return chosen[1] if chosen else None
 
 
 def base_record(swarm: Swarm, base: str, trusted: set[str]) -> Head | None:
     """What an aggregator published about ``base`` when it was the head."""
-    heads = [
-        (r.author, r.body)
-        for r in swarm.read("base", topic=base)
-        if isinstance(r.body, Head) and r.body.base_id == base
-    ]
+    heads = [(r.author, r.body) for r in swarm.read(BASE, topic=base) if r.body.base_id == base]
     chosen = choose_head(heads, trusted)
     return chosen[1] if chosen else None
 

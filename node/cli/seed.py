@@ -51,6 +51,7 @@ def run_seed(args: argparse.Namespace) -> int:
     from node.net.blobstore import BlobStore
     from node.net.swarm import HEAD_TTL, Swarm
     from node.seed import Seed
+    from protocol.records import HEAD
 
     swarm = Swarm(swarm_options(args, args.data_dir))
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
@@ -65,7 +66,7 @@ def run_seed(args: argparse.Namespace) -> int:
 
             head = genesis_head(store, args.publish_head)
             seed.share_new_blobs()
-            swarm.publish("head", head, ttl=HEAD_TTL)
+            swarm.publish(HEAD, head, ttl=HEAD_TTL)
             print(f"published head: round {head.round}, base {head.base_id}", flush=True)
         print_join_line(swarm)
         mirror = threading.Thread(target=seed.mirror_forever, args=(stop,), daemon=True)

@@ -16,7 +16,7 @@ from node.net.blobstore import BlobStore
 from node.net.swarm import Swarm
 from protocol.container import DeltaReader
 from protocol.errors import DeltaFormatError
-from protocol.records import Head, Heartbeat
+from protocol.records import HEARTBEAT, PROVIDER, Head, Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class PeerDaemon:
         now = time.monotonic()
         if now - self._last_heartbeat >= self.heartbeat_every:
             self._last_heartbeat = now
-            self.swarm.publish("heartbeat", self.heartbeat(), ttl=HEARTBEAT_TTL)
+            self.swarm.publish(HEARTBEAT, self.heartbeat(), ttl=HEARTBEAT_TTL)
         if now - self._last_refresh >= REFRESH_EVERY:
             self._last_refresh = now
             self.swarm.refresh()
@@ -118,7 +118,7 @@ class PeerDaemon:
             return
         held = set(self.store.ids())
         for gone in self.shared - held:  # garbage-collected: stop offering it
-            self.swarm.withdraw("provider", topic=gone)
+            self.swarm.withdraw(PROVIDER, topic=gone)
             self.shared.discard(gone)
         for blob_id in sorted(held):
             if blob_id in self.shared:
@@ -137,7 +137,7 @@ class PeerDaemon:
                 base = reader.header.base_id
         except DeltaFormatError:
             return True
-        for record in self.swarm.read("heartbeat"):
+        for record in self.swarm.read(HEARTBEAT):
             body = record.body
             if not isinstance(body, Heartbeat) or body.role not in REACHABLE_ROLES:
                 continue

@@ -26,6 +26,7 @@ from pathlib import Path
 from node.config import TrainOptions
 from node.data_dir import DataDir
 from node.demo.domains import DOMAINS, domain_texts
+from protocol.records import HEARTBEAT
 
 logger = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ def domain_losses(model_dir: Path, evals: dict) -> dict[str, float]:
 
 def _bytes_moved(observer) -> int:
     """Blob bytes all peers have received, by their latest heartbeats."""
-    return sum(getattr(r.body, "bytes_in", 0) for r in observer.read("heartbeat"))
+    return sum(r.body.bytes_in for r in observer.read(HEARTBEAT))
 
 
 def _print_header(domains: list[str], log: Callable) -> None:

@@ -16,7 +16,7 @@ from hivemind.utils import get_dht_time
 
 from node.chain.history import current_head, find_config
 from node.net.swarm import Swarm
-from protocol.records import Head, Heartbeat
+from protocol.records import HEARTBEAT, Head, Heartbeat
 from protocol.swarm_config import SwarmConfig
 
 
@@ -97,7 +97,7 @@ def read_view(swarm: Swarm, trusted: set[str] | None = None) -> SwarmView:
         trusted = set(config.aggregators) if config else set()
     head = current_head(swarm, trusted)
     peers = []
-    for record in swarm.read("heartbeat"):
+    for record in swarm.read(HEARTBEAT):
         beat = record.body
         if not isinstance(beat, Heartbeat):
             continue

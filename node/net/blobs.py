@@ -49,7 +49,7 @@ from node.net.framing import (
 from node.net.swarm import Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
-from protocol.records import DeltaAnnouncement, Provider
+from protocol.records import ANNOUNCE, PROVIDER, Provider
 
 logger = logging.getLogger(__name__)
 
@@ -356,10 +356,8 @@ class BlobService:
     def _announced(self, first: pb.Upload) -> bool:
         """Whether a valid announcement under ``first.base_id`` names this delta and size."""
         return any(
-            isinstance(r.body, DeltaAnnouncement)
-            and r.body.delta_id == first.blob_id
-            and r.body.size == first.size
-            for r in self.swarm.read("announce", topic=first.base_id)
+            r.body.delta_id == first.blob_id and r.body.size == first.size
+            for r in self.swarm.read(ANNOUNCE, topic=first.base_id)
         )
 
 
@@ -403,13 +401,13 @@ def announce(swarm: Swarm, blob_id: str, complete: bool = True) -> bool:
         maddrs=tuple(swarm.maddrs[:8]),
         complete=complete,
     )
-    return swarm.publish("provider", body, topic=blob_id, ttl=PROVIDER_TTL)
+    return swarm.publish(PROVIDER, body, topic=blob_id, ttl=PROVIDER_TTL)
 
 
 def providers(swarm: Swarm, blob_id: str) -> list[Provider]:
     """Peers that announced ``blob_id`` (complete ones first), this peer excluded."""
     me = swarm.peer_id.to_base58()
-    found = [r.body for r in swarm.read("provider", topic=blob_id)]
+    found = [r.body for r in swarm.read(PROVIDER, topic=blob_id)]
     found = [p for p in found if isinstance(p, Provider) and p.peer_id != me]
     return sorted(found, key=lambda p: not p.complete)
 
@@ -495,7 +493,7 @@ class Fetcher:
         self.partial.save_progress()
         self.store.release_partial(self.partial)
         if self.serve:
-            self.swarm.withdraw("provider", topic=self.blob_id)
+            self.swarm.withdraw(PROVIDER, topic=self.blob_id)
 
     def _ban(self, source: _Source, why: str) -> None:
         self.banned.add(source.peer)

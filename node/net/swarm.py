@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -36,6 +36,8 @@ from protocol.identity import Identity
 from protocol.record_validator import SwarmRecordValidator, rejection_counts
 from protocol.records import (
     BODIES,
+    B,
+    Kind,
     RecordError,
     is_swarm_id,
     open_record,
@@ -59,11 +61,11 @@ class SwarmError(MergeswarmError):
 
 
 @dataclass(frozen=True)
-class Record:
+class Record(Generic[B]):
     """A verified record read from the DHT."""
 
     author: str
-    body: Body
+    body: B
     expires: float
 
 
@@ -204,8 +206,9 @@ class Swarm:
 
     # -- records -----------------------------------------------------------------
 
-    def publish(self, kind: str, body: Body, *, topic: str = "", ttl: float = 600.0) -> bool:
+    def publish(self, kind: Kind[B] | str, body: B, *, topic: str = "", ttl: float = 600.0) -> bool:
         """Sign and store a record (this author's entry under its key); remembered for refresh."""
+        kind = str(kind)
         with self._lock:
             self._owned[(kind, topic)] = (body, ttl)
         return self._store(kind, topic, body, ttl)
@@ -219,10 +222,10 @@ class Swarm:
             )
         return bool(_answer(future, f"storing a {kind} record"))
 
-    def withdraw(self, kind: str, *, topic: str = "") -> None:
+    def withdraw(self, kind: Kind | str, *, topic: str = "") -> None:
         """Stop refreshing a record; it ages out at its expiration."""
         with self._lock:
-            self._owned.pop((kind, topic), None)
+            self._owned.pop((str(kind), topic), None)
 
     def refresh(self) -> int:
         """Re-publish every owned record with a fresh expiration; returns how many were stored."""
@@ -236,8 +239,15 @@ class Swarm:
             stored += self._store(kind, topic, body, ttl)
         return stored
 
-    def read(self, kind: str, *, topic: str = "") -> list[Record]:
-        """Every valid record of ``kind``/``topic``, one per author, verified again here."""
+    @overload
+    def read(self, kind: Kind[B], *, topic: str = "") -> list[Record[B]]: ...
+    @overload
+    def read(self, kind: str, *, topic: str = "") -> list[Record[Body]]: ...
+
+    def read(self, kind: Kind | str, *, topic: str = "") -> list[Record]:
+        """Every valid record of ``kind``/``topic``, one per author, verified again here
+        (its body is of the kind's schema)."""
+        kind = str(kind)
         if kind not in BODIES:
             raise ValueError(f"unknown record kind {kind!r}")
         key = record_key(self.swarm_id, kind, topic)

@@ -36,7 +36,7 @@ from protocol.delta import TensorMap, create_delta
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import head_order
-from protocol.records import DeltaAnnouncement, Head, Heartbeat
+from protocol.records import ANNOUNCE, DeltaAnnouncement, Head, Heartbeat
 from protocol.swarm_config import SwarmConfig, load_swarm_config
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Volunteer(PeerDaemon):
             delta = announcement.delta_id
             if self.store.has(delta) and OWN_DELTA_PIN in self.store.pins(delta):
                 self.swarm.publish(
-                    "announce", announcement, topic=announcement.base_id, ttl=ANNOUNCE_TTL
+                    ANNOUNCE, announcement, topic=announcement.base_id, ttl=ANNOUNCE_TTL
                 )
 
     # -- housekeeping thread -------------------------------------------------------------------
@@ -334,7 +334,7 @@ class Volunteer(PeerDaemon):
         self.state["head"] = head.base_id
         self._save_state()  # before announcing: a crash after it re-announces on restart
         crash_point("publish:saved")
-        self.swarm.publish("announce", announcement, topic=head.base_id, ttl=ANNOUNCE_TTL)
+        self.swarm.publish(ANNOUNCE, announcement, topic=head.base_id, ttl=ANNOUNCE_TTL)
         crash_point("publish:announced")
         self.share_new_blobs()  # provider record, or a push when others cannot dial us
         self.metrics.deltas.inc()

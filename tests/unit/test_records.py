@@ -13,6 +13,10 @@ from protocol.forkchoice import choose_head
 from protocol.identity import Identity
 from protocol.record_validator import SwarmRecordValidator
 from protocol.records import (
+    BASE,
+    BODIES,
+    HEAD,
+    KINDS,
     MAX_RECORD_BYTES,
     MAX_TTL_SECONDS,
     DeltaAnnouncement,
@@ -149,3 +153,11 @@ def test_fork_choice_prefers_round_then_deltas_then_the_smaller_id():
     assert choose_head(heads, trusted={"a"})[0] == "a"
     assert choose_head(heads, trusted={"z"}) is None
     assert choose_head([]) is None
+
+
+def test_every_record_kind_is_named_once_and_keys_as_its_name():
+    assert set(KINDS) == set(BODIES) == {str(kind) for kind in KINDS.values()}
+    for name, kind in KINDS.items():
+        assert BODIES[name] is kind.body
+        assert record_key("s", kind, "t") == record_key("s", name, "t") == f"mergeswarm/s/{name}/t"
+    assert HEAD.body is BASE.body is Head  # the same schema, under two keys
