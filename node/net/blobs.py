@@ -46,6 +46,12 @@ from node.net.framing import (
     thread_pool,
     write_frame,
 )
+from node.net.pieces import (
+    keep_sending,
+    may_ask_ahead,
+    pick_run,
+    superseed_offer,
+)
 from node.net.swarm import Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
@@ -57,10 +63,7 @@ HAVE = "mergeswarm.Have"
 PIECES = "mergeswarm.Pieces"
 UPLOAD = "mergeswarm.Upload"
 PROVIDER_TTL = 300.0
-_RUN = 4  # pieces per request while others trade the blob: pieces spread quickly
-_LONG_RUN = 64  # pieces per request otherwise: fewer round trips
 CAPPED = "run capped"  # a complete provider cut a long run short: sharers fetch the blob too
-_STALL = 5.0  # seconds without a new piece before complete sources serve anything
 _FRESH = 0.05  # seconds a source's answer to Have is used without asking again
 _REFRESH = 0.5  # seconds between looks for new providers while downloading
 _TICK = 0.05  # seconds between the download loop's looks at its workers and saves
@@ -180,26 +183,15 @@ class BlobService:
         if partial is not None:
             have = bytes(partial.have)
         else:
-            have = self._offer(request.blob_id, len(manifest.piece_hashes), request.mine)
+            have = superseed_offer(
+                self._sent_counts.get(request.blob_id), len(manifest.piece_hashes), request.mine
+            )
         return pb.HaveResponse(
             manifest=manifest if request.with_manifest else None,
             have=have,
             served=self.stats.bytes_out,
             complete=partial is None,
         )
-
-    def _offer(self, blob_id: str, count: int, mine: bytes) -> bytes:
-        """Super-seeding: of the pieces the asker lacks, those this peer has sent least often."""
-        sent = self._sent_counts.get(blob_id)
-        missing = [i for i in range(count) if not _held(i, mine)]
-        if sent is None or not missing:
-            return bytes([255] * ((count + 7) // 8))
-        least = min(sent[i] for i in missing)
-        offer = bytearray((count + 7) // 8)
-        for i in missing:
-            if sent[i] == least:
-                offer[i // 8] |= 1 << (i % 8)
-        return bytes(offer)
 
     def _count_sent(self, blob_id: str, count: int, index: int) -> None:
         sent = self._sent_counts.pop(blob_id, None) or [0] * count
@@ -259,11 +251,10 @@ class BlobService:
         )
 
         def more(n: int) -> bool:  # on the run's thread, before its n-th piece
-            # Once a fetcher that shares what it gets fetches the blob from here too, the
-            # fetchers will trade pieces: a long run going on would have this peer send
-            # the whole blob to each of them.
             others = self._sharing.get(request.blob_id, 0) - request.shares
-            return partial is not None or n < _RUN or not (others or copy_out)
+            return keep_sending(
+                n, complete=partial is None, other_sharers=others, copy_out=copy_out
+            )
 
         self._active += 1
         self._per_peer[peer] += 1
@@ -387,10 +378,6 @@ def _send_run(
     if refusal is not None:
         stream.write_frame(refusal)
     return refusal is None
-
-
-def _held(index: int, have: bytes) -> bool:
-    return index // 8 < len(have) and bool(have[index // 8] >> (index % 8) & 1)
 
 
 def announce(swarm: Swarm, blob_id: str, complete: bool = True) -> bool:
@@ -605,53 +592,15 @@ class Fetcher:
             await asyncio.gather(*workers.values(), return_exceptions=True)
 
     def _pick_run(self, source: _Source) -> list[int]:
-        """Up to _RUN consecutive pieces this source has and nobody is fetching: rarest first.
-
-        A source holding the whole blob is asked only for pieces no partial holder
-        has, and only if it has not served much more than the least busy complete
-        source (unless the download has stalled): the origin sends each piece about once,
-        later fetchers spare it, and the fetchers trade the rest among themselves.
-        """
-        partial = self.partial
-        now = time.monotonic()
-        usable = [s for s in self.sources.values() if s.bad_until <= now]
-        sharers = [s for s in usable if not s.complete]
-        completes = sorted(
-            (s for s in usable if s.complete and s.served is not None), key=lambda s: s.served
+        return pick_run(
+            source,
+            list(self.sources.values()),
+            count=self.partial.count,
+            blob_size=self.partial.manifest.size,
+            wanted=lambda i: not self.partial.has(i) and i not in self.in_flight,
+            now=time.monotonic(),
+            last_piece=self._last_piece,
         )
-        stalled = now - self._last_piece >= _STALL
-        # A complete source that has served half a copy more than the least busy one is spared:
-        # the origin after the first fetchers, never the only source.
-        least = completes[0].served if completes else 0
-        spared = [s for s in completes[1:] if s.served > least + partial.manifest.size // 2]
-        if not stalled and any(s is source for s in spared):
-            return []
-        wanted = [
-            i
-            for i in range(partial.count)
-            if not partial.has(i) and i not in self.in_flight and _held(i, source.have)
-        ]
-        if source.complete and not stalled:
-            wanted = [i for i in wanted if not any(_held(i, s.have) for s in sharers)]
-        if not wanted:
-            return []
-        holders = {i: sum(_held(i, s.have) for s in self.sources.values()) for i in wanted}
-        rarest = min(holders.values())
-        # Long runs when nobody else is trading pieces of it (fewer round trips); short ones
-        # while others are, so that pieces spread over the fetchers quickly.
-        longest = _RUN if sharers else _LONG_RUN
-        # A random rarest piece (fetchers asking at once go different ways), moved back onto
-        # a grid of ``longest`` laid from the start of its stretch of rarest pieces: runs then
-        # take whole blocks, and no short remnants are left to cost a round trip each.
-        start = random.choice([i for i in wanted if holders[i] == rarest])
-        stretch = start
-        while holders.get(stretch - 1) == rarest:
-            stretch -= 1
-        start -= (start - stretch) % longest
-        run = [start]
-        while len(run) < longest and run[-1] + 1 in holders and holders[run[-1] + 1] == rarest:
-            run.append(run[-1] + 1)
-        return run
 
     async def _work(self, source: _Source) -> None:
         """Fetch runs from one source until it has nothing we need, fails or lies.
@@ -700,13 +649,6 @@ class Fetcher:
         run = self._pick_run(source)
         self.in_flight.update(run)
         return run
-
-    def _may_ask_ahead(self, source: _Source) -> bool:
-        """Whether ``source`` may be asked for a run before the current one is in: not a
-        complete source while others trade the blob, whose pieces are best chosen as late
-        as possible, from what the traders hold by then (so the origin sends each about once).
-        """
-        return not source.complete or all(s.complete for s in self.sources.values())
 
     def _request(self, run: list[int]) -> pb.PieceRequest:
         return pb.PieceRequest(
@@ -762,7 +704,7 @@ class Fetcher:
             await asyncio.wait([receiving, half], return_when=asyncio.FIRST_COMPLETED)
             if (
                 not receiving.done()
-                and self._may_ask_ahead(source)
+                and may_ask_ahead(source, list(self.sources.values()))
                 and (following := await self._choose(source))
             ):
                 ahead.extend(following)
