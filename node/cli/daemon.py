@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from node.data_dir import DataDir
 
@@ -56,7 +58,7 @@ def serve_metrics(daemon, args: argparse.Namespace, data_dir: Path):
     from node.daemon.metrics import MetricsServer
     from protocol.durable import write_atomic
 
-    if args.metrics_port is None:
+    if getattr(args, "metrics_port", None) is None:
         return None
     server = MetricsServer(
         daemon.metrics.registry, daemon.health, args.metrics_host, args.metrics_port, daemon.ready
@@ -85,3 +87,59 @@ def print_join_line(swarm) -> None:
     print(f"swarm {swarm.swarm_id}; to join it, use:", flush=True)
     for maddr in swarm.maddrs:
         print(f"  --join {maddr}", flush=True)
+
+
+def run_daemon(
+    args: argparse.Namespace,
+    options: Any,
+    build: Callable[[Any, list[Callable[[], None]]], Any],
+    *,
+    work: str | None = None,
+    interval: float = 2.0,
+    join_timeout: float = 60.0,
+) -> int:
+    """The life of every daemon command, in one place.
+
+    Join the swarm (``options``: SwarmOptions), build the daemon with ``build(swarm,
+    closers)`` (it may append clean-ups to ``closers``), serve its metrics when asked, print
+    the join line, run its ``work`` method (which takes the stop event) in a thread while
+    this thread ticks its housekeeping, and on SIGTERM or SIGINT let the work finish (up to
+    ``join_timeout``), close everything and leave the swarm. A failing work loop stops the
+    daemon and is raised, so the command exits non-zero.
+    """
+    from node.daemon.peer import run_until
+    from node.net.swarm import Swarm
+
+    swarm = Swarm(options)
+    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
+    closers: list[Callable[[], None]] = []
+    failure: list[BaseException] = []
+    try:
+        daemon = build(swarm, closers)
+        daemon.heartbeat_every = args.heartbeat_every
+        server = serve_metrics(daemon, args, args.data_dir)
+        if server is not None:
+            closers.append(server.close)
+        print_join_line(swarm)
+        worker = None
+        if work is not None:
+
+            def loop() -> None:
+                try:
+                    getattr(daemon, work)(stop)
+                except BaseException as exc:  # reported by this thread, which exits non-zero
+                    failure.append(exc)
+                    stop.set()
+
+            worker = threading.Thread(target=loop, name=work, daemon=True)
+            worker.start()
+        run_until(daemon, stop, interval=min(interval, args.heartbeat_every))
+        if worker is not None:
+            worker.join(timeout=join_timeout)
+    finally:
+        for close in reversed(closers):
+            close()
+        swarm.shutdown()
+    if failure:
+        raise failure[0]
+    return 0

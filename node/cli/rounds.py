@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import threading
 from pathlib import Path
 
 from node.data_dir import DataDir
 
 from . import common
-from .daemon import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_metrics_args, run_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +151,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.daemon import Aggregator
     from aggregator.gate import EvalGate
     from node.config import JoinSettings
-    from node.daemon.peer import run_until
     from node.net.blobstore import BlobStore
-    from node.net.swarm import Swarm
     from node.settings import load_settings
     from node.training.data import read_examples
     from protocol.swarm_config import load_swarm_config
@@ -166,11 +163,9 @@ def run_aggregator(args: argparse.Namespace) -> int:
     for path in args.eval_data:
         read_examples(path)
     gate = EvalGate(list(args.eval_data), args.eval_max_increase) if args.eval_data else None
-    swarm = Swarm(options)
-    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
-    server = None
-    try:
-        aggregator = Aggregator(
+
+    def build(swarm, closers):
+        return Aggregator(
             swarm,
             BlobStore(DataDir(args.data_dir).blobs),
             config,
@@ -178,20 +173,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
             lease_seconds=args.lease_seconds,
             gate=gate,
         )
-        aggregator.heartbeat_every = args.heartbeat_every
-        server = serve_metrics(aggregator, args, args.data_dir)
-        print_join_line(swarm)
-        rounds = threading.Thread(
-            target=aggregator.run_rounds, args=(stop,), name="rounds", daemon=True
-        )
-        rounds.start()
-        run_until(aggregator, stop, interval=min(1.0, args.heartbeat_every))
-        rounds.join(timeout=60)
-    finally:
-        if server is not None:
-            server.close()
-        swarm.shutdown()
-    return 0
+
+    return run_daemon(args, options, build, work="run_rounds", interval=1.0)
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import threading
 from pathlib import Path
 
 from node.data_dir import DataDir
 
-from .daemon import add_heartbeat_arg, add_join_args, print_join_line, stop_event, swarm_options
+from .daemon import add_heartbeat_arg, add_join_args, run_daemon, swarm_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,31 +46,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_seed(args: argparse.Namespace) -> int:
-    from node.daemon.peer import run_until
     from node.net.blobstore import BlobStore
-    from node.net.swarm import HEAD_TTL, Swarm
-    from node.seed import Seed
+    from node.net.swarm import HEAD_TTL
+    from node.seed import Seed, genesis_head
     from protocol.records import HEAD
 
-    swarm = Swarm(swarm_options(args, args.data_dir))
-    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
-    try:
+    def build(swarm, closers):
         store = BlobStore(DataDir(args.data_dir).blobs, int(args.quota_gb * 1e9))
         seed = Seed(swarm, store, trusted_aggregators=args.trusted_aggregators)
         seed.mirror = not args.no_mirror
-        seed.heartbeat_every = args.heartbeat_every
         seed.upload = not args.no_upload
         if args.publish_head is not None:
-            from node.seed import genesis_head
-
             head = genesis_head(store, args.publish_head)
             seed.share_new_blobs()
             swarm.publish(HEAD, head, ttl=HEAD_TTL)
             print(f"published head: round {head.round}, base {head.base_id}", flush=True)
-        print_join_line(swarm)
-        mirror = threading.Thread(target=seed.mirror_forever, args=(stop,), daemon=True)
-        mirror.start()
-        run_until(seed, stop, interval=min(2.0, args.heartbeat_every))
-    finally:
-        swarm.shutdown()
-    return 0
+        return seed
+
+    # a fetch in progress is not waited for: what it got so far is kept for a resume
+    return run_daemon(
+        args, swarm_options(args, args.data_dir), build, work="mirror_forever", join_timeout=0
+    )
