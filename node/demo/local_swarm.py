@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import TrainOptions
+from node.daemon.launch import LOOPBACK, PeerStartError, launch_peer
 from node.data_dir import DataDir
 from node.demo.domains import DOMAINS, domain_texts
 from protocol.records import HEARTBEAT
@@ -74,7 +75,6 @@ def volunteer_flags(options: TrainOptions) -> tuple[str, ...]:
     return flags + (("--lora", "--lora-rank", str(options.lora_rank)) if options.lora else ())
 
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT_EVERY = 1.0  # seconds: the per-round byte counts come from heartbeats
 
 
@@ -179,21 +179,16 @@ class Processes:
 
     def start(self, name: str, *args: str, data_dir: Path) -> list[str]:
         """Start ``mergeswarm ARGS`` and return its multiaddrs once it is up."""
-        DataDir(data_dir).multiaddrs.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "node.cli", *args, "--data-dir", str(data_dir)]
         cmd += ["--host-maddr", LOOPBACK, "--heartbeat-every", str(HEARTBEAT_EVERY)]
-        with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        self.running.append(proc)
-        deadline = time.monotonic() + 120
-        while not DataDir(data_dir).multiaddrs.is_file():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} did not start:\n{tail}")
-            time.sleep(0.2)
-        return DataDir(data_dir).multiaddrs.read_text().split()
+        try:
+            peer = launch_peer(
+                name, cmd, data_dir=data_dir, log=self.logs / f"{name}.log", env=self.env,
+                started=self.running.append,
+            )  # fmt: skip
+        except PeerStartError as exc:
+            raise RuntimeError(f"{name} did not start: {exc}") from None
+        return peer.maddrs
 
     def stop(self) -> None:
         for proc in self.running:
