@@ -41,30 +41,28 @@ from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
-from node.bases import HEAD_PIN, Bases
-from node.blobstore import BlobStore
-from node.faults import crash_point
-from node.history import sync_head
-from node.metrics import AggregatorMetrics
-from node.peer import PeerDaemon
-from node.swarm import Swarm
+from node.chain.bases import Bases
+from node.chain.history import current_head, sync_head
+from node.daemon.faults import crash_point
+from node.daemon.metrics import AggregatorMetrics
+from node.daemon.peer import PeerDaemon
+from node.net.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
+from node.net.swarm import HEAD_TTL, Swarm
 from protocol.errors import MergeswarmError
-from protocol.forkchoice import choose_head, head_order
+from protocol.forkchoice import head_order
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
 from protocol.momentum import momentum_size
 from protocol.patch import write_patch
-from protocol.records import DeltaAnnouncement, Head, Lease
+from protocol.records import ANNOUNCE, BASE, CONFIG, HEAD, LEASE, DeltaAnnouncement, Head, Lease
 from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
 
-HEAD_TTL = 3600.0  # refreshed by the owner while it runs
 CONFIG_TTL = 3600.0
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
-MOMENTUM_PIN = "momentum"  # the outer momentum of the heads whose bases are kept
 MOMENTUM_FILE = "momentum.safetensors"  # in scratch, from the merge until it is published
 
 
@@ -109,7 +107,7 @@ class Aggregator(PeerDaemon):
         self.merge_seconds: float | None = None
         if genesis is not None:
             self._adopt_genesis(genesis)
-        self.swarm.publish("config", config, ttl=CONFIG_TTL)
+        self.swarm.publish(CONFIG, config, ttl=CONFIG_TTL)
 
     def new_metrics(self) -> AggregatorMetrics:
         return AggregatorMetrics()
@@ -132,17 +130,15 @@ class Aggregator(PeerDaemon):
         super().tick()
         self.follow_head()
         if self.holding is not None:  # keep the lease alive while the round runs
-            self.swarm.publish("lease", self.holding, ttl=self.lease_seconds)
+            self.swarm.publish(LEASE, self.holding, ttl=self.lease_seconds)
         self.metrics.lease_held.set(1 if self.holding else 0)
         if self.head is not None:
             self.metrics.head_round.set(self.head.round)
 
     def follow_head(self) -> None:
-        heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
-        chosen = choose_head(heads, set(self.config.aggregators))
-        if chosen is None:
+        head = current_head(self.swarm, self.config.aggregators)
+        if head is None:
             return
-        head = chosen[1]
         if self.head is None or head_order(head) > head_order(self.head):
             self._set_head(head)
 
@@ -242,7 +238,7 @@ class Aggregator(PeerDaemon):
         for age in range(self.config.staleness + 1):
             if base is None:
                 break
-            for record in self.swarm.read("announce", topic=base):
+            for record in self.swarm.read(ANNOUNCE, topic=base):
                 body = record.body
                 refused = (record.author, getattr(body, "delta_id", "")) in self.refused
                 if isinstance(body, DeltaAnnouncement) and not refused:
@@ -280,11 +276,11 @@ class Aggregator(PeerDaemon):
             claimed_at=get_dht_time(),
             deltas=tuple(c.delta_id for c in candidates),
         )
-        self.swarm.publish("lease", claim, ttl=self.lease_seconds)
+        self.swarm.publish(LEASE, claim, ttl=self.lease_seconds)
         time.sleep(LEASE_SETTLE)
         live = self._live_leases(round_, head.base_id)
         if not live or live[0][0] != self.swarm.identity.author:
-            self.swarm.withdraw("lease")
+            self.swarm.withdraw(LEASE)
             return None
         self.holding = claim
         self.metrics.lease_held.set(1)
@@ -294,8 +290,8 @@ class Aggregator(PeerDaemon):
     def _live_leases(self, round_: int, parent: str) -> list[tuple[str, Lease]]:
         leases = [
             (r.author, r.body)
-            for r in self.swarm.read("lease")
-            if isinstance(r.body, Lease) and r.body.round == round_ and r.body.parent == parent
+            for r in self.swarm.read(LEASE)
+            if r.body.round == round_ and r.body.parent == parent
         ]
         if self.config.aggregators:
             leases = [(a, b) for a, b in leases if a in self.config.aggregators]
@@ -305,7 +301,7 @@ class Aggregator(PeerDaemon):
         if self.holding is not None:
             self.holding = None
             self.metrics.lease_held.set(0)
-            self.swarm.withdraw("lease")
+            self.swarm.withdraw(LEASE)
 
     def run_round(self, head: Head, candidates: list[Candidate]) -> Head | None:
         round_ = head.round + 1
@@ -469,8 +465,8 @@ class Aggregator(PeerDaemon):
 
     def _announce_head(self, head: Head) -> None:
         self.share_new_blobs()  # provider records before the head that names the blobs
-        self.swarm.publish("base", head, topic=head.base_id, ttl=HEAD_TTL)
-        self.swarm.publish("head", head, ttl=HEAD_TTL)
+        self.swarm.publish(BASE, head, topic=head.base_id, ttl=HEAD_TTL)
+        self.swarm.publish(HEAD, head, ttl=HEAD_TTL)
         self.metrics.heads_published.inc()
         self._set_head(head)
         recent = self._recent(head)

@@ -27,8 +27,8 @@ class EvalGate:
     def judge(self, parent: Path, child: Path) -> Verdict:
         from transformers import AutoTokenizer
 
-        from node.data import load_dataset
-        from node.trainer import heldout_loss
+        from node.training.data import load_dataset
+        from node.training.trainer import heldout_loss
 
         data = load_dataset(self.data, AutoTokenizer.from_pretrained(parent))
         before = heldout_loss(parent, data, blocks=self.blocks)

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.constants import DELTA_REJECT_REASONS
 from protocol.container import DeltaReader
 from protocol.delta import check_fits
 from protocol.errors import (
@@ -27,22 +28,13 @@ from protocol.errors import (
 from protocol.model_dir import ModelDir
 from protocol.records import DeltaAnnouncement
 
-REJECT_REASONS = (  # every reason an aggregator refuses a delta for (bounded metric labels)
-    "size",
-    "bad_signature",
-    "unknown_base",
-    "layout",
-    "non_finite",
-    "malformed",
-    "norm",
-    "eval_gate",
-)
-
 
 class Rejected(MergeswarmError):
-    """A delta is refused; ``reason`` is a short label (a bounded metric label)."""
+    """A delta is refused; ``reason`` is one of DELTA_REJECT_REASONS (bounded metric labels)."""
 
     def __init__(self, reason: str, message: str) -> None:
+        if reason not in DELTA_REJECT_REASONS:  # a new reason must be named there first
+            raise ValueError(f"unnamed reject reason {reason!r}")
         super().__init__(message)
         self.reason = reason
 

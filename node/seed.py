@@ -15,18 +15,15 @@ import threading
 import time
 from pathlib import Path
 
-from node.blobstore import BlobStore
-from node.peer import PeerDaemon
+from node.chain.history import current_head
+from node.daemon.peer import PeerDaemon
+from node.net.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
 from protocol.errors import MergeswarmError
-from protocol.forkchoice import choose_head
 from protocol.model_dir import ModelDir
 from protocol.patch import write_patch
-from protocol.records import DeltaAnnouncement, Head
+from protocol.records import ANNOUNCE, Head
 
 logger = logging.getLogger(__name__)
-
-HEAD_PIN = "head"
-DELTA_PIN = "unmerged-delta"
 
 
 class Seed(PeerDaemon):
@@ -46,16 +43,15 @@ class Seed(PeerDaemon):
 
     def wanted(self) -> dict[str, tuple[str, int | None]]:
         """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
-        heads = [(r.author, r.body) for r in self.swarm.read("head") if isinstance(r.body, Head)]
-        chosen = choose_head(heads, self.trusted)
-        if chosen is None:
+        head = self.head = current_head(
+            self.swarm, self.trusted
+        )  # heart-beaten: the monitor shows the seed's lag too
+        if head is None:
             return {}
-        head = self.head = chosen[1]  # heart-beaten: the monitor shows the seed's lag too
         named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators
         wanted = {b: (HEAD_PIN, None) for b in named if b}
-        for record in self.swarm.read("announce", topic=head.base_id):
-            if isinstance(record.body, DeltaAnnouncement):
-                wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
+        for record in self.swarm.read(ANNOUNCE, topic=head.base_id):
+            wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
         return wanted
 
     def mirror_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
@@ -101,5 +97,5 @@ def genesis_head(store: BlobStore, model_dir: Path, round_: int = 0) -> Head:
     with tempfile.TemporaryDirectory(dir=store.root) as tmp:
         path = Path(tmp) / "snapshot.msp"
         base = write_patch(ModelDir(model_dir), path)
-        snapshot = store.add_file(path, pin="head")
+        snapshot = store.add_file(path, pin=HEAD_PIN)
     return Head(base_id=base, round=round_, deltas=0, snapshot_id=snapshot)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -135,19 +136,37 @@ class Lease(Body):
     deltas: tuple[Hex64, ...] = Field(default=(), max_length=64)
 
 
-BODIES: dict[str, type[Body]] = {
-    "announce": DeltaAnnouncement,
-    "provider": Provider,
-    "head": Head,
-    "base": Head,  # under topic <base id>: a past head, for walking the chain back
-    "heartbeat": Heartbeat,
-    "lease": Lease,
-    "config": SwarmConfig,
+B = TypeVar("B", bound=Body)
+
+
+@dataclass(frozen=True)
+class Kind(Generic[B]):
+    """A kind of record: its name in DHT keys and the schema of its body. Peers read and
+    publish by kind (``swarm.read(HEAD)`` gives records whose bodies are Heads)."""
+
+    name: str
+    body: type[B]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ANNOUNCE = Kind("announce", DeltaAnnouncement)  # under topic <base id>
+PROVIDER = Kind("provider", Provider)  # under topic <blob id>
+HEAD = Kind("head", Head)
+BASE = Kind("base", Head)  # under topic <base id>: a past head, for walking the chain back
+HEARTBEAT = Kind("heartbeat", Heartbeat)
+LEASE = Kind("lease", Lease)
+CONFIG = Kind("config", SwarmConfig)
+KINDS: dict[str, Kind] = {
+    k.name: k for k in (ANNOUNCE, PROVIDER, HEAD, BASE, HEARTBEAT, LEASE, CONFIG)
 }
+BODIES: dict[str, type[Body]] = {name: kind.body for name, kind in KINDS.items()}
 
 
-def record_key(swarm_id: str, kind: str, topic: str = "") -> str:
+def record_key(swarm_id: str, kind: Kind | str, topic: str = "") -> str:
     """The plain DHT key of records of ``kind`` (and ``topic``, e.g. a base or blob id)."""
+    kind = str(kind)
     if kind not in BODIES:
         raise ValueError(f"unknown record kind {kind!r}")
     return f"{_KEY_PREFIX}{swarm_id}/{kind}" + (f"/{topic}" if topic else "")

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from protocol.constants import CodecName
 from protocol.errors import MergeswarmError, one_line
 from protocol.schema import Body, Hex64, SwarmId
 
@@ -68,9 +69,7 @@ class SwarmConfig(Body):
         0, ge=0, le=10_000, description="nesterov: rounds over which the outer lr ramps up"
     )
     drop_rate: float = Field(0.9, ge=0, lt=1, description="volunteers' DARE drop rate")
-    codec: Literal["bf16", "fp16", "fp32", "int8"] = Field(
-        "bf16", description="volunteers' delta value codec"
-    )
+    codec: CodecName = Field("bf16", description="volunteers' delta value codec")
     round_period: float = Field(
         300.0, ge=1, le=86400, description="seconds from one head to the next round's merge"
     )

@@ -197,8 +197,8 @@ def make_real_delta(workdir: Path) -> Path:
     """A tiny model and a short fine-tune of it: the source of a real delta."""
     from transformers.utils import logging as hf_logging
 
-    from node.tiny_model import CORPUS, build_tiny_model
-    from node.training import quick_finetune
+    from node.training.finetune import quick_finetune
+    from node.training.tiny_model import CORPUS, build_tiny_model
 
     hf_logging.disable_progress_bar()
 

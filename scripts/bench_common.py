@@ -7,7 +7,6 @@ import math
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -93,16 +92,12 @@ def peak_rss_mb() -> float:
 def start_daemon(data_dir: Path, command: str, *args: str) -> tuple[subprocess.Popen, list[str]]:
     """Start ``mergeswarm <command>`` on loopback (own session, log in the data dir) and wait
     for its multiaddrs file; returns the process and its multiaddrs."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    from node.daemon.launch import LOOPBACK, PeerStartError, launch_peer
+
     exe = str(Path(sys.executable).with_name("mergeswarm"))
-    cmd = [exe, command, "--data-dir", str(data_dir), "--host-maddr", "/ip4/127.0.0.1/tcp/0"]
-    log = open(data_dir / f"{command}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 120
-    while not (data_dir / "multiaddrs").is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{command} in {data_dir} did not start; see {log.name}")
-        time.sleep(0.2)
-    return proc, (data_dir / "multiaddrs").read_text().split()
+    cmd = [exe, command, "--data-dir", str(data_dir), "--host-maddr", LOOPBACK, *args]
+    try:
+        peer = launch_peer(command, cmd, data_dir=data_dir, log=data_dir / f"{command}.log")
+    except PeerStartError as exc:
+        raise SystemExit(f"{command} in {data_dir} did not start: {exc}") from None
+    return peer.proc, peer.maddrs

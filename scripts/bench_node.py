@@ -59,7 +59,7 @@ def plain_loop(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from node.data import load_dataset
+    from node.training.data import load_dataset
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -139,7 +139,7 @@ def main() -> int:
         print(json.dumps(plain_loop(args)))
         return 0
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
-    from node.tiny_model import build_tiny_model
+    from node.training.tiny_model import build_tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:

@@ -10,7 +10,7 @@ docs/benchmarks.md has the commands and figures of the measured runs.
 The demo's setting: four domains of text shipped with Python (reference manual,
 library code, docstrings, licence), one volunteer per domain, so the data is not
 identically distributed. Every row starts from the same genesis, trains with the
-same optimizer settings (node.swarm_demo.DEMO_MODELS) and is measured on the same
+same optimizer settings (node.demo.local_swarm.DEMO_MODELS) and is measured on the same
 held-out blocks of every domain, which no training saw:
 
 - ``genesis``; ``expert D``: domain D's volunteer alone for R x H steps;
@@ -49,8 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.config import TrainOptions  # noqa: E402
-from node.domains import DOMAINS  # noqa: E402
-from node.swarm_demo import (  # noqa: E402
+from node.demo.domains import DOMAINS  # noqa: E402
+from node.demo.local_swarm import (  # noqa: E402
     DEMO_MODELS,
     DemoModel,
     domain_losses,
@@ -150,8 +150,8 @@ def train_rows(genesis, data, options: TrainOptions, rounds, steps, work, evals)
     together), with joint training measured after every R-th of its steps for the curve."""
     from transformers import AutoTokenizer
 
-    from node.data import load_dataset, load_mixture
-    from node.trainer import Trainer
+    from node.training.data import load_dataset, load_mixture
+    from node.training.trainer import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(genesis)
     rows: dict[str, Losses] = {}
@@ -204,8 +204,8 @@ def simulate(genesis, data, options, row: SwarmRow, drop_rate, rounds, steps, wo
     from aggregator.engine import MergeInput, merge_models
     from aggregator.methods import Recipe
     from aggregator.outer import OuterStep, outer_lr
-    from node.data import load_dataset
-    from node.trainer import Trainer
+    from node.training.data import load_dataset
+    from node.training.trainer import Trainer
     from protocol.delta import TensorMap, create_delta
     from protocol.identity import Identity
 

@@ -48,10 +48,10 @@ RAW = "bench.raw"
 
 
 def serve(args: argparse.Namespace) -> int:
-    from node.blobs import BlobService, announce
-    from node.blobstore import BlobStore
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.blobs import BlobService, announce
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
 
     data_dir = Path(args.data_dir)
     swarm = Swarm(SwarmOptions(data_dir, host_maddrs=[LOOPBACK]))
@@ -106,10 +106,10 @@ def two_peers(root: Path, blob: Path, size: int, rounds: int) -> dict:
     """
     from hivemind.p2p import PeerID
 
-    from node.blobs import fetch
-    from node.blobstore import BlobStore
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.blobs import fetch
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
 
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--blob", str(blob), "--data-dir", str(root / "srv")],
@@ -196,9 +196,9 @@ def piece_hashing(blob: Path) -> dict[str, float]:
 
 def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.swarm import Swarm
     from protocol.ids import file_id
-    from protocol.records import Head, Heartbeat
+    from protocol.records import HEAD, HEARTBEAT, PROVIDER, Head
 
     procs = []
     try:
@@ -222,21 +222,17 @@ def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
         try:
             origin_peer = maddrs[0].rsplit("/p2p/", 1)[1]
             while not any(
-                r.body.peer_id == origin_peer for r in observer.read("provider", topic=blob_id)
+                r.body.peer_id == origin_peer for r in observer.read(PROVIDER, topic=blob_id)
             ):
                 time.sleep(0.2)
             start = time.perf_counter()
-            observer.publish(
-                "head", Head(base_id="ab" * 32, round=1, deltas=0, snapshot_id=blob_id)
-            )
+            observer.publish(HEAD, Head(base_id="ab" * 32, round=1, deltas=0, snapshot_id=blob_id))
             while not all((d / "blobs" / blob_id).is_file() for d in dirs):
                 time.sleep(0.05)
             seconds = time.perf_counter() - start
             time.sleep(2.5)  # one more heartbeat from the origin
             sent = next(
-                r.body.bytes_out
-                for r in observer.read("heartbeat")
-                if isinstance(r.body, Heartbeat) and r.body.peer_id == origin_peer
+                r.body.bytes_out for r in observer.read(HEARTBEAT) if r.body.peer_id == origin_peer
             )
         finally:
             observer.shutdown()

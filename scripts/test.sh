@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite, slow tests included.
+# Install (if needed) and run the whole test suite (tests/unit, the fast lane, and the
+# integration tests with real daemons beside it), slow tests included.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow" -x`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +8,11 @@ if [ "${MERGESWARM_SKIP_INSTALL:-0}" != 1 ]; then
     bash scripts/install.sh || { echo "test.sh: install failed" >&2; exit 1; }
     bash scripts/install_system.sh || { echo "test.sh: installing system packages failed" >&2; exit 1; }
 fi
-.venv/bin/python -m pytest "$@"
+paths=(tests)  # everything, unless the arguments name tests themselves
+for arg in "$@"; do
+    if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then paths=(); fi
+done
+.venv/bin/python -m pytest "${paths[@]}" "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure" >&2

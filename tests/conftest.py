@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.tiny_model import CORPUS, build_tiny_model
-from node.training import quick_finetune
+from node.training.finetune import quick_finetune
+from node.training.tiny_model import CORPUS, build_tiny_model
 from protocol.identity import Identity
 
 
@@ -63,7 +63,7 @@ def reap_peers():
 def local_peer(tmp_path: Path):
     """Make in-process swarm peers (real DHT and p2pd on loopback), shut down afterwards."""
     from node.config import SwarmOptions
-    from node.swarm import Swarm
+    from node.net.swarm import Swarm
     from tests.swarm import LOOPBACK
 
     made = []

@@ -13,42 +13,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from node.daemon.launch import LOOPBACK, PeerProcess, PeerStartError, kill_group, launch_peer
+
 MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 T = TypeVar("T")
 
 _running: list[subprocess.Popen] = []
-
-
-@dataclass
-class PeerProcess:
-    proc: subprocess.Popen
-    data_dir: Path
-    log: Path
-    maddrs: list[str]
-
-    @property
-    def peer_id(self) -> str:
-        return self.maddrs[0].rsplit("/p2p/", 1)[1]
-
-    def kill9(self) -> None:
-        _kill_group(self.proc, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> int:
-        """SIGTERM and wait: the daemon's clean shutdown."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            _kill_group(self.proc, signal.SIGKILL)  # p2pd, should it outlive its parent
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
 def start_peer(
@@ -59,29 +32,19 @@ def start_peer(
     env: dict[str, str] | None = None,
 ) -> PeerProcess:
     """Start ``mergeswarm <command>`` on loopback and wait for its multiaddrs file."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "multiaddrs").unlink(missing_ok=True)
-    log = data_dir / f"{command}.log"
     cmd = [MERGESWARM, command, "--data-dir", str(data_dir), "--host-maddr", LOOPBACK, *args]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
+    try:
+        peer = launch_peer(
+            f"{command} in {data_dir}",
             cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            data_dir=data_dir,
+            log=data_dir / f"{command}.log",
             env=_env() | (env or {}),
+            timeout=timeout,
+            started=_running.append,
         )
-    _running.append(proc)
-    peer = PeerProcess(proc, data_dir, log, [])
-    path = data_dir / "multiaddrs"
-
-    def ready() -> list[str] | None:
-        if proc.poll() is not None:
-            raise AssertionError(f"{command} exited with {proc.returncode}:\n{peer.log_tail()}")
-        return path.read_text().split() if path.is_file() else None
-
-    maddrs = wait_for(ready, timeout, f"{command} in {data_dir} to start")
-    peer.maddrs = maddrs
+    except PeerStartError as exc:  # a test's failure, with the daemon's log
+        raise AssertionError(str(exc)) from None
     return peer
 
 
@@ -120,14 +83,9 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
 def reap_all() -> None:
     while _running:
         proc = _running.pop()
-        _kill_group(proc, signal.SIGKILL)
+        kill_group(proc, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)

@@ -10,11 +10,11 @@ import pytest
 from aggregator.engine import MergeInput, merge_models
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
-from node.blobs import BlobService, announce, fetch
-from node.blobstore import BlobStore
-from node.faults import ENV as ENV_CRASH
-from node.history import base_record, current_head
-from node.tiny_model import CORPUS
+from node.chain.history import base_record, current_head
+from node.daemon.faults import ENV as ENV_CRASH
+from node.net.blobs import BlobService, announce, fetch
+from node.net.blobstore import BlobStore
+from node.training.tiny_model import CORPUS
 from protocol.delta import create_delta
 from protocol.identity import Identity
 from protocol.ids import base_id, file_hasher

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from node.blobs import Fetcher, providers
-from node.blobstore import BlobStore
+from node.net.blobs import Fetcher, providers
+from node.net.blobstore import BlobStore
 from protocol.delta import create_delta
 from protocol.ids import bytes_id
 from protocol.records import DeltaAnnouncement, Head, Heartbeat
@@ -175,7 +175,7 @@ def test_a_client_mode_peer_pushes_its_delta_to_a_seed_that_then_serves_it(
 
 
 def test_a_push_of_an_unannounced_blob_is_refused(tmp_path, local_peer):
-    from node.blobs import BlobService, push
+    from node.net.blobs import BlobService, push
 
     server = local_peer("server")
     client = local_peer("client", join=server.maddrs)
@@ -210,8 +210,8 @@ def test_blob_get_of_an_unknown_id_fails_in_one_line(tmp_path):
 
 
 def test_providers_refuse_unknown_ids_other_swarms_and_greedy_peers(tmp_path, local_peer):
-    from node.blobs import HAVE, PIECES, BlobService, ServeLimits
-    from node.framing import read_frame, read_raw, write_frame
+    from node.net.blobs import HAVE, PIECES, BlobService, ServeLimits
+    from node.net.framing import read_frame, read_raw, write_frame
     from protocol import transfer_pb2 as pb
 
     server = local_peer("server")
@@ -254,8 +254,8 @@ def test_providers_refuse_unknown_ids_other_swarms_and_greedy_peers(tmp_path, lo
 def test_runs_follow_each_other_on_one_stream_and_long_ones_are_cut_once_others_fetch(
     tmp_path, local_peer
 ):
-    from node.blobs import CAPPED, PIECES, BlobService
-    from node.framing import read_frame, read_raw, write_frame
+    from node.net.blobs import CAPPED, PIECES, BlobService
+    from node.net.framing import read_frame, read_raw, write_frame
     from protocol import transfer_pb2 as pb
 
     server = local_peer("server")

@@ -144,6 +144,36 @@ def test_every_command_has_help(args):
     assert "usage: mergeswarm" in out
 
 
+HELP_IMPORTS = """
+import argparse, contextlib, io, sys
+from node.cli import build_parser
+def commands(parser, path):
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from commands(child, path + [name])
+seen = 0
+for path in commands(build_parser(), []):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args(path + ["--help"])
+    except SystemExit:
+        seen += 1
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "hivemind"})
+print(seen, ",".join(heavy))
+"""
+
+
+def test_help_of_every_command_imports_no_torch_transformers_or_hivemind():
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True, check=True
+    )
+    seen, heavy = proc.stdout.split(" ")
+    assert int(seen) > 10  # every command and subcommand was asked for its help
+    assert heavy.strip() == ""
+
+
 @pytest.mark.slow
 def test_demo_runs_the_round_trip(tmp_path):
     out = cli("demo", "--offline", "--workdir", tmp_path / "demo", "--steps", "10").stdout
@@ -178,7 +208,7 @@ def test_a_closed_pipe_is_not_an_error(tiny_base):
 
 def test_the_demo_offers_every_demo_model_and_only_those():
     from node.cli.demo import DEMO_MODEL_NAMES
-    from node.swarm_demo import DEMO_MODELS
+    from node.demo.local_swarm import DEMO_MODELS
 
     assert tuple(DEMO_MODELS) == DEMO_MODEL_NAMES
     assert all(m.name == name for name, m in DEMO_MODELS.items())
@@ -186,7 +216,7 @@ def test_the_demo_offers_every_demo_model_and_only_those():
 
 def test_the_swarm_demo_passes_the_models_training_to_its_volunteers():
     from node.cli import build_parser
-    from node.swarm_demo import DEMO_MODELS, volunteer_flags
+    from node.demo.local_swarm import DEMO_MODELS, volunteer_flags
 
     for model in DEMO_MODELS.values():
         flags = volunteer_flags(model.train)

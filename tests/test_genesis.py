@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from node import genesis
 from node.cli import main
-from node.genesis import GenesisError, write_genesis
-from node.tiny_model import CORPUS, build_tokenizer
+from node.training import genesis
+from node.training.genesis import GenesisError, write_genesis
+from node.training.tiny_model import CORPUS, build_tokenizer
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir
 
@@ -193,7 +193,7 @@ def test_output_is_replaced_only_when_forced(gguf_file: Path, from_gguf, tmp_pat
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
-    """Make ``package`` look uninstalled to node.genesis."""
+    """Make ``package`` look uninstalled to node.training.genesis."""
     real = importlib.util.find_spec
     monkeypatch.setattr(
         genesis.importlib.util,
@@ -289,9 +289,9 @@ def test_smollm2_is_a_real_pretrained_model(tmp_path: Path):
         )
     from transformers import AutoTokenizer
 
-    from node.data import load_dataset
-    from node.domains import domain_texts
-    from node.trainer import heldout_loss
+    from node.demo.domains import domain_texts
+    from node.training.data import load_dataset
+    from node.training.trainer import heldout_loss
 
     out = tmp_path / "smollm2"
     gid = write_genesis(out, model="smollm2-135m")

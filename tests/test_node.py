@@ -8,12 +8,11 @@ import urllib.request
 
 import pytest
 
-from node.blobs import BlobService, announce, fetch, providers
-from node.blobstore import BlobStore
-from node.faults import ENV as ENV_CRASH
+from node.daemon.faults import ENV as ENV_CRASH
+from node.net.blobs import BlobService, announce, fetch, providers
+from node.net.blobstore import OWN_DELTA_PIN, BlobStore
 from node.seed import genesis_head
-from node.tiny_model import CORPUS
-from node.volunteer import OWN_DELTA
+from node.training.tiny_model import CORPUS
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas
 from protocol.identity import Identity
@@ -115,9 +114,9 @@ def _status(node) -> dict:
 
 def _genesis_loss(model, corpus) -> float:
     from node.config import TrainOptions
-    from node.data import load_dataset
-    from node.tiny_model import build_tokenizer
-    from node.trainer import Trainer
+    from node.training.data import load_dataset
+    from node.training.tiny_model import build_tokenizer
+    from node.training.trainer import Trainer
 
     data = load_dataset([corpus], build_tokenizer(), seq_len=32)
     options = TrainOptions(seq_len=32, batch_size=4, eval_blocks=4)
@@ -276,7 +275,7 @@ def test_kill_9_during_publication_loses_no_announced_delta(
     with DeltaReader(store.path(found[0].delta_id)) as reader:
         assert reader.header.author == author and reader.header.base_id == genesis
     own = BlobStore(node.data_dir / "blobs")
-    pinned = {b for b in own.ids() if OWN_DELTA in own.pins(b)}
+    pinned = {b for b in own.ids() if OWN_DELTA_PIN in own.pins(b)}
     announced = {a["delta_id"] for a in json.loads(_read(node.data_dir / "node.json"))["announced"]}
     assert pinned <= announced  # a delta stored but never announced does not stay pinned
     assert not leftovers & set((node.data_dir / "tmp").iterdir())  # the restart dropped them

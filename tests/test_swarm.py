@@ -7,8 +7,8 @@ import json
 import pytest
 from hivemind.utils import get_dht_time
 
-import node.swarm as swarm_module
-from node.swarm import SwarmError
+import node.net.swarm as swarm_module
+from node.net.swarm import SwarmError
 from protocol.identity import Identity
 from protocol.records import Heartbeat, sign_record
 from tests.swarm import start_peer, wait_for

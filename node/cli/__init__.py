@@ -8,10 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from node import logs
+from node.daemon import logs
 from protocol.errors import MergeswarmError
 
-from . import delta, demo, genesis, merge, node, rounds, swarm, watch
+from . import blob, delta, demo, genesis, merge, node, rounds, seed, watch
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     genesis.register(sub)
     merge.register(sub)
     demo.register(sub)
-    swarm.register(sub)
+    seed.register(sub)
+    blob.register(sub)
     node.register(sub)
     rounds.register(sub)
     watch.register(sub)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-ENV_DATA_DIR = "MERGESWARM_DATA_DIR"
+from node.data_dir import DataDir, default_data_dir
 
-
-def default_data_dir() -> Path:
-    """``$MERGESWARM_DATA_DIR``, else ``~/.mergeswarm``."""
-    return Path(os.environ.get(ENV_DATA_DIR) or Path.home() / ".mergeswarm")
+__all__ = ["default_data_dir"]  # the commands' --data-dir default
 
 
 def default_key_path() -> Path:
-    return default_data_dir() / "identity.pem"
+    return DataDir(default_data_dir()).identity
 
 
 def byte_progress(desc: str) -> tqdm:

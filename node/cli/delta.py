@@ -7,16 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protocol.codecs import CODECS
-from protocol.container import DeltaReader
-from protocol.delta import apply_deltas, check_fits, create_delta
-from protocol.identity import Identity
-from protocol.ids import base_id, file_id
-from protocol.model_dir import ModelDir
+from protocol.constants import CODEC_NAMES
 
 from . import common
+
+if TYPE_CHECKING:
+    from protocol.container import DeltaReader
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--drop-rate", type=common.drop_rate, default=0.9, help="DARE drop rate p in [0, 1)"
     )
     p.add_argument("--seed", type=common.seed, default=None, help="DARE seed (default: random)")
-    p.add_argument("--codec", choices=sorted(CODECS), default="bf16", help="value codec")
+    p.add_argument("--codec", choices=sorted(CODEC_NAMES), default="bf16", help="value codec")
     p.add_argument(
         "--block-size",
         type=common.block_size,
@@ -97,7 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_apply)
 
 
+# The protocol modules load torch: imported by the commands that run, so `--help` stays fast.
+
+
 def run_base_id(args: argparse.Namespace) -> int:
+    from protocol.ids import base_id
+    from protocol.model_dir import ModelDir
+
     md = ModelDir(args.model_dir)
     with common.byte_progress("hashing") as bar:
         bar.total = md.nbytes
@@ -106,6 +110,10 @@ def run_base_id(args: argparse.Namespace) -> int:
 
 
 def run_create(args: argparse.Namespace) -> int:
+    from protocol.delta import create_delta
+    from protocol.identity import Identity
+    from protocol.model_dir import ModelDir
+
     identity = Identity.load_or_create(args.key or common.default_key_path())
     with common.byte_progress("delta") as bar:
         bar.total = ModelDir(args.base).nbytes
@@ -130,6 +138,8 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def describe(reader: DeltaReader) -> dict[str, Any]:
+    from protocol.ids import file_id
+
     """The facts ``delta inspect`` shows, as plain JSON-able data."""
     h = reader.header
     size = reader.path.stat().st_size
@@ -163,6 +173,11 @@ def describe(reader: DeltaReader) -> dict[str, Any]:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from protocol.container import DeltaReader
+    from protocol.delta import check_fits
+    from protocol.ids import base_id
+    from protocol.model_dir import ModelDir
+
     with DeltaReader(args.file) as reader:
         if args.verify:
             # Shapes are checked against the base first: that bounds every allocation.
@@ -214,6 +229,9 @@ def _printable(text: str) -> str:
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    from protocol.delta import apply_deltas
+    from protocol.model_dir import ModelDir
+
     with common.byte_progress("apply") as bar:
         bar.total = 2 * ModelDir(args.base).nbytes  # hash pass + write pass
         out = apply_deltas(args.base, args.files, args.output, progress=bar.update)

@@ -7,11 +7,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from protocol.codecs import CODECS
+from protocol.constants import CODEC_NAMES
 
 from . import common
 
-DEMO_MODEL_NAMES = ("tiny", "smollm2-135m")  # node.swarm_demo.DEMO_MODELS (imports nothing heavy)
+DEMO_MODEL_NAMES = (
+    "tiny",
+    "smollm2-135m",
+)  # node.demo.local_swarm.DEMO_MODELS (imports nothing heavy)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead: one volunteer's create -> inspect -> apply round trip, no swarm",
     )
     p.add_argument("--steps", type=int, default=30, help="--offline: fine-tuning steps")
-    p.add_argument("--codec", choices=sorted(CODECS), default="bf16", help="--offline: codec")
+    p.add_argument("--codec", choices=sorted(CODEC_NAMES), default="bf16", help="--offline: codec")
     p.set_defaults(run=run)
 
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # per-model load/save bars would drown the demo's steps
     if args.prepare is not None:
-        from node.swarm_demo import DEMO_MODELS, prepare_swarm
+        from node.demo.local_swarm import DEMO_MODELS, prepare_swarm
 
         if (args.prepare / "swarm.toml").is_file():
             print(f"{args.prepare / 'swarm.toml'} exists: keeping the swarm prepared there")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return _offline(args, workdir)
     import logging
 
-    from node.swarm_demo import DEMO_MODELS, run_swarm_demo
+    from node.demo.local_swarm import DEMO_MODELS, run_swarm_demo
     from protocol.errors import MergeswarmError
 
     if not args.verbose:  # the table is the output; the peers' logs are in WORKDIR/logs
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace, workdir: Path) -> int:
-    from node.demo import run_demo
+    from node.demo.offline import run_demo
 
     drop_rate = 0.5 if args.drop_rate is None else args.drop_rate
     report = run_demo(workdir, steps=args.steps, drop_rate=drop_rate, codec=args.codec)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from node import genesis
+from node.training import genesis
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 from pathlib import Path
 
+from node.data_dir import DataDir
+
 from . import common
-from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_metrics_args, run_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def control(args: argparse.Namespace) -> int:
     """`mergeswarm node status|pause|resume|publish-now`: one call to the running node."""
     import json
 
-    from node.control import call
+    from node.volunteer.control import call
 
     method = {"status": "Status", "pause": "Pause", "resume": "Resume"}.get(
         args.action, "PublishNow"
@@ -94,13 +95,11 @@ def control(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from node.blobstore import BlobStore
-    from node.control import serve as serve_control
-    from node.data import read_examples
-    from node.peer import run_until
+    from node.net.blobstore import BlobStore
     from node.settings import SettingsError, load_settings
-    from node.swarm import Swarm
-    from node.volunteer import Volunteer
+    from node.training.data import read_examples
+    from node.volunteer.control import serve as serve_control
+    from node.volunteer.volunteer import Volunteer
     from protocol.swarm_config import load_swarm_config
 
     if args.action is not None:
@@ -113,35 +112,13 @@ def run_node(args: argparse.Namespace) -> int:
     options = settings.options(args.data_dir)
     if settings.swarm_config is not None:  # the config names the swarm to join
         options.swarm_id = load_swarm_config(settings.swarm_config).swarm_id
-    swarm = Swarm(options)
-    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
-    server = control_server = None
-    failure: list[BaseException] = []
-    try:
-        volunteer = Volunteer(swarm, BlobStore(args.data_dir / "blobs"), settings)
-        volunteer.heartbeat_every = args.heartbeat_every
+
+    def build(swarm, closers):
+        volunteer = Volunteer(swarm, BlobStore(DataDir(args.data_dir).blobs), settings)
         volunteer.reannounce()
         control_server = serve_control(volunteer, args.data_dir)
-        server = serve_metrics(volunteer, args, args.data_dir)
-        print_join_line(swarm)
+        closers.append(lambda: control_server.stop(grace=1))
+        return volunteer
 
-        def train() -> None:
-            try:
-                volunteer.train_forever(stop)
-            except BaseException as exc:  # reported by the main thread, which exits non-zero
-                failure.append(exc)
-                stop.set()
-
-        trainer = threading.Thread(target=train, name="train", daemon=True)
-        trainer.start()
-        run_until(volunteer, stop, interval=min(2.0, args.heartbeat_every))
-        trainer.join(timeout=120)  # the current step finishes and a checkpoint is written
-    finally:
-        if control_server is not None:
-            control_server.stop(grace=1)
-        if server is not None:
-            server.close()
-        swarm.shutdown()
-    if failure:
-        raise failure[0]
-    return 0
+    # the current step finishes and a checkpoint is written before it leaves
+    return run_daemon(args, options, build, work="train_forever", join_timeout=120)

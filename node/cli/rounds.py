@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import threading
 from pathlib import Path
 
+from node.data_dir import DataDir
+
 from . import common
-from .swarm import add_heartbeat_arg, add_metrics_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_metrics_args, run_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def run_init(args: argparse.Namespace) -> int:
     }
     aggregators = list(values.get("aggregators", []))
     for data_dir in args.aggregator_dir:
-        aggregators.append(Identity.load_or_create(data_dir / "identity.pem").author)
+        aggregators.append(Identity.load_or_create(DataDir(data_dir).identity).author)
     values["aggregators"] = sorted(set(aggregators))
     swarm_id = args.swarm_id or _new_swarm_id()
     if not is_swarm_id(swarm_id):
@@ -149,12 +150,10 @@ def _new_swarm_id() -> str:
 def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.daemon import Aggregator
     from aggregator.gate import EvalGate
-    from node.blobstore import BlobStore
     from node.config import JoinSettings
-    from node.data import read_examples
-    from node.peer import run_until
+    from node.net.blobstore import BlobStore
     from node.settings import load_settings
-    from node.swarm import Swarm
+    from node.training.data import read_examples
     from protocol.swarm_config import load_swarm_config
 
     config = load_swarm_config(args.config)
@@ -164,42 +163,28 @@ def run_aggregator(args: argparse.Namespace) -> int:
     for path in args.eval_data:
         read_examples(path)
     gate = EvalGate(list(args.eval_data), args.eval_max_increase) if args.eval_data else None
-    swarm = Swarm(options)
-    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
-    server = None
-    try:
-        aggregator = Aggregator(
+
+    def build(swarm, closers):
+        return Aggregator(
             swarm,
-            BlobStore(args.data_dir / "blobs"),
+            BlobStore(DataDir(args.data_dir).blobs),
             config,
             genesis=args.genesis,
             lease_seconds=args.lease_seconds,
             gate=gate,
         )
-        aggregator.heartbeat_every = args.heartbeat_every
-        server = serve_metrics(aggregator, args, args.data_dir)
-        print_join_line(swarm)
-        rounds = threading.Thread(
-            target=aggregator.run_rounds, args=(stop,), name="rounds", daemon=True
-        )
-        rounds.start()
-        run_until(aggregator, stop, interval=min(1.0, args.heartbeat_every))
-        rounds.join(timeout=60)
-    finally:
-        if server is not None:
-            server.close()
-        swarm.shutdown()
-    return 0
+
+    return run_daemon(args, options, build, work="run_rounds", interval=1.0)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from node.bases import Bases
-    from node.blobs import fetch
-    from node.blobstore import BlobStore
+    from node.chain.bases import Bases
+    from node.chain.history import chain_to
     from node.config import JoinSettings
-    from node.history import chain_to
+    from node.net.blobs import fetch
+    from node.net.blobstore import BlobStore
+    from node.net.swarm import Swarm
     from node.settings import load_settings
-    from node.swarm import Swarm
     from protocol.errors import MergeswarmError
     from protocol.model_dir import ModelDir, write_model_dir
 
@@ -212,7 +197,7 @@ def run_export(args: argparse.Namespace) -> int:
         data_dir = args.data_dir or Path(tmp) / "peer"
         swarm = Swarm(join.options(data_dir))
         try:
-            store = BlobStore(data_dir / "blobs")
+            store = BlobStore(DataDir(data_dir).blobs)
             fetch_blob = lambda blob: fetch(swarm, store, blob, timeout=args.timeout)  # noqa: E731
             bases = Bases(Path(tmp) / "bases", store, fetch_blob)
             chain = chain_to(swarm, round_=args.round, base=args.base)

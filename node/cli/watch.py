@@ -8,8 +8,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from node.data_dir import DataDir
+
 from . import common
-from .swarm import add_heartbeat_arg, add_join_args, print_join_line, serve_metrics, stop_event
+from .daemon import add_heartbeat_arg, add_join_args, run_daemon
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,36 +48,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_monitor(args: argparse.Namespace) -> int:
-    from node.blobstore import BlobStore
-    from node.monitor import Monitor
-    from node.peer import run_until
-    from node.swarm import Swarm
+    from node.monitor.monitor import Monitor
+    from node.net.blobstore import BlobStore
 
-    from .swarm import swarm_options
+    from .daemon import swarm_options
 
-    swarm = Swarm(swarm_options(args, args.data_dir))
-    stop = stop_event()  # after the DHT process forked: it must not inherit the handler
-    server = None
-    try:
-        monitor = Monitor(swarm, BlobStore(args.data_dir / "blobs"))
+    def build(swarm, closers):
+        monitor = Monitor(swarm, BlobStore(DataDir(args.data_dir).blobs))
         monitor.upload = False  # it holds no blobs worth offering
-        monitor.heartbeat_every = args.heartbeat_every
         monitor.tick()
-        server = serve_metrics(monitor, args, args.data_dir)
-        print_join_line(swarm)
-        run_until(monitor, stop, interval=min(2.0, args.heartbeat_every))
-    finally:
-        if server is not None:
-            server.close()
-        swarm.shutdown()
-    return 0
+        return monitor
+
+    return run_daemon(args, swarm_options(args, args.data_dir), build)
 
 
 def run_status(args: argparse.Namespace) -> int:
     from node.config import JoinSettings
+    from node.monitor.view import read_view
+    from node.net.swarm import Swarm
     from node.settings import load_settings
-    from node.swarm import Swarm
-    from node.swarm_view import read_view
     from protocol.errors import MergeswarmError
 
     join = load_settings(JoinSettings, args, config_file=args.config)

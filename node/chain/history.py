@@ -1,0 +1,104 @@
+"""Reading a swarm's state from its records: its config, its head, the chain of bases behind it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from node.chain.bases import Bases
+from node.net.swarm import Swarm
+from protocol.errors import MergeswarmError
+from protocol.forkchoice import choose_head
+from protocol.records import BASE, CONFIG, HEAD, Head
+from protocol.swarm_config import SwarmConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_CHAIN = 10_000  # rounds walked back at most (a loop of forged parents ends here)
+
+
+def find_config(swarm: Swarm) -> SwarmConfig | None:
+    """The swarm's config as published by its aggregators, or None.
+
+    A config is taken only from an author it names as an aggregator (or from anyone, for an
+    open swarm that names none); where they disagree, the smallest author wins, so every
+    reader picks the same one. Pin a config file to trust nothing read here.
+    """
+    for record in swarm.read(CONFIG):  # sorted by author
+        if record.body.swarm_id == swarm.swarm_id and record.body.trusts(record.author):
+            return record.body
+    return None
+
+
+def current_head(swarm: Swarm, trusted: Collection[str]) -> Head | None:
+    """The head every role follows: fork choice over the heads by ``trusted`` authors (any
+    author when empty)."""
+    heads = [(r.author, r.body) for r in swarm.read(HEAD)]
+    chosen = choose_head(heads, trusted)
+    return chosen[1] if chosen else None
+
+
+def base_record(swarm: Swarm, base: str, trusted: set[str]) -> Head | None:
+    """What an aggregator published about ``base`` when it was the head."""
+    heads = [(r.author, r.body) for r in swarm.read(BASE, topic=base) if r.body.base_id == base]
+    chosen = choose_head(heads, trusted)
+    return chosen[1] if chosen else None
+
+
+def chain_to(swarm: Swarm, *, round_: int | None = None, base: str | None = None) -> list[Head]:
+    """The heads from the nearest snapshot up to the target (the head, round N or base ID)."""
+    config = find_config(swarm)
+    trusted = set(config.aggregators) if config else set()
+    head = current_head(swarm, trusted)
+    if head is None:
+        raise MergeswarmError("the swarm has no head yet (no aggregator has published one)")
+    target = head
+    if base is not None and base != head.base_id:
+        target = base_record(swarm, base, trusted)
+        if target is None:
+            raise MergeswarmError(f"no aggregator of the swarm knows base {base[:16]}")
+    elif round_ is not None:
+        if round_ > head.round:
+            raise MergeswarmError(f"round {round_} is ahead of the head (round {head.round})")
+        while target.round > round_:
+            target = _parent(swarm, target, trusted)
+    return chain_back(swarm, target, trusted, held=lambda _: False)
+
+
+def chain_back(
+    swarm: Swarm, head: Head, trusted: set[str], held: Callable[[str], bool]
+) -> list[Head]:
+    """The heads to apply, oldest first, to get ``head`` from the bases already ``held``:
+    patches back to a held base, or to the nearest snapshot when none is held."""
+    chain: list[Head] = []
+    current = head
+    while not held(current.base_id):
+        chain.append(current)
+        if current.snapshot_id is not None or (current.parent and held(current.parent)):
+            break
+        if len(chain) > MAX_CHAIN:
+            raise MergeswarmError("no snapshot within reach of the target base")
+        current = _parent(swarm, current, trusted)
+    return chain[::-1]
+
+
+def _parent(swarm: Swarm, head: Head, trusted: set[str]) -> Head:
+    if head.parent is None:
+        raise MergeswarmError(f"base {head.base_id[:16]} (round {head.round}) has no parent")
+    parent = base_record(swarm, head.parent, trusted)
+    if parent is None or parent.round >= head.round:
+        raise MergeswarmError(f"the parent of round {head.round} is no longer published")
+    return parent
+
+
+def sync_head(swarm: Swarm, bases: Bases, head: Head, trusted: set[str]) -> Path:
+    """The head's verified model directory, patched forward from a held base or the nearest
+    snapshot; with the history gone, from the head's own patch or snapshot."""
+    try:
+        chain = chain_back(swarm, head, trusted, bases.has)
+    except MergeswarmError:
+        chain = [head]
+    for step in chain:
+        bases.sync(step)
+    return bases.sync(head)

@@ -1,0 +1,1 @@
+"""What every peer daemon shares: its lifecycle, metrics, logs and crash points."""

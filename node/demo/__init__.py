@@ -1,0 +1,1 @@
+"""The demos: a whole local swarm, the single-volunteer round trip, their text domains."""

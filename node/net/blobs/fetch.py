@@ -1,0 +1,479 @@
+"""Fetching a blob from whoever provides it: many sources at once, each piece verified as it
+lands, resumable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+
+from hivemind.p2p import PeerID
+
+from node.net.blobs.providers import announce, providers
+from node.net.blobs.wire import (
+    CAPPED,
+    HAVE,
+    PIECES,
+    SMALL_FRAME,
+    TransferStats,
+)
+from node.net.blobstore import (
+    BlobError,
+    BlobStore,
+    Partial,
+    QuotaError,
+    check_manifest,
+    piece_buffer,
+    piece_range,
+)
+from node.net.framing import (
+    IO_TIMEOUT,
+    DetachedStream,
+    FrameError,
+    thread_pool,
+    write_frame,
+)
+from node.net.pieces import (
+    may_ask_ahead,
+    pick_run,
+)
+from node.net.swarm import Swarm
+from protocol import transfer_pb2 as pb
+from protocol.ids import is_id
+from protocol.records import PROVIDER
+
+logger = logging.getLogger(__name__)
+
+HAVE_REUSE_SECONDS = 0.05  # a source's answer to Have is used this long without asking again
+PROVIDER_LOOK_SECONDS = 0.5  # between looks for new providers while downloading
+LOOP_TICK_SECONDS = 0.05  # between the download loop's looks at its workers and saves
+MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
+SAVE_EVERY = 32  # pieces between resume points (and fsyncs: the last one is short)
+PIECES_IN_FLIGHT = 2  # pieces of one stream being checked and written while the next is read
+
+
+async def _close(writer: asyncio.StreamWriter | None, stream: DetachedStream | None) -> None:
+    if stream is not None:  # its threads let go (their writes landed) before a re-ask
+        await stream.aclose()
+    if writer is not None:
+        writer.close()
+
+
+class FetchError(BlobError):
+    """A blob could not be fetched; the message says from whom and why."""
+
+
+@dataclass
+class _Source:
+    peer: PeerID
+    have: bytes = b""
+    bad_until: float = 0.0
+    failures: int = 0
+    received: int = 0  # verified bytes from this source
+    served: int | None = None  # what it says it has served to everyone (None: not asked yet)
+    complete: bool = False  # it holds the whole blob (its ``have`` is what it offers)
+    asked_at: float = 0.0  # when its ``have`` was last asked for
+
+
+class Fetcher:
+    """One download of one blob into ``store`` from whoever provides it."""
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        store: BlobStore,
+        blob_id: str,
+        *,
+        max_sources: int = 8,
+        serve_while_fetching: bool = True,
+        expected_size: int | None = None,
+        stats: TransferStats | None = None,
+    ) -> None:
+        self.swarm = swarm
+        self.store = store
+        self.blob_id = blob_id
+        self.max_sources = max_sources
+        self.serve = serve_while_fetching and not swarm.options.client_mode
+        self.stats = stats or TransferStats()
+        self.expected_size = expected_size  # from a signed record, when the caller knows it
+        self.sources: dict[PeerID, _Source] = {}
+        self.banned: set[PeerID] = set()
+        self.in_flight: set[int] = set()
+        self.partial: Partial | None = None
+        self.errors: list[str] = []
+        self._last_piece = time.monotonic()
+        self._buffers: list[memoryview] = []  # piece buffers free for the next run
+
+    async def run(self, timeout: float) -> None:
+        if self.store.has(self.blob_id):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        manifest = await self._find_manifest(deadline)
+        try:
+            self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
+        except (QuotaError, OSError) as exc:
+            raise FetchError(self._why(f"no room for {manifest.size:,} bytes ({exc})")) from None
+        try:
+            await self._download(deadline)
+            await loop.run_in_executor(None, self.store.finish_partial, self.partial)
+        except BaseException:
+            await loop.run_in_executor(None, self._pause)
+            raise
+        logger.info(
+            "fetched %s: %s",
+            self.blob_id[:16],
+            ", ".join(f"{str(s.peer)[-6:]} {s.received >> 20} MiB" for s in self.sources.values()),
+        )
+        if self.serve:
+            await loop.run_in_executor(None, announce, self.swarm, self.blob_id, True)
+
+    def _pause(self) -> None:
+        """A failed or cancelled fetch: keep the pieces for a resume, stop offering them."""
+        self.partial.save_progress()
+        self.store.release_partial(self.partial)
+        if self.serve:
+            self.swarm.withdraw(PROVIDER, topic=self.blob_id)
+
+    def _ban(self, source: _Source, why: str) -> None:
+        self.banned.add(source.peer)
+        self.sources.pop(source.peer, None)
+        self.errors.append(f"{source.peer}: {why}")
+        logger.info("fetch %s: dropped %s: %s", self.blob_id[:16], source.peer, why)
+
+    async def _refresh_sources(self) -> None:
+        """Add providers (in random order) up to ``max_sources``, never banned ones."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
+        random.shuffle(found)
+        for p in found:
+            if len(self.sources) >= self.max_sources:
+                break
+            try:
+                peer = PeerID.from_base58(p.peer_id)
+            except Exception:  # noqa: BLE001 - a malformed peer id is just skipped
+                continue
+            if peer not in self.banned:
+                self.sources.setdefault(peer, _Source(peer))
+
+    async def _ask_have(self, source: _Source, with_manifest: bool) -> pb.HaveResponse | None:
+        mine = bytes(self.partial.have) if self.partial is not None else b""
+        request = pb.HaveRequest(
+            swarm_id=self.swarm.swarm_id,
+            blob_id=self.blob_id,
+            with_manifest=with_manifest,
+            mine=mine,
+        )
+        try:
+            response = await asyncio.wait_for(
+                self.swarm.p2p.call_protobuf_handler(source.peer, HAVE, request, pb.HaveResponse),
+                timeout=15,
+            )
+        except Exception as exc:  # noqa: BLE001 - an unreachable provider is one of many
+            self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=5)
+            return None
+        if response.error:
+            self._fail(source, f"{source.peer}: {response.error}", backoff=2)
+            return None
+        source.have = response.have
+        source.asked_at = time.monotonic()
+        source.served = response.served
+        source.complete = response.complete
+        return response
+
+    async def _find_manifest(self, deadline: float) -> pb.Manifest:
+        """The blob's manifest from the first provider whose list of piece hashes adds up to
+        the id (a provider offering another is dropped)."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            await self._refresh_sources()
+            for source in list(self.sources.values()):
+                if source.bad_until > time.monotonic():
+                    continue
+                response = await self._ask_have(source, with_manifest=True)
+                if response is None or not response.HasField("manifest"):
+                    continue
+                try:
+                    check_manifest(response.manifest, self.blob_id, self.expected_size)
+                except BlobError as exc:
+                    self._ban(source, str(exc))
+                    continue
+                return response.manifest
+            await asyncio.sleep(0.5)
+        raise FetchError(self._why("no provider answered with a manifest"))
+
+    async def _download(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        workers: dict[PeerID, asyncio.Task] = {}
+        last_refresh = 0.0
+        saved_at = 0
+        announced = False
+        # Know every source's load and holdings before choosing whom to ask for what.
+        unasked = [s for s in self.sources.values() if s.served is None]
+        await asyncio.gather(*(self._ask_have(s, False) for s in unasked))
+        try:
+            while not self.partial.complete:
+                if loop.time() > deadline:
+                    raise FetchError(
+                        self._why(
+                            f"timed out with {self.partial.done} of {self.partial.count} pieces"
+                        )
+                    )
+                if loop.time() - last_refresh > PROVIDER_LOOK_SECONDS:
+                    await self._refresh_sources()
+                    last_refresh = loop.time()
+                for peer, source in self.sources.items():
+                    task = workers.get(peer)
+                    if (task is None or task.done()) and source.bad_until <= time.monotonic():
+                        workers[peer] = asyncio.create_task(self._work(source))
+                if self.serve and self.partial.done and not announced:
+                    announced = True
+                    await loop.run_in_executor(None, announce, self.swarm, self.blob_id, False)
+                if self.partial.done - saved_at >= SAVE_EVERY:
+                    await loop.run_in_executor(None, self.partial.save_progress)
+                    saved_at = self.partial.done
+                # Woken by a worker that stops (its source gets a new one, or the blob is
+                # complete), not by every piece: the pieces' threads need the CPU more.
+                running = [t for t in workers.values() if not t.done()]
+                if running:
+                    await asyncio.wait(
+                        running, timeout=LOOP_TICK_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:
+                    await asyncio.sleep(LOOP_TICK_SECONDS)
+        finally:
+            for task in workers.values():
+                task.cancel()
+            await asyncio.gather(*workers.values(), return_exceptions=True)
+
+    def _pick_run(self, source: _Source) -> list[int]:
+        return pick_run(
+            source,
+            list(self.sources.values()),
+            count=self.partial.count,
+            blob_size=self.partial.manifest.size,
+            wanted=lambda i: not self.partial.has(i) and i not in self.in_flight,
+            now=time.monotonic(),
+            last_piece=self._last_piece,
+        )
+
+    async def _work(self, source: _Source) -> None:
+        """Fetch runs from one source until it has nothing we need, fails or lies.
+
+        Runs follow each other on one stream, each asked for while half of the one before
+        is still to come, so the provider goes straight on to it: a fresh stream, or a
+        request sent after the last piece, leaves the stream dry while it ramps up again.
+        """
+        writer = stream = None
+        ahead: list[int] = []  # the next run, already asked for on ``stream``
+        try:
+            while not self.partial.complete and source.bad_until <= time.monotonic():
+                run = ahead or await self._choose(source)
+                ahead = []
+                if run is None:
+                    return
+                if not run:
+                    await asyncio.sleep(0.2)
+                    continue
+                whole = False
+                try:
+                    if stream is None:
+                        writer, stream = await self._open(source, run)
+                    whole = await self._fetch_run(source, stream, run, ahead)
+                except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
+                    why = exc or type(exc).__name__
+                    self._fail(source, f"{source.peer}: stream broke ({why})", backoff=2)
+                except Exception as exc:  # noqa: BLE001 - p2pd errors have no common base; the pieces go elsewhere
+                    self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=2)
+                finally:
+                    self.in_flight.difference_update(run)
+                if not (whole and ahead):  # the provider stops, or waits for a request or the end
+                    self.in_flight.difference_update(ahead)
+                    ahead = []
+                    await _close(writer, stream)
+                    writer = stream = None
+        finally:
+            self.in_flight.difference_update(ahead)
+            await _close(writer, stream)
+
+    async def _choose(self, source: _Source) -> list[int] | None:
+        """The next run to ask ``source`` for, marked in flight (None: it did not answer)."""
+        fresh = (
+            time.monotonic() - source.asked_at < HAVE_REUSE_SECONDS
+        )  # just asked: spare a round trip
+        if not fresh and await self._ask_have(source, with_manifest=False) is None:
+            return None
+        run = self._pick_run(source)
+        self.in_flight.update(run)
+        return run
+
+    def _request(self, run: list[int]) -> pb.PieceRequest:
+        return pb.PieceRequest(
+            swarm_id=self.swarm.swarm_id,
+            blob_id=self.blob_id,
+            first=run[0],
+            count=len(run),
+            shares=self.serve,
+        )
+
+    async def _open(
+        self, source: _Source, run: list[int]
+    ) -> tuple[asyncio.StreamWriter, DetachedStream]:
+        """A stream to ``source`` that asks for ``run``."""
+        _, reader, writer = await asyncio.wait_for(
+            self.swarm.p2p.call_binary_stream_handler(source.peer, PIECES), IO_TIMEOUT
+        )
+        try:
+            await write_frame(writer, self._request(run))
+        except BaseException:
+            writer.close()
+            raise
+        return writer, DetachedStream(reader, writer)
+
+    async def _fetch_run(
+        self, source: _Source, stream: DetachedStream, run: list[int], ahead: list[int]
+    ) -> bool:
+        """Receive a run (asked for already) with ``_receive_run``; whether it landed whole.
+
+        Once half of it has landed, the next run is chosen, asked for on the same stream
+        and put in ``ahead``.
+        """
+        loop = asyncio.get_running_loop()
+        halfway = asyncio.Event()
+        count = 0
+
+        def landed(size: int) -> None:  # on the event loop, as each piece is written
+            nonlocal count
+            self.stats.bytes_in += size
+            source.received += size
+            self._last_piece = time.monotonic()
+            count += 1
+            if 2 * count >= len(run):
+                halfway.set()
+
+        receiving = asyncio.ensure_future(
+            stream.call(
+                self._receive_run, stream, run, lambda n: loop.call_soon_threadsafe(landed, n)
+            )
+        )
+        half = asyncio.ensure_future(halfway.wait())
+        try:
+            await asyncio.wait([receiving, half], return_when=asyncio.FIRST_COMPLETED)
+            if (
+                not receiving.done()
+                and may_ask_ahead(source, list(self.sources.values()))
+                and (following := await self._choose(source))
+            ):
+                ahead.extend(following)
+                await stream.call(stream.write_frame, self._request(following))
+            problem = await receiving
+        except BaseException:
+            await stream.aclose()  # stops the run's thread
+            await asyncio.gather(receiving, return_exceptions=True)
+            raise
+        finally:
+            half.cancel()
+        if isinstance(problem, int):
+            self.stats.bad_pieces += 1
+            self._fail(
+                source, f"{source.peer}: piece {problem} does not match its hash", backoff=120
+            )
+        elif problem is not None and problem.error == CAPPED:
+            # Whole so far; others have or fetch the blob too: the rest from whoever has it.
+            await self._refresh_sources()
+        elif problem is not None and problem.error:
+            busy = problem.error in ("busy", "too many requests")
+            self._fail(
+                source,
+                f"{source.peer}: {problem.error}",
+                backoff=0.5 if busy else 5,
+                count=not busy,
+            )
+        elif problem is not None:
+            self._fail(
+                source,
+                f"{source.peer}: sent piece {problem.index} of {problem.size} bytes for another",
+                backoff=60,
+            )
+        return problem is None
+
+    def _receive_run(
+        self, stream: DetachedStream, run: list[int], landed: Callable[[int], None]
+    ) -> pb.Piece | int | None:
+        """Read a run's pieces, each straight into one of a few buffers, while other threads
+        check and write the ones before it, so the stream keeps flowing (on a worker thread).
+
+        Returns None when the whole run landed, else what stopped it: the header of a refusal
+        or of a piece other than the one asked for, or the index of a piece that does not
+        match its hash. ``landed(size)`` is called as each piece is written.
+        """
+        manifest = self.partial.manifest
+        # Reused from run to run: a fresh buffer's first touch costs a page fault per 4 KiB.
+        buffers = [
+            self._buffers.pop() if self._buffers else piece_buffer(manifest.piece_size)
+            for _ in range(PIECES_IN_FLIGHT + 1)
+        ]
+        writes: deque[tuple[int, int, Future]] = deque()  # (index, size, check-and-write)
+
+        def settle(keep: int) -> int | None:
+            while len(writes) > keep:
+                index, size, write = writes.popleft()
+                if not write.result():
+                    return index
+                landed(size)
+            return None
+
+        try:
+            for n, index in enumerate(run):
+                piece = stream.read_frame(pb.Piece, SMALL_FRAME)
+                if (
+                    piece.error
+                    or piece.index != index
+                    or piece.size != piece_range(manifest, index)[1]
+                ):
+                    bad = settle(0)  # the pieces before it count, unless one of them is bad
+                    return piece if bad is None else bad
+                view = buffers[n % len(buffers)][
+                    : piece.size
+                ]  # free: at most PIECES_IN_FLIGHT pending
+                stream.read_into(view)
+                write = thread_pool("pieces", 8).submit(self.partial.write_piece, index, view)
+                writes.append((index, piece.size, write))
+                if (bad := settle(PIECES_IN_FLIGHT)) is not None:
+                    return bad
+            return settle(0)
+        finally:
+            wait([w for _, _, w in writes])  # writes land before the pieces can be asked again
+            self._buffers.extend(buffers)
+
+    def _fail(self, source: _Source, message: str, *, backoff: float, count: bool = True) -> None:
+        if count:
+            source.failures += 1
+            self.errors.append(message)
+            logger.info("fetch %s: %s", self.blob_id[:16], message)
+            if source.failures >= MAX_FAILURES:  # make room for other providers
+                self._ban(source, f"{source.failures} failures")
+                return
+        source.bad_until = time.monotonic() + backoff * (
+            2 ** min(source.failures, 5) if count else 1
+        )
+
+    def _why(self, what: str) -> str:
+        tail = "; ".join(self.errors[-3:])
+        return f"blob {self.blob_id[:16]}: {what}" + (f" (last errors: {tail})" if tail else "")
+
+
+def fetch(
+    swarm: Swarm, store: BlobStore, blob_id: str, *, timeout: float = 600.0, **kwargs
+) -> Fetcher:
+    """Download ``blob_id`` into ``store`` (blocking); raises FetchError when it cannot."""
+    if not is_id(blob_id):
+        raise FetchError(f"{blob_id[:80]!r} is not a blob id")
+    fetcher = Fetcher(swarm, store, blob_id, **kwargs)
+    swarm.run(fetcher.run(timeout), timeout=timeout + 30)
+    return fetcher

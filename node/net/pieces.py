@@ -1,0 +1,122 @@
+"""The piece policy of the blob exchange, as pure functions: which pieces a provider offers,
+when it cuts a run short, which run a fetcher asks a source for, and whether it may ask
+before the current run is in. The serving and fetching code (node.net.blobs) calls these;
+tests/unit/test_pieces.py pins them without a network.
+
+Bitmaps (``have``) are little-endian per byte: piece i is bit i % 8 of byte i // 8.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+SHORT_RUN = 4  # pieces per request while others trade the blob: pieces spread quickly
+LONG_RUN = 64  # pieces per request otherwise: fewer round trips
+STALL_SECONDS = 5.0  # without a new piece, complete sources serve anything
+
+
+class Source(Protocol):
+    """What the policy knows of a source: its offer and how busy it says it is."""
+
+    have: bytes  # the pieces it offers
+    complete: bool  # it holds the whole blob
+    served: int | None  # bytes it says it has served to everyone (None: not asked yet)
+    bad_until: float  # monotonic time until which it is not asked
+
+
+def held(index: int, have: bytes) -> bool:
+    """Whether bitmap ``have`` has piece ``index``."""
+    return index // 8 < len(have) and bool(have[index // 8] >> (index % 8) & 1)
+
+
+def full_bitmap(count: int) -> bytes:
+    return bytes([255] * ((count + 7) // 8))
+
+
+def superseed_offer(sent: Sequence[int] | None, count: int, asker_has: bytes) -> bytes:
+    """Super-seeding: what a complete provider offers an asker. Of the pieces the asker
+    lacks, those this provider has sent least often; everything when it has sent none of
+    this blob yet (``sent`` None) or the asker lacks nothing."""
+    missing = [i for i in range(count) if not held(i, asker_has)]
+    if sent is None or not missing:
+        return full_bitmap(count)
+    least = min(sent[i] for i in missing)
+    offer = bytearray((count + 7) // 8)
+    for i in missing:
+        if sent[i] == least:
+            offer[i // 8] |= 1 << (i % 8)
+    return bytes(offer)
+
+
+def keep_sending(sent: int, *, complete: bool, other_sharers: int, copy_out: bool) -> bool:
+    """Whether a provider goes on with a run before its ``sent``-th piece (0-based).
+
+    A partial holder always finishes its run. A complete one cuts a run at SHORT_RUN
+    pieces once other fetchers that share what they get fetch the blob from it too
+    (they will trade pieces: a long run would have it send the whole blob to each), or
+    once it has sent a whole copy out and the asker shares (it finds the rest among
+    the others).
+    """
+    return not complete or sent < SHORT_RUN or not (other_sharers or copy_out)
+
+
+def pick_run(
+    source: Source,
+    sources: Sequence[Source],
+    *,
+    count: int,
+    blob_size: int,
+    wanted: Callable[[int], bool],
+    now: float,
+    last_piece: float,
+    rng: random.Random | None = None,
+) -> list[int]:
+    """Up to SHORT_RUN (LONG_RUN when nobody trades the blob) consecutive pieces to ask
+    ``source`` for, among those ``wanted`` (missing here, not in flight) that it offers:
+    rarest first over ``sources`` (``source`` among them).
+
+    A source holding the whole blob is asked only for pieces no partial holder has, and
+    only if it has not served half a copy more than the least busy complete source
+    (unless no piece came for STALL_SECONDS): the origin sends each piece about once, later
+    fetchers spare it, and the fetchers trade the rest among themselves.
+    """
+    rng = rng or random
+    usable = [s for s in sources if s.bad_until <= now]
+    sharers = [s for s in usable if not s.complete]
+    completes = sorted(
+        (s for s in usable if s.complete and s.served is not None), key=lambda s: s.served
+    )
+    stalled = now - last_piece >= STALL_SECONDS
+    least = completes[0].served if completes else 0
+    spared = [s for s in completes[1:] if s.served > least + blob_size // 2]
+    if not stalled and any(s is source for s in spared):
+        return []
+    candidates = [i for i in range(count) if wanted(i) and held(i, source.have)]
+    if source.complete and not stalled:
+        candidates = [i for i in candidates if not any(held(i, s.have) for s in sharers)]
+    if not candidates:
+        return []
+    holders = {i: sum(held(i, s.have) for s in sources) for i in candidates}
+    rarest = min(holders.values())
+    longest = SHORT_RUN if sharers else LONG_RUN
+    # A random rarest piece (fetchers asking at once go different ways), moved back onto a
+    # grid of ``longest`` laid from the start of its stretch of rarest pieces: runs then take
+    # whole blocks, and no short remnants are left to cost a round trip each.
+    start = rng.choice([i for i in candidates if holders[i] == rarest])
+    stretch = start
+    while holders.get(stretch - 1) == rarest:
+        stretch -= 1
+    start -= (start - stretch) % longest
+    run = [start]
+    while len(run) < longest and holders.get(run[-1] + 1) == rarest:
+        run.append(run[-1] + 1)
+    return run
+
+
+def may_ask_ahead(source: Source, sources: Sequence[Source]) -> bool:
+    """Whether ``source`` may be asked for a run before the current one is in: not a
+    complete source while others trade the blob, whose pieces are best chosen as late as
+    possible, from what the traders hold by then (so the origin sends each about once)."""
+    return not source.complete or all(s.complete for s in sources)

@@ -1,0 +1,354 @@
+"""Membership of a swarm: a hivemind DHT node, its libp2p handle, signed records.
+
+One :class:`Swarm` per peer process. It starts (or joins) the DHT with the
+swarm's record validator, keeps the libp2p identity and the record-signing
+key in the data directory (a restarted peer keeps its peer id and author),
+learns the swarm id from the peer it joins through, and runs an asyncio loop
+in a thread for the libp2p stream handlers (see node.net.blobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
+
+from hivemind import DHT
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.utils import get_dht_time
+
+from node.config import SwarmOptions
+from node.data_dir import DataDir
+from protocol import transfer_pb2 as pb
+from protocol.constants import PROTOCOL_VERSION
+from protocol.durable import write_atomic
+from protocol.errors import MergeswarmError
+from protocol.identity import Identity
+from protocol.record_validator import SwarmRecordValidator, rejection_counts
+from protocol.records import (
+    BODIES,
+    B,
+    Kind,
+    RecordError,
+    is_swarm_id,
+    open_record,
+    record_key,
+    sign_record,
+)
+from protocol.schema import Body
+
+logger = logging.getLogger(__name__)
+
+SWARM_INFO = "mergeswarm.SwarmInfo"
+HEAD_TTL = 3600.0  # seconds a head record lives; its publisher refreshes it while it runs
+DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process counts as stuck
+TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
+
+T = TypeVar("T")
+
+
+class SwarmError(MergeswarmError):
+    """Joining or talking to the swarm failed; the message says what to try."""
+
+
+@dataclass(frozen=True)
+class Record(Generic[B]):
+    """A verified record read from the DHT."""
+
+    author: str
+    body: B
+    expires: float
+
+
+class Swarm:
+    """A running peer's view of its swarm. Call :meth:`shutdown` when done."""
+
+    def __init__(self, options: SwarmOptions) -> None:
+        self.options = options
+        self.data_dir = Path(options.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(DataDir(self.data_dir).identity)
+        self.rejected: dict[str, int] = {}  # records dropped on read, by reason
+        self._owned: dict[tuple[str, str], tuple[Body, float]] = {}
+        self._lock = threading.Lock()
+        self._pipe = threading.Lock()
+        self.dht = self._start_dht()
+        self.dht.run_coroutine(_exit_with_host)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
+        self._thread.start()
+        try:
+            self.p2p: P2P = self.run(self.dht.replicate_p2p())
+            self.peer_id: PeerID = self.dht.peer_id
+            self.swarm_id = self._settle_swarm_id()
+            self.run(
+                self.p2p.add_protobuf_handler(SWARM_INFO, self._swarm_info, pb.SwarmInfoRequest)
+            )
+            self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+            write_atomic(
+                DataDir(self.data_dir).multiaddrs, "".join(m + "\n" for m in self.maddrs).encode()
+            )
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_dht(self) -> DHT:
+        for attempt in range(TAKEN_RETRIES + 1):
+            try:
+                return self._try_start_dht()
+            except SwarmError as exc:
+                # The DHT process of a killed predecessor exits about a second after it.
+                if "already taken" not in str(exc) or attempt == TAKEN_RETRIES:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def _try_start_dht(self) -> DHT:
+        o = self.options
+        if o.p2p_metrics_addr:
+            _serve_p2pd_metrics(o.p2p_metrics_addr)
+        try:
+            return DHT(
+                initial_peers=o.join or None,
+                start=True,
+                client_mode=o.client_mode,
+                record_validators=[SwarmRecordValidator()],
+                identity_path=str(DataDir(self.data_dir).p2p_key),
+                host_maddrs=o.host_maddrs,
+                announce_maddrs=o.announce_maddrs or None,
+                use_relay=o.use_relay,
+                use_auto_relay=o.use_auto_relay,
+                startup_timeout=o.startup_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - hivemind raises bare Exceptions here
+            hint = (
+                " Check that the --join multiaddrs are reachable from here and include /p2p/<peer id>."
+                if o.join
+                else " Check --host-maddr."
+            )
+            raise SwarmError(f"could not start the DHT: {exc}.{hint}") from None
+
+    def _settle_swarm_id(self) -> str:
+        saved_path = DataDir(self.data_dir).swarm_id
+        saved = saved_path.read_text().strip() if saved_path.is_file() else None
+        swarm_id = self.options.swarm_id
+        if swarm_id is None and self.options.join:
+            swarm_id = self._ask_swarm_id()
+        swarm_id = swarm_id or saved or f"swarm-{secrets.token_hex(6)}"
+        if not is_swarm_id(swarm_id):
+            raise SwarmError(f"swarm id {swarm_id!r}: use 3-64 of a-z, 0-9 and '-'")
+        if saved is not None and saved != swarm_id:
+            raise SwarmError(
+                f"{self.data_dir} belongs to swarm {saved!r}, not {swarm_id!r}; "
+                "use another --data-dir for another swarm"
+            )
+        if saved is None:
+            write_atomic(saved_path, swarm_id.encode() + b"\n")
+        return swarm_id
+
+    def _ask_swarm_id(self) -> str:
+        errors = []
+        for maddr in self.options.join:
+            peer = maddr.rsplit("/p2p/", 1)[-1] if "/p2p/" in maddr else None
+            if peer is None:
+                errors.append(f"{maddr} has no /p2p/<peer id>")
+                continue
+            try:
+                info = self.run(
+                    self.p2p.call_protobuf_handler(
+                        PeerID.from_base58(peer), SWARM_INFO, pb.SwarmInfoRequest(), pb.SwarmInfo
+                    ),
+                    timeout=15,
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure: try the next peer
+                errors.append(f"{maddr}: {exc or type(exc).__name__}")
+                continue
+            if info.version != PROTOCOL_VERSION:
+                # Blob ids would not add up between the two: every fetch would fail later.
+                raise SwarmError(
+                    f"{maddr} speaks mergeswarm protocol {info.version or '1'}, this peer "
+                    f"speaks {PROTOCOL_VERSION}; install the mergeswarm version the swarm runs"
+                )
+            if is_swarm_id(info.swarm_id):
+                return info.swarm_id
+            errors.append(f"{maddr} answered with an invalid swarm id")
+        raise SwarmError(
+            "no --join peer told its swarm id (" + "; ".join(errors) + "); pass --swarm-id"
+        )
+
+    async def _swarm_info(
+        self, _request: pb.SwarmInfoRequest, _context: P2PContext
+    ) -> pb.SwarmInfo:
+        return pb.SwarmInfo(swarm_id=self.swarm_id, version=PROTOCOL_VERSION, maddrs=self.maddrs)
+
+    # -- the asyncio loop ------------------------------------------------------
+
+    def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T], timeout: float | None = 60) -> T:
+        """Run a coroutine on the peer's loop from another thread and wait for it.
+
+        On timeout (or when the waiting thread is interrupted) the coroutine is cancelled.
+        """
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    # -- records -----------------------------------------------------------------
+
+    def publish(self, kind: Kind[B] | str, body: B, *, topic: str = "", ttl: float = 600.0) -> bool:
+        """Sign and store a record (this author's entry under its key); remembered for refresh."""
+        kind = str(kind)
+        with self._lock:
+            self._owned[(kind, topic)] = (body, ttl)
+        return self._store(kind, topic, body, ttl)
+
+    def _store(self, kind: str, topic: str, body: Body, ttl: float) -> bool:
+        expires = get_dht_time() + ttl
+        key, value = sign_record(self.identity, self.swarm_id, kind, topic, body, expires)
+        with self._pipe:  # hivemind's host-to-DHT pipe is not safe for concurrent writers
+            future = self.dht.store(
+                key, value, expires, subkey=self.identity.author, return_future=True
+            )
+        return bool(_answer(future, f"storing a {kind} record"))
+
+    def withdraw(self, kind: Kind | str, *, topic: str = "") -> None:
+        """Stop refreshing a record; it ages out at its expiration."""
+        with self._lock:
+            self._owned.pop((str(kind), topic), None)
+
+    def refresh(self) -> int:
+        """Re-publish every owned record with a fresh expiration; returns how many were stored."""
+        with self._lock:
+            owned = list(self._owned.items())
+        stored = 0
+        for (kind, topic), (body, ttl) in owned:
+            with self._lock:
+                if self._owned.get((kind, topic)) != (body, ttl):
+                    continue  # replaced or withdrawn meanwhile
+            stored += self._store(kind, topic, body, ttl)
+        return stored
+
+    @overload
+    def read(self, kind: Kind[B], *, topic: str = "") -> list[Record[B]]: ...
+    @overload
+    def read(self, kind: str, *, topic: str = "") -> list[Record[Body]]: ...
+
+    def read(self, kind: Kind | str, *, topic: str = "") -> list[Record]:
+        """Every valid record of ``kind``/``topic``, one per author, verified again here
+        (its body is of the kind's schema)."""
+        kind = str(kind)
+        if kind not in BODIES:
+            raise ValueError(f"unknown record kind {kind!r}")
+        key = record_key(self.swarm_id, kind, topic)
+        with self._pipe:
+            future = self.dht.get(key, latest=True, return_future=True)
+        found = _answer(future, f"reading {kind} records")
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = get_dht_time()
+        records = []
+        for subkey, item in found.value.items():
+            try:
+                if not isinstance(item.value, bytes):
+                    raise RecordError("malformed", "record value is not an envelope")
+                env, body = open_record(
+                    item.value,
+                    subkey=subkey,
+                    expiration=item.expiration_time,
+                    now=now,
+                    key=key,
+                    swarm_id=self.swarm_id,
+                )
+            except RecordError as exc:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                logger.info("dropped a %s record: %s", kind, exc)
+                continue
+            records.append(Record(env.author, body, env.expires))
+        return sorted(records, key=lambda r: r.author)
+
+    def rejection_counts(self) -> dict[str, int]:
+        """Records this peer refused: on read here, and by its DHT node (store or lookup)."""
+        with self._pipe:
+            future = self.dht.run_coroutine(rejection_counts, return_future=True)
+        counts = dict(_answer(future, "counting rejected records"))
+        counts.pop("accepted", None)
+        for reason, n in self.rejected.items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if self.loop.is_running():
+            p2p = getattr(self, "p2p", None)
+            if p2p is not None:
+                try:
+                    self.run(p2p.shutdown(), timeout=10)
+                except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                    logger.debug("p2p replica shutdown: %s", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        self.dht.shutdown()
+
+
+def _answer(future: Any, what: str) -> Any:
+    """The result of a DHT call, or SwarmError when the DHT process does not answer (it died)."""
+    try:
+        return future.result(timeout=DHT_TIMEOUT)
+    except TimeoutError:
+        future.cancel()
+        raise SwarmError(f"{what}: the DHT did not answer in {DHT_TIMEOUT:.0f} s") from None
+
+
+async def _exit_with_host(_dht: object, node: Any) -> None:
+    """For ``DHT.run_coroutine``: end the DHT process, and its p2pd, once the host is gone.
+
+    hivemind's DHT is a forked process that outlives a host killed with SIGKILL, holding
+    the peer id (so a restart cannot join) and its ports. It polls its parent instead.
+    """
+    host = os.getppid()
+    # A signal handler the host installed before forking would swallow the SIGTERM with which
+    # DHT.shutdown ends this process when it does not stop by itself.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to reset here
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
+
+    async def watch() -> None:
+        while os.getppid() == host:
+            await asyncio.sleep(0.5)
+        try:
+            await asyncio.wait_for(node.p2p.shutdown(), timeout=5)
+        finally:
+            os._exit(0)
+
+    node.mergeswarm_watchdog = asyncio.get_running_loop().create_task(watch())
+
+
+def _serve_p2pd_metrics(addr: str) -> None:
+    """Have the libp2p daemons this process starts (the DHT process is forked from it after
+    this) serve their Prometheus metrics on ``addr``: p2pd's ``-metricsAddr``, a flag
+    hivemind does not expose, so it is added to the daemon's command line here."""
+    make = _ORIGINAL_MAKE_ARGS
+
+    def with_metrics(*args: Any, **kwargs: Any) -> list[str]:
+        proc_args = make(*args, **kwargs)
+        if "noListenAddrs" not in kwargs:  # not the short-lived "is this identity taken?" probe
+            proc_args.append(f"-metricsAddr={addr}")
+        return proc_args
+
+    P2P._make_process_args = staticmethod(with_metrics)
+
+
+_ORIGINAL_MAKE_ARGS = P2P._make_process_args

@@ -1,0 +1,1 @@
+"""Training a model: data, the trainer, short fine-tunes, the genesis models."""

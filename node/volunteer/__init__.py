@@ -1,0 +1,1 @@
+"""The volunteer role: train on the head, publish deltas; its local control service."""

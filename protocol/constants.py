@@ -1,0 +1,29 @@
+"""Names every peer must agree on, importable without torch (the CLI's ``--help`` reads them).
+
+``PROTOCOL_VERSION`` is what peers compare on connecting; bump it whenever a wire message,
+record schema or id derivation changes (tests/test_ids.py pins the digests).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256; 4: heads name a momentum blob
+PROTOCOL_VERSION = "4"
+
+# the delta value codecs (protocol.codecs.CODECS implements exactly these)
+CodecName = Literal["bf16", "fp16", "fp32", "int8"]
+CODEC_NAMES: tuple[str, ...] = get_args(CodecName)
+
+# every reason an aggregator refuses a delta for: bounded metric labels, and the keys of the
+# counts an aggregator's heartbeat carries to monitors
+DELTA_REJECT_REASONS = (
+    "size",
+    "bad_signature",
+    "unknown_base",
+    "layout",
+    "non_finite",
+    "malformed",
+    "norm",
+    "eval_gate",
+)

@@ -1,0 +1,163 @@
+"""Record envelopes, the hivemind validator and fork choice, without a network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer
+
+from protocol.forkchoice import choose_head
+from protocol.identity import Identity
+from protocol.record_validator import SwarmRecordValidator
+from protocol.records import (
+    BASE,
+    BODIES,
+    HEAD,
+    KINDS,
+    MAX_RECORD_BYTES,
+    MAX_TTL_SECONDS,
+    DeltaAnnouncement,
+    Head,
+    Provider,
+    RecordError,
+    open_record,
+    record_key,
+    sign_record,
+)
+
+NOW = 1_800_000_000.0
+SWARM = "test-swarm"
+
+
+@pytest.fixture(scope="module")
+def alice() -> Identity:
+    return Identity.generate()
+
+
+def _announcement() -> DeltaAnnouncement:
+    return DeltaAnnouncement(
+        base_id="aa" * 32, delta_id="bb" * 32, size=1234, round=3, tags=("math",), samples=64
+    )
+
+
+def _signed(identity, body=None, kind="announce", topic="aa" * 32, expires=NOW + 60):
+    return sign_record(identity, SWARM, kind, topic, body or _announcement(), expires)
+
+
+def _rewrap(data: bytes, **changes) -> bytes:
+    env = json.loads(data) | changes
+    return json.dumps(env, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_a_signed_record_opens_to_its_body(alice):
+    key, data = _signed(alice)
+    assert key == f"mergeswarm/{SWARM}/announce/{'aa' * 32}"
+    env, body = open_record(
+        data, subkey=alice.author, expiration=NOW + 60, now=NOW, key=key, swarm_id=SWARM
+    )
+    assert body == _announcement() and env.author == alice.author
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d, a: (d[:-5], a.author, NOW + 60), "malformed"),
+        (lambda d, a: (_rewrap(d, sig="0" * 128), a.author, NOW + 60), "bad_signature"),
+        (lambda d, a: (_rewrap(d, body={"size": 1}), a.author, NOW + 60), "bad_signature"),
+        (lambda d, a: (d, "cd" * 32, NOW + 60), "forged_author"),
+        (lambda d, a: (_rewrap(d, swarm="other-swarm"), a.author, NOW + 60), "wrong_swarm"),
+        (lambda d, a: (d, a.author, NOW + 3600), "bad_expiration"),  # extended by a relayer
+        (lambda d, a: (d + b" " * MAX_RECORD_BYTES, a.author, NOW + 60), "oversized"),
+    ],
+)
+def test_tampered_records_are_refused_with_a_reason(alice, mutate, reason):
+    _, data = _signed(alice)
+    value, subkey, expiration = mutate(data, alice)
+    with pytest.raises(RecordError) as err:
+        open_record(value, subkey=subkey, expiration=expiration, now=NOW)
+    assert err.value.reason == reason
+
+
+def test_expired_and_far_future_records_are_refused(alice):
+    _, data = _signed(alice, expires=NOW - 1)
+    with pytest.raises(RecordError, match="expired"):
+        open_record(data, subkey=alice.author, expiration=NOW - 1, now=NOW)
+    far = NOW + MAX_TTL_SECONDS + 10
+    _, data = _signed(alice, expires=far)
+    with pytest.raises(RecordError) as err:
+        open_record(data, subkey=alice.author, expiration=far, now=NOW)
+    assert err.value.reason == "bad_expiration"
+
+
+def test_a_record_read_from_another_key_is_refused(alice):
+    _, data = _signed(alice)
+    other = record_key(SWARM, "announce", "cc" * 32)
+    with pytest.raises(RecordError) as err:
+        open_record(data, subkey=alice.author, expiration=NOW + 60, now=NOW, key=other)
+    assert err.value.reason == "wrong_key"
+
+
+def test_bodies_reject_unknown_fields_and_wrong_types():
+    with pytest.raises(ValueError, match="extra"):
+        Head(base_id="aa" * 32, round=1, deltas=0, surprise=1)
+    with pytest.raises(ValueError):
+        DeltaAnnouncement(base_id="aa" * 32, delta_id="bb" * 32, size="12", round=0)
+    with pytest.raises(ValueError):
+        Provider(blob_id="xyz", peer_id="QmPeer")
+
+
+def test_the_largest_valid_bodies_fit_under_the_cap(alice):
+    provider = Provider(
+        blob_id="aa" * 32, peer_id="Qm" + "a" * 78, maddrs=tuple("/" + "x" * 255 for _ in range(8))
+    )
+    announcement = _announcement().model_copy(update={"tags": tuple("t" * 128 for _ in range(16))})
+    for kind, body in (("provider", provider), ("announce", announcement)):
+        _, data = sign_record(alice, SWARM, kind, "aa" * 32, body, NOW + 60)
+        assert len(data) <= MAX_RECORD_BYTES
+
+
+def _dht_record(key: str, subkey: str, value: bytes, expiration: float) -> DHTRecord:
+    return DHTRecord(
+        DHTID.generate(source=key).to_bytes(),
+        MSGPackSerializer.dumps(subkey),
+        MSGPackSerializer.dumps(value),
+        expiration,
+    )
+
+
+def test_the_validator_counts_what_it_refuses(alice, monkeypatch):
+    monkeypatch.setattr("protocol.record_validator.get_dht_time", lambda: NOW)
+    validator = SwarmRecordValidator()
+    key, data = _signed(alice)
+    assert validator.validate(_dht_record(key, alice.author, data, NOW + 60))
+    other_key = record_key(SWARM, "announce", "cc" * 32)  # replayed under another key
+    assert not validator.validate(_dht_record(other_key, alice.author, data, NOW + 60))
+    assert not validator.validate(_dht_record(key, "cd" * 32, data, NOW + 60))
+    garbage = DHTRecord(b"k" * 20, b"\xc1", b"\xc1\xc1", NOW + 60)
+    assert not validator.validate(garbage)
+    assert validator.accepted == 1
+    assert dict(validator.rejected) == {"wrong_key": 1, "forged_author": 1, "malformed": 1}
+
+
+def test_fork_choice_prefers_round_then_deltas_then_the_smaller_id():
+    def head(base, rnd, deltas):
+        return Head(base_id=base * 32, round=rnd, deltas=deltas)
+
+    heads = [("a", head("aa", 3, 5)), ("b", head("bb", 4, 1)), ("c", head("cc", 4, 2))]
+    assert choose_head(heads)[0] == "c"
+    tie = [("a", head("bb", 4, 2)), ("b", head("aa", 4, 2))]
+    assert choose_head(tie)[0] == "b" and choose_head(reversed(tie))[0] == "b"
+    assert choose_head(heads, trusted={"a"})[0] == "a"
+    assert choose_head(heads, trusted={"z"}) is None
+    assert choose_head([]) is None
+
+
+def test_every_record_kind_is_named_once_and_keys_as_its_name():
+    assert set(KINDS) == set(BODIES) == {str(kind) for kind in KINDS.values()}
+    for name, kind in KINDS.items():
+        assert BODIES[name] is kind.body
+        assert record_key("s", kind, "t") == record_key("s", name, "t") == f"mergeswarm/s/{name}/t"
+    assert HEAD.body is BASE.body is Head  # the same schema, under two keys
