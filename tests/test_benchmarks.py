@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.swarm_demo import DEMO_MODELS
+from node.demo.local_swarm import DEMO_MODELS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_codec.py"
 
