@@ -180,6 +180,11 @@ class Aggregator(PeerDaemon):
     def step(self) -> None:
         """One look at the swarm: publish genesis, wait, lease, or run the round."""
         if self.head is None:
+            # Read the swarm first: this thread may come before the first housekeeping tick,
+            # and a restarted aggregator holding the genesis must not republish round 0 over
+            # its own newer head record.
+            self.follow_head()
+        if self.head is None:
             if self.bases.has(self.config.genesis_id):
                 self._publish_genesis()
             else:
