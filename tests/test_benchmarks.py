@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.demo.local_swarm import DEMO_MODELS
+from protocol.swarm_config import SwarmConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_codec.py"
 
@@ -99,7 +100,9 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     domains = {"manual", "code", "docs", "license"}
-    swarm, sim = "swarm nesterov lr=1 mu=0.5, linear", "sim nesterov lr=0.7 mu=0.5 warmup=1, ties"
+    outer = {name: f.default for name, f in SwarmConfig.model_fields.items()}  # the daemons'
+    swarm = f"swarm nesterov lr={outer['outer_lr']:g} mu={outer['outer_momentum']:g}, linear"
+    sim = "sim nesterov lr=0.7 mu=0.5 warmup=1, ties"
     assert result["model"] == "tiny"
     assert {"genesis", "joint training", swarm, sim, "sim none, linear"} <= set(result["rows"])
     assert "merge ties" in result["rows"]
