@@ -54,7 +54,7 @@ from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
 from protocol.momentum import momentum_size
 from protocol.patch import write_patch
-from protocol.records import ANNOUNCE, BASE, CONFIG, HEAD, LEASE, DeltaAnnouncement, Head, Lease
+from protocol.records import ANNOUNCE, BASE, CONFIG, HEAD, LEASE, Head, Lease
 from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
@@ -244,10 +244,8 @@ class Aggregator(PeerDaemon):
             if base is None:
                 break
             for record in self.swarm.read(ANNOUNCE, topic=base):
-                body = record.body
-                refused = (record.author, getattr(body, "delta_id", "")) in self.refused
-                if isinstance(body, DeltaAnnouncement) and not refused:
-                    found.append(Candidate(record.author, body, age))
+                if (record.author, record.body.delta_id) not in self.refused:
+                    found.append(Candidate(record.author, record.body, age))
             parent = self.chain.get(base)
             base = parent.parent if parent else None
         return pick_candidates(found, self.config.max_deltas)

@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -125,7 +125,7 @@ def scaled(model: DemoModel, device: str) -> tuple[DemoModel, int]:
     or CUDA_SCALE larger on a GPU."""
     options = model.train.model_copy(update={"device": device})
     if device != "cuda":
-        return DemoModel(model.name, options, model.round_steps, model.drop_rate), 3
+        return replace(model, train=options), 3
     options = options.model_copy(
         update={
             "seq_len": options.seq_len * CUDA_SCALE["seq_len"],
@@ -133,7 +133,7 @@ def scaled(model: DemoModel, device: str) -> tuple[DemoModel, int]:
         }
     )
     steps = model.round_steps * CUDA_SCALE["round_steps"]
-    return DemoModel(model.name, options, steps, model.drop_rate), CUDA_SCALE["rounds"]
+    return replace(model, train=options, round_steps=steps), CUDA_SCALE["rounds"]
 
 
 def mean(loss: Losses) -> float:

@@ -11,10 +11,8 @@ from protocol.constants import CODEC_NAMES
 
 from . import common
 
-DEMO_MODEL_NAMES = (
-    "tiny",
-    "smollm2-135m",
-)  # node.demo.local_swarm.DEMO_MODELS (imports nothing heavy)
+# node.demo.local_swarm.DEMO_MODELS's names (this module imports nothing heavy)
+DEMO_MODEL_NAMES = ("tiny", "smollm2-135m")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

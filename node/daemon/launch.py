@@ -63,9 +63,10 @@ def launch_peer(
     timeout: float = 120.0,
     started: Callable[[subprocess.Popen], object] = lambda proc: None,
 ) -> PeerProcess:
-    """Start the daemon ``name`` (for messages) as ``argv`` (its whole command line, with ``--data-dir data_dir``) and
-    return once it is up; PeerStartError when it exits first or takes over ``timeout``.
-    ``started`` is told of the process at once (to reap it, should the wait fail)."""
+    """Start the daemon ``name`` (for messages) as ``argv`` (its whole command line, with
+    ``--data-dir data_dir``) and return once it is up; PeerStartError when it exits first or
+    takes over ``timeout``. ``started`` is told of the process at once (to reap it, should
+    the wait fail)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     maddrs = DataDir(data_dir).multiaddrs
     maddrs.unlink(missing_ok=True)  # a previous run's

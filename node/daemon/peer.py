@@ -139,7 +139,7 @@ class PeerDaemon:
             return True
         for record in self.swarm.read(HEARTBEAT):
             body = record.body
-            if not isinstance(body, Heartbeat) or body.role not in REACHABLE_ROLES:
+            if body.role not in REACHABLE_ROLES:
                 continue
             try:
                 result = push(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import TrainOptions
-from node.daemon.launch import LOOPBACK, PeerStartError, launch_peer
+from node.daemon.launch import LOOPBACK, PeerStartError, kill_group, launch_peer
 from node.data_dir import DataDir
 from node.demo.domains import DOMAINS, domain_texts
 from protocol.records import HEARTBEAT
@@ -193,13 +193,13 @@ class Processes:
     def stop(self) -> None:
         for proc in self.running:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                kill_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 30
         for proc in self.running:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_group(proc, signal.SIGKILL)
                 proc.wait(timeout=10)
         self.running.clear()
 

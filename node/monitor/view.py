@@ -99,8 +99,6 @@ def read_view(swarm: Swarm, trusted: set[str] | None = None) -> SwarmView:
     peers = []
     for record in swarm.read(HEARTBEAT):
         beat = record.body
-        if not isinstance(beat, Heartbeat):
-            continue
         lag = None
         if head is not None and beat.head_round is not None:
             lag = max(0, head.round - beat.head_round)

@@ -28,5 +28,5 @@ def providers(swarm: Swarm, blob_id: str) -> list[Provider]:
     """Peers that announced ``blob_id`` (complete ones first), this peer excluded."""
     me = swarm.peer_id.to_base58()
     found = [r.body for r in swarm.read(PROVIDER, topic=blob_id)]
-    found = [p for p in found if isinstance(p, Provider) and p.peer_id != me]
+    found = [p for p in found if p.peer_id != me]
     return sorted(found, key=lambda p: not p.complete)
