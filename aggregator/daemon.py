@@ -43,11 +43,13 @@ from aggregator.outer import OuterStep, outer_lr
 from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
 from node.chain.bases import Bases
 from node.chain.history import current_head, sync_head
+from node.config import AggregatorSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import AggregatorMetrics
 from node.daemon.peer import PeerDaemon
 from node.net.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
-from node.net.swarm import HEAD_TTL, Swarm
+from node.net.member import SwarmMember
+from node.net.swarm import HEAD_TTL
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import head_order
 from protocol.ids import base_id
@@ -71,23 +73,27 @@ class Aggregator(PeerDaemon):
 
     def __init__(
         self,
-        swarm: Swarm,
+        swarm: SwarmMember,
         store: BlobStore,
         config: SwarmConfig,
-        *,
-        genesis: Path | None = None,
-        lease_seconds: float = 30.0,
-        gate: EvalGate | None = None,
+        settings: AggregatorSettings | None = None,
     ) -> None:
-        super().__init__(swarm, store)
+        settings = settings or AggregatorSettings()
+        super().__init__(swarm, store, settings)
         if swarm.swarm_id != config.swarm_id:
             raise MergeswarmError(
                 f"the config is for swarm {config.swarm_id!r}, but this peer is in "
                 f"{swarm.swarm_id!r}; use another --data-dir"
             )
         self.config = config
-        self.lease_seconds = lease_seconds
-        self.gate = gate
+        self.settings = settings
+        self.lease_seconds = settings.lease_seconds
+        self.lease_settle = LEASE_SETTLE
+        self.gate = (
+            EvalGate(list(settings.eval_data), settings.eval_max_increase)
+            if settings.eval_data
+            else None
+        )
         self.root = swarm.data_dir
         self.scratch = self.root / "tmp"
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -105,8 +111,8 @@ class Aggregator(PeerDaemon):
         self.accepted = 0  # deltas merged since start (heart-beaten for the swarm monitor)
         self.rejected: dict[str, int] = {}
         self.merge_seconds: float | None = None
-        if genesis is not None:
-            self._adopt_genesis(genesis)
+        if settings.genesis is not None:
+            self._adopt_genesis(settings.genesis)
         self.swarm.publish(CONFIG, config, ttl=CONFIG_TTL)
 
     def new_metrics(self) -> AggregatorMetrics:
@@ -280,7 +286,7 @@ class Aggregator(PeerDaemon):
             deltas=tuple(c.delta_id for c in candidates),
         )
         self.swarm.publish(LEASE, claim, ttl=self.lease_seconds)
-        time.sleep(LEASE_SETTLE)
+        time.sleep(self.lease_settle)
         live = self._live_leases(round_, head.base_id)
         if not live or live[0][0] != self.swarm.identity.author:
             self.swarm.withdraw(LEASE)

@@ -40,6 +40,16 @@ class SwarmOptions:
     p2p_metrics_addr: str | None = None
 
 
+TRUSTED_AGGREGATORS: dict = {  # a field of every role that follows heads by itself
+    "default_factory": list,
+    "json_schema_extra": {"metavar": "AUTHOR"},
+    "description": "follow heads only from these authors (64-hex keys); none: any",
+}
+
+
+PORT: dict = {"ge": 0, "le": 65535, "json_schema_extra": {"metavar": "PORT"}}
+
+
 class JoinSettings(BaseModel):
     """How a daemon joins its swarm (flags, ``MERGESWARM_*`` env and TOML keys of every role)."""
 
@@ -160,8 +170,91 @@ class NodeSettings(TrainOptions):
     drop_rate: float = Field(0.9, ge=0, lt=1, description="DARE drop rate of published deltas")
     codec: Literal["bf16", "fp16", "fp32", "int8"] = Field("bf16", description="delta value codec")
     checkpoint_every: int = Field(25, ge=1, description="save training state every N steps")
-    trusted_aggregators: list[str] = Field(
+    trusted_aggregators: list[str] = Field(**TRUSTED_AGGREGATORS)
+
+
+class DaemonSettings(JoinSettings):
+    """What every long-running role takes besides joining: heart-beats and a metrics endpoint."""
+
+    heartbeat_every: float = Field(
+        15.0,
+        gt=0,
+        json_schema_extra={"metavar": "SECONDS"},
+        description="publish this peer's heartbeat record this often",
+    )
+    metrics_port: int | None = Field(
+        None,
+        description="serve Prometheus /metrics and /healthz on this port (0: any free one)",
+        **PORT,
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", json_schema_extra={"metavar": "HOST"}, description="address for --metrics-port"
+    )
+
+
+class VolunteerSettings(DaemonSettings, NodeSettings):
+    """Everything ``mergeswarm node`` takes."""
+
+
+class SeedSettings(DaemonSettings):
+    """Everything ``mergeswarm seed`` takes."""
+
+    quota_gb: float = Field(
+        0.0,
+        ge=0,
+        json_schema_extra={"metavar": "GB"},
+        description="blob store size limit (0: none)",
+    )
+    mirror: bool = Field(
+        True,
+        description="mirror the head's blobs and its unmerged deltas (--no-mirror: serve only "
+        "what is added locally)",
+    )
+    publish_head: Path | None = Field(
+        None,
+        json_schema_extra={"metavar": "MODEL_DIR"},
+        description="snapshot this model directory and publish it as the swarm's head (round "
+        "0) until an aggregator publishes newer ones: how a swarm starts before aggregators "
+        "exist",
+    )
+    trusted_aggregators: list[str] = Field(**TRUSTED_AGGREGATORS)
+    upload: bool = Field(
+        True,
+        description="offer blobs to others (--no-upload: fetch what the swarm needs but offer "
+        "nothing, for metered links)",
+    )
+
+
+class AggregatorSettings(DaemonSettings):
+    """Everything ``mergeswarm aggregator`` takes besides the swarm's config."""
+
+    genesis: Path | None = Field(
+        None,
+        json_schema_extra={"metavar": "MODEL_DIR"},
+        description="the genesis model (needed by the first aggregator of a swarm only)",
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        json_schema_extra={"metavar": "SECONDS"},
+        description="a round's lease lapses this long after its holder stops renewing it",
+    )
+    eval_data: list[str] = Field(
         default_factory=list,
-        json_schema_extra={"metavar": "AUTHOR"},
-        description="follow heads only from these authors (64-hex keys); none: any",
+        json_schema_extra={"metavar": "FILE"},
+        description="gate each merge on the loss over this data (JSONL or text)",
+    )
+    eval_max_increase: float = Field(
+        0.05,
+        ge=0,
+        json_schema_extra={"metavar": "FRACTION"},
+        description="with --eval-data: refuse a head whose loss rose by more than this fraction",
+    )
+
+
+class MonitorSettings(DaemonSettings):
+    """Everything ``mergeswarm monitor`` takes: its metrics endpoint is the point of it."""
+
+    metrics_port: int | None = Field(
+        9400, description="Prometheus port for the whole swarm's metrics (0: any free one)", **PORT
     )

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 from node.chain.history import current_head
+from node.config import SeedSettings
 from node.daemon.peer import PeerDaemon
 from node.net.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
+from node.net.member import SwarmMember
 from protocol.errors import MergeswarmError
 from protocol.model_dir import ModelDir
 from protocol.patch import write_patch
@@ -28,16 +30,17 @@ logger = logging.getLogger(__name__)
 
 class Seed(PeerDaemon):
     role = "seed"
-    mirror = True
     fetch_timeout = 600.0
 
-    @property
-    def trusted(self) -> set[str]:
-        return set(self.trusted_aggregators)
-
-    def __init__(self, *args, trusted_aggregators: list[str] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.trusted_aggregators = list(trusted_aggregators or [])
+    def __init__(
+        self, swarm: SwarmMember, store: BlobStore, settings: SeedSettings | None = None
+    ) -> None:
+        settings = settings or SeedSettings()
+        super().__init__(swarm, store, settings)
+        self.settings = settings
+        self.trusted = set(settings.trusted_aggregators)
+        self.mirror = settings.mirror
+        self.upload = settings.upload
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
 

@@ -75,3 +75,18 @@ def local_peer(tmp_path: Path):
     yield make
     for peer in reversed(made):
         peer.shutdown()
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Run ``mergeswarm`` in this process: (exit code, stdout lines, stderr lines)."""
+    from node.cli import main
+
+    monkeypatch.setenv("HIVEMIND_LOGLEVEL", "WARNING")  # main() sets it; keep it to this test
+
+    def run(*args: object) -> tuple[int, list[str], list[str]]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out.splitlines(), [ln for ln in err.splitlines() if ln.strip()]
+
+    return run

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +47,12 @@ def start_peer(
     except PeerStartError as exc:  # a test's failure, with the daemon's log
         raise AssertionError(str(exc)) from None
     return peer
+
+
+def start_all(*starts: Callable[[], PeerProcess]) -> list[PeerProcess]:
+    """Call each ``start_peer`` wrapper at once (the daemons start side by side); their peers."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        return list(pool.map(lambda start: start(), starts))
 
 
 def register_process(proc: subprocess.Popen) -> None:

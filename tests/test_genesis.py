@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from node.cli import main
 from node.training import genesis
 from node.training.genesis import GenesisError, write_genesis
 from node.training.tiny_model import CORPUS, build_tokenizer
@@ -116,19 +115,6 @@ def permute(weights: np.ndarray, heads: int) -> np.ndarray:
     return (
         weights.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
     )
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """Run ``mergeswarm`` in this process: (exit code, stdout lines, stderr lines)."""
-    monkeypatch.setenv("HIVEMIND_LOGLEVEL", "WARNING")  # main() sets it; keep it to this test
-
-    def run(*args: object) -> tuple[int, list[str], list[str]]:
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out.splitlines(), [ln for ln in err.splitlines() if ln.strip()]
-
-    return run
 
 
 def test_gguf_genesis_is_the_source_model(source: Path, from_gguf: tuple[Path, str]):

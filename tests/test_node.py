@@ -9,15 +9,14 @@ import urllib.request
 import pytest
 
 from node.daemon.faults import ENV as ENV_CRASH
-from node.net.blobs import BlobService, announce, fetch, providers
+from node.net.blobs import fetch, providers
 from node.net.blobstore import OWN_DELTA_PIN, BlobStore
-from node.seed import genesis_head
 from node.training.tiny_model import CORPUS
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas
 from protocol.identity import Identity
 from protocol.ids import base_id
-from protocol.records import DeltaAnnouncement, Heartbeat
+from protocol.records import DeltaAnnouncement
 from tests.swarm import LOOPBACK, run_cli, start_peer, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
@@ -133,113 +132,6 @@ def _checkpoint_step(data_dir) -> int:
         return 0
     state = data_dir / "checkpoint" / latest.read_text().strip() / "state.json"
     return json.loads(state.read_text())["step"] if state.is_file() else 0
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "no such data file"),
-        ("", "the data file is empty"),
-        ("{not json\n", "data.jsonl:1: not a JSON line"),
-        ('{"title": "x"}\n', 'data.jsonl:1: expected {"text": ...}'),
-    ],
-)
-def test_bad_data_is_one_clear_line_before_joining(tmp_path, content, message):
-    path = tmp_path / "data.jsonl"
-    if content is not None:
-        path.write_text(content)
-    out = run_cli("node", "--data-dir", str(tmp_path / "d"), "--data", str(path), timeout=60)
-    assert out.returncode == 1
-    assert out.stderr.startswith("mergeswarm: error: ") and message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("policy", ["restart", "finish"])
-def test_a_new_head_mid_round_is_followed_as_configured(
-    tmp_path, local_peer, tiny_base, tiny_finetuned, corpus, policy
-):
-    seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
-    steps = "100000" if policy == "restart" else "60"  # restart: the round would never end
-    args = ("--join", seed.maddrs[0], "--data", str(corpus), *TRAIN, "--round-steps", steps)
-    node = start_peer(
-        tmp_path / "node",
-        *args,
-        "--on-new-head",
-        policy,
-        "--checkpoint-every",
-        "1000",
-        command="node",
-    )
-    author = Identity.load(node.data_dir / "identity.pem").author
-    observer = local_peer("observer", join=[seed.maddrs[0]])
-
-    def heartbeat() -> Heartbeat | None:
-        beats = [r.body for r in observer.read("heartbeat") if r.author == author]
-        return beats[0] if beats else None
-
-    genesis = base_id(tiny_base)
-    wait_for(lambda: (b := heartbeat()) and b.head_id == genesis, 120, "training on genesis")
-    store = BlobStore(tmp_path / "observer" / "blobs")
-    newer = genesis_head(store, tiny_finetuned, round_=1)
-    BlobService(observer, store).register()
-    announce(observer, newer.snapshot_id)
-    observer.publish("head", newer)
-    wait_for(lambda: (b := heartbeat()) and b.head_id == newer.base_id, 180, "the move to round 1")
-    old = _announcements(observer, genesis, author)
-    if policy == "restart":
-        assert old == []  # the interrupted round published nothing
-        # the round on the new base would never end; publish-now ends it
-        assert run_cli("node", "publish-now", "--data-dir", str(node.data_dir)).returncode == 0
-        wait_for(lambda: _announcements(observer, newer.base_id, author), 120, "publish-now")
-    else:
-        assert old and old[0].steps == 60  # the round was finished, then the node moved on
-
-
-def test_a_lora_node_publishes_a_dense_delta(tmp_path, local_peer, tiny_base, corpus):
-    seed = start_peer(tmp_path / "seed", "--publish-head", str(tiny_base), "--no-mirror")
-    node = start_peer(
-        tmp_path / "node", *_node_args(seed, corpus), "--lora", "--lora-rank", "4", command="node"
-    )
-    author = Identity.load(node.data_dir / "identity.pem").author
-    observer = local_peer("observer", join=[seed.maddrs[0]])
-    genesis = base_id(tiny_base)
-    found = wait_for(lambda: _announcements(observer, genesis, author), 240, "a LoRA delta")
-    store = BlobStore(tmp_path / "observer" / "blobs")
-    fetch(observer, store, found[0].delta_id, timeout=60, serve_while_fetching=False)
-    with DeltaReader(store.path(found[0].delta_id)) as reader:
-        moved = {n for n in reader.names() if reader.read_values(n).any()}
-    assert moved and all(
-        n.rsplit(".", 2)[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for n in moved
-    )
-
-
-def test_a_head_whose_blob_makes_another_base_is_rejected_and_counted(
-    tmp_path, local_peer, tiny_base, tiny_finetuned, corpus
-):
-    seed = start_peer(tmp_path / "seed", "--no-mirror", "--heartbeat-every", "1")
-    observer = local_peer("observer", join=[seed.maddrs[0]])
-    store = BlobStore(tmp_path / "observer" / "blobs")
-    real = genesis_head(store, tiny_base)
-    BlobService(observer, store).register()
-    announce(observer, real.snapshot_id)
-    lie = real.model_copy(update={"base_id": base_id(tiny_finetuned)})  # names another base
-    observer.publish("head", lie)
-    node = start_peer(
-        tmp_path / "node", *_node_args(seed, corpus), "--metrics-port", "0", command="node"
-    )
-    port = int(wait_for(lambda: _read(node.data_dir / "metrics_port"), 60, "metrics"))
-
-    wait_for(
-        lambda: _metric(port, 'mergeswarm_rejected_total{reason="base"}'),
-        120,
-        "the bad base to be counted",
-    )
-    assert _status(node)["status"] == "cannot get the head's base"
-    with pytest.raises(urllib.error.HTTPError) as not_ready:  # no verified base: not ready
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
-    assert not_ready.value.code == 503
-    assert not (node.data_dir / "bases" / lie.base_id).exists()
-    assert list((node.data_dir / "bases").iterdir()) == []  # nothing half-written
 
 
 def _read(path) -> str | None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from node.chain.bases import Bases
-from node.net.swarm import Swarm
+from node.net.member import SwarmMember
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
 from protocol.records import BASE, CONFIG, HEAD, Head
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 MAX_CHAIN = 10_000  # rounds walked back at most (a loop of forged parents ends here)
 
 
-def find_config(swarm: Swarm) -> SwarmConfig | None:
+def find_config(swarm: SwarmMember) -> SwarmConfig | None:
     """The swarm's config as published by its aggregators, or None.
 
     A config is taken only from an author it names as an aggregator (or from anyone, for an
@@ -31,7 +31,7 @@ def find_config(swarm: Swarm) -> SwarmConfig | None:
     return None
 
 
-def current_head(swarm: Swarm, trusted: Collection[str]) -> Head | None:
+def current_head(swarm: SwarmMember, trusted: Collection[str]) -> Head | None:
     """The head every role follows: fork choice over the heads by ``trusted`` authors (any
     author when empty)."""
     heads = [(r.author, r.body) for r in swarm.read(HEAD)]
@@ -39,14 +39,16 @@ def current_head(swarm: Swarm, trusted: Collection[str]) -> Head | None:
     return chosen[1] if chosen else None
 
 
-def base_record(swarm: Swarm, base: str, trusted: set[str]) -> Head | None:
+def base_record(swarm: SwarmMember, base: str, trusted: set[str]) -> Head | None:
     """What an aggregator published about ``base`` when it was the head."""
     heads = [(r.author, r.body) for r in swarm.read(BASE, topic=base) if r.body.base_id == base]
     chosen = choose_head(heads, trusted)
     return chosen[1] if chosen else None
 
 
-def chain_to(swarm: Swarm, *, round_: int | None = None, base: str | None = None) -> list[Head]:
+def chain_to(
+    swarm: SwarmMember, *, round_: int | None = None, base: str | None = None
+) -> list[Head]:
     """The heads from the nearest snapshot up to the target (the head, round N or base ID)."""
     config = find_config(swarm)
     trusted = set(config.aggregators) if config else set()
@@ -67,7 +69,7 @@ def chain_to(swarm: Swarm, *, round_: int | None = None, base: str | None = None
 
 
 def chain_back(
-    swarm: Swarm, head: Head, trusted: set[str], held: Callable[[str], bool]
+    swarm: SwarmMember, head: Head, trusted: set[str], held: Callable[[str], bool]
 ) -> list[Head]:
     """The heads to apply, oldest first, to get ``head`` from the bases already ``held``:
     patches back to a held base, or to the nearest snapshot when none is held."""
@@ -83,7 +85,7 @@ def chain_back(
     return chain[::-1]
 
 
-def _parent(swarm: Swarm, head: Head, trusted: set[str]) -> Head:
+def _parent(swarm: SwarmMember, head: Head, trusted: set[str]) -> Head:
     if head.parent is None:
         raise MergeswarmError(f"base {head.base_id[:16]} (round {head.round}) has no parent")
     parent = base_record(swarm, head.parent, trusted)
@@ -92,7 +94,7 @@ def _parent(swarm: Swarm, head: Head, trusted: set[str]) -> Head:
     return parent
 
 
-def sync_head(swarm: Swarm, bases: Bases, head: Head, trusted: set[str]) -> Path:
+def sync_head(swarm: SwarmMember, bases: Bases, head: Head, trusted: set[str]) -> Path:
     """The head's verified model directory, patched forward from a held base or the nearest
     snapshot; with the history gone, from the head's own patch or snapshot."""
     try:

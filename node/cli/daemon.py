@@ -1,5 +1,5 @@
-"""What every daemon command shares: the join, heartbeat and metrics flags, the metrics
-endpoint, the stop signal and the join line it prints."""
+"""What every daemon command shares: flags from its settings model, the metrics endpoint, the
+stop signal, the join line it prints, and one lifecycle (:func:`run_daemon`)."""
 
 from __future__ import annotations
 
@@ -15,56 +15,70 @@ from node.data_dir import DataDir
 from . import common
 
 
+def add_data_dir_arg(
+    p: argparse.ArgumentParser, what: str = "identity, swarm id and blobs"
+) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=common.default_data_dir(),
+        help=f"{what} (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
+    )
+
+
 def add_join_args(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
-    """The flags every peer takes to start or join a swarm (from JoinSettings)."""
+    """The flags of a command that joins a swarm for a while (from JoinSettings)."""
     from node.config import JoinSettings
     from node.settings import add_flags
 
     add_flags(p, JoinSettings)
     p.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file (TOML)")
     if data_dir:
-        p.add_argument(
-            "--data-dir",
-            type=Path,
-            default=common.default_data_dir(),
-            help="identity, swarm id and blobs (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
-        )
+        add_data_dir_arg(p)
 
 
-def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
+def add_daemon_args(
+    p: argparse.ArgumentParser,
+    model: type,
+    *,
+    settings_flag: str = "--config",
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    """A daemon's flags: one per field of its settings model, its settings file, its data dir."""
+    from node.settings import add_flags
+
     p.add_argument(
-        "--heartbeat-every",
-        type=float,
-        default=15.0,
-        metavar="SECONDS",
-        help="publish this peer's heartbeat record this often (default 15)",
+        settings_flag,
+        dest="settings_file",
+        type=Path,
+        metavar="FILE.toml",
+        help="settings file (TOML; keys are the flags' names with underscores)",
+    )
+    add_flags(
+        p, model, skip=skip, title=f"settings (flags > MERGESWARM_* env > {settings_flag} file)"
     )
 
 
-def add_metrics_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve Prometheus /metrics and /healthz on this port (0: any free one)",
-    )
-    p.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
-    )
+def load_daemon_settings(model: type, args: argparse.Namespace):
+    """Defaults < ``--config`` (or ``--settings``) TOML < ``MERGESWARM_*`` env < flags."""
+    from node.settings import load_settings
+
+    return load_settings(model, args, config_file=getattr(args, "settings_file", None))
 
 
-def serve_metrics(daemon, args: argparse.Namespace, data_dir: Path):
-    """Start the daemon's metrics endpoint when --metrics-port was given (None otherwise)."""
+def serve_metrics(daemon, settings, data_dir: Path):
+    """Start the daemon's metrics endpoint when a metrics port is set (None otherwise)."""
     from node.daemon.metrics import MetricsServer
     from protocol.durable import write_atomic
 
-    if getattr(args, "metrics_port", None) is None:
+    if settings.metrics_port is None:
         return None
+    host = settings.metrics_host
     server = MetricsServer(
-        daemon.metrics.registry, daemon.health, args.metrics_host, args.metrics_port, daemon.ready
+        daemon.metrics.registry, daemon.health, host, settings.metrics_port, daemon.ready
     )
     write_atomic(DataDir(data_dir).metrics_port, f"{server.port}\n".encode())
-    print(f"metrics on http://{args.metrics_host}:{server.port}/metrics", flush=True)
+    print(f"metrics on http://{host}:{server.port}/metrics", flush=True)
     return server
 
 
@@ -90,17 +104,18 @@ def print_join_line(swarm) -> None:
 
 
 def run_daemon(
-    args: argparse.Namespace,
-    options: Any,
+    settings: Any,
+    data_dir: Path,
     build: Callable[[Any, list[Callable[[], None]]], Any],
     *,
     work: str | None = None,
     interval: float = 2.0,
     join_timeout: float = 60.0,
+    swarm_id: str | None = None,
 ) -> int:
     """The life of every daemon command, in one place.
 
-    Join the swarm (``options``: SwarmOptions), build the daemon with ``build(swarm,
+    Join the swarm (as ``settings``, a DaemonSettings, say), build the daemon with ``build(swarm,
     closers)`` (it may append clean-ups to ``closers``), serve its metrics when asked, print
     the join line, run its ``work`` method (which takes the stop event) in a thread while
     this thread ticks its housekeeping, and on SIGTERM or SIGINT let the work finish (up to
@@ -110,14 +125,16 @@ def run_daemon(
     from node.daemon.peer import run_until
     from node.net.swarm import Swarm
 
+    options = settings.options(data_dir)
+    if swarm_id is not None:  # named by the swarm's config
+        options.swarm_id = swarm_id
     swarm = Swarm(options)
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     closers: list[Callable[[], None]] = []
     failure: list[BaseException] = []
     try:
         daemon = build(swarm, closers)
-        daemon.heartbeat_every = args.heartbeat_every
-        server = serve_metrics(daemon, args, args.data_dir)
+        server = serve_metrics(daemon, settings, data_dir)
         if server is not None:
             closers.append(server.close)
         print_join_line(swarm)
@@ -133,7 +150,7 @@ def run_daemon(
 
             worker = threading.Thread(target=loop, name=work, daemon=True)
             worker.start()
-        run_until(daemon, stop, interval=min(interval, args.heartbeat_every))
+        run_until(daemon, stop, interval=min(interval, settings.heartbeat_every))
         if worker is not None:
             worker.join(timeout=join_timeout)
     finally:

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from node.data_dir import DataDir
 
-from . import common
-from .daemon import add_heartbeat_arg, add_metrics_args, run_daemon
+from .daemon import add_daemon_args, add_data_dir_arg, load_daemon_settings, run_daemon
 
 logger = logging.getLogger(__name__)
 
 
-def _settings_model():
-    from node.config import JoinSettings, NodeSettings
-
-    class VolunteerSettings(JoinSettings, NodeSettings):
-        """Everything ``mergeswarm node`` takes."""
-
-    return VolunteerSettings
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from node.settings import add_flags
+    from node.config import VolunteerSettings
 
     p = sub.add_parser(
         "node",
@@ -42,16 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "current round now and publish its delta",
     )
     p.add_argument("--json", action="store_true", help="with `status`: print JSON")
-    p.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file (TOML)")
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=common.default_data_dir(),
-        help="identity, blobs, bases and checkpoints (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
-    )
-    add_metrics_args(p)
-    add_heartbeat_arg(p)
-    add_flags(p, _settings_model())
+    add_data_dir_arg(p, "identity, blobs, bases and checkpoints")
+    add_daemon_args(p, VolunteerSettings)
     p.set_defaults(run=run_node)
 
 
@@ -95,8 +76,9 @@ def control(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
+    from node.config import VolunteerSettings
     from node.net.blobstore import BlobStore
-    from node.settings import SettingsError, load_settings
+    from node.settings import SettingsError
     from node.training.data import read_examples
     from node.volunteer.control import serve as serve_control
     from node.volunteer.volunteer import Volunteer
@@ -104,14 +86,14 @@ def run_node(args: argparse.Namespace) -> int:
 
     if args.action is not None:
         return control(args)
-    settings = load_settings(_settings_model(), args, config_file=args.config)
+    settings = load_daemon_settings(VolunteerSettings, args)
     if not settings.data:
         raise SettingsError("give your training data: --data FILE (JSONL or text; repeatable)")
     for path in settings.data:  # fail before joining, not minutes later
         read_examples(path)
-    options = settings.options(args.data_dir)
+    swarm_id = None
     if settings.swarm_config is not None:  # the config names the swarm to join
-        options.swarm_id = load_swarm_config(settings.swarm_config).swarm_id
+        swarm_id = load_swarm_config(settings.swarm_config).swarm_id
 
     def build(swarm, closers):
         volunteer = Volunteer(swarm, BlobStore(DataDir(args.data_dir).blobs), settings)
@@ -121,4 +103,6 @@ def run_node(args: argparse.Namespace) -> int:
         return volunteer
 
     # the current step finishes and a checkpoint is written before it leaves
-    return run_daemon(args, options, build, work="train_forever", join_timeout=120)
+    return run_daemon(
+        settings, args.data_dir, build, work="train_forever", join_timeout=120, swarm_id=swarm_id
+    )

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from node.data_dir import DataDir
 
-from . import common
-from .daemon import add_heartbeat_arg, add_metrics_args, run_daemon
+from .daemon import add_daemon_args, add_data_dir_arg, load_daemon_settings, run_daemon
 
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from node.config import JoinSettings
+    from node.config import AggregatorSettings, JoinSettings
     from node.settings import add_flags
     from protocol.swarm_config import SwarmConfig
 
@@ -54,41 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--config", type=Path, required=True, metavar="swarm.toml", help="from mergeswarm init"
     )
-    a.add_argument(
-        "--data-dir",
-        type=Path,
-        default=common.default_data_dir(),
-        help="identity, blobs and bases (default: $MERGESWARM_DATA_DIR or ~/.mergeswarm)",
-    )
-    a.add_argument(
-        "--genesis",
-        type=Path,
-        metavar="MODEL_DIR",
-        help="the genesis model (needed by the first aggregator of a swarm only)",
-    )
-    a.add_argument(
-        "--lease-seconds",
-        type=float,
-        default=30.0,
-        help="a round's lease lapses this long after its holder stops renewing it (default 30)",
-    )
-    a.add_argument(
-        "--eval-data",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="gate each merge on the loss over this data (JSONL or text; repeatable)",
-    )
-    a.add_argument(
-        "--eval-max-increase",
-        type=float,
-        default=0.05,
-        help="with --eval-data: refuse a head whose loss rose by more than this fraction "
-        "(default 0.05)",
-    )
-    add_metrics_args(a)
-    add_heartbeat_arg(a)
-    add_flags(a, JoinSettings, skip=frozenset({"swarm_id"}))
+    add_data_dir_arg(a, "identity, blobs and bases")
+    add_daemon_args(a, AggregatorSettings, settings_flag="--settings", skip=frozenset({"swarm_id"}))
     a.set_defaults(run=run_aggregator)
 
     e = sub.add_parser(
@@ -149,32 +115,22 @@ def _new_swarm_id() -> str:
 
 def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.daemon import Aggregator
-    from aggregator.gate import EvalGate
-    from node.config import JoinSettings
+    from node.config import AggregatorSettings
     from node.net.blobstore import BlobStore
-    from node.settings import load_settings
     from node.training.data import read_examples
     from protocol.swarm_config import load_swarm_config
 
     config = load_swarm_config(args.config)
-    join = load_settings(JoinSettings, args)
-    options = join.options(args.data_dir)
-    options.swarm_id = config.swarm_id
-    for path in args.eval_data:
+    settings = load_daemon_settings(AggregatorSettings, args)
+    for path in settings.eval_data:  # fail before joining, not at the first merge
         read_examples(path)
-    gate = EvalGate(list(args.eval_data), args.eval_max_increase) if args.eval_data else None
 
     def build(swarm, closers):
-        return Aggregator(
-            swarm,
-            BlobStore(DataDir(args.data_dir).blobs),
-            config,
-            genesis=args.genesis,
-            lease_seconds=args.lease_seconds,
-            gate=gate,
-        )
+        return Aggregator(swarm, BlobStore(DataDir(args.data_dir).blobs), config, settings)
 
-    return run_daemon(args, options, build, work="run_rounds", interval=1.0)
+    return run_daemon(
+        settings, args.data_dir, build, work="run_rounds", interval=1.0, swarm_id=config.swarm_id
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:

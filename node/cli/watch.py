@@ -11,10 +11,18 @@ from pathlib import Path
 from node.data_dir import DataDir
 
 from . import common
-from .daemon import add_heartbeat_arg, add_join_args, run_daemon
+from .daemon import (
+    add_daemon_args,
+    add_data_dir_arg,
+    add_join_args,
+    load_daemon_settings,
+    run_daemon,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from node.config import MonitorSettings
+
     m = sub.add_parser(
         "monitor",
         help="turn the whole swarm's heartbeats into one Prometheus scrape target",
@@ -23,14 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "role and version, head round and age, each peer's lag, deltas accepted and rejected, "
         "bytes moved, merge duration, training throughput, the lease holder.",
     )
-    add_join_args(m)
-    m.add_argument(
-        "--metrics-port", type=int, default=9400, help="Prometheus port (0: any free one)"
-    )
-    m.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
-    )
-    add_heartbeat_arg(m)
+    add_data_dir_arg(m)
+    add_daemon_args(m, MonitorSettings)
     m.set_defaults(run=run_monitor, data_dir=common.default_data_dir() / "monitor")
 
     s = sub.add_parser(
@@ -48,18 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_monitor(args: argparse.Namespace) -> int:
+    from node.config import MonitorSettings
     from node.monitor.monitor import Monitor
     from node.net.blobstore import BlobStore
 
-    from .daemon import swarm_options
+    settings = load_daemon_settings(MonitorSettings, args)
 
     def build(swarm, closers):
-        monitor = Monitor(swarm, BlobStore(DataDir(args.data_dir).blobs))
-        monitor.upload = False  # it holds no blobs worth offering
+        monitor = Monitor(swarm, BlobStore(DataDir(args.data_dir).blobs), settings)
         monitor.tick()
         return monitor
 
-    return run_daemon(args, swarm_options(args, args.data_dir), build)
+    return run_daemon(settings, args.data_dir, build)
 
 
 def run_status(args: argparse.Namespace) -> int:

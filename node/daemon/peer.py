@@ -8,12 +8,11 @@ import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from hivemind.p2p import PeerID
-
+from node.config import DaemonSettings
 from node.daemon.metrics import PeerMetrics
-from node.net.blobs import BlobService, Fetcher, ServeLimits, announce, fetch, push
+from node.net.blobs import ServeLimits
 from node.net.blobstore import BlobStore
-from node.net.swarm import Swarm
+from node.net.member import SwarmMember
 from protocol.container import DeltaReader
 from protocol.errors import DeltaFormatError
 from protocol.records import HEARTBEAT, PROVIDER, Head, Heartbeat
@@ -21,7 +20,6 @@ from protocol.records import HEARTBEAT, PROVIDER, Head, Heartbeat
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_TTL = 60.0
-HEARTBEAT_EVERY = 15.0
 REFRESH_EVERY = 60.0  # owned records (TTL >= 300 s) are re-published this often
 REACHABLE_ROLES = ("seed", "aggregator")
 
@@ -39,14 +37,19 @@ class PeerDaemon:
     role = "seed"
     head: Head | None = None  # the head this peer works on (roles that follow heads set it)
     status = "running"
-    heartbeat_every = HEARTBEAT_EVERY
     upload = True  # False: fetch but never offer blobs to others (metered links, baselines)
 
-    def __init__(self, swarm: Swarm, store: BlobStore, limits: ServeLimits | None = None) -> None:
+    def __init__(
+        self,
+        swarm: SwarmMember,
+        store: BlobStore,
+        settings: DaemonSettings | None = None,
+        limits: ServeLimits | None = None,
+    ) -> None:
         self.swarm = swarm
         self.store = store
-        self.service = BlobService(swarm, store, limits)
-        self.service.register()
+        self.heartbeat_every = (settings or DaemonSettings()).heartbeat_every
+        self.transfers = swarm.transfers(store, limits)
         self.started = time.monotonic()
         self.shared: set[str] = set()  # blobs announced (or pushed, in client mode)
         self._last_refresh = time.monotonic()
@@ -68,16 +71,16 @@ class PeerDaemon:
             self._last_refresh = now
             self.swarm.refresh()
 
-    def fetch(self, blob_id: str, **kwargs) -> Fetcher:
+    def fetch(self, blob_id: str, **kwargs) -> object:
         """Download a blob into this peer's store, counting its bytes in this peer's stats."""
-        return fetch(self.swarm, self.store, blob_id, stats=self.service.stats, **kwargs)
+        return self.transfers.fetch(blob_id, **kwargs)
 
     def update_metrics(self) -> None:
         """Bring the metrics up to the blob service's and the DHT's own counts."""
         m = self.metrics
         m.uptime.set(time.monotonic() - self.started)
-        self._add(m.bytes_sent, "sent", self.service.stats.bytes_out)
-        self._add(m.bytes_received, "received", self.service.stats.bytes_in)
+        self._add(m.bytes_sent, "sent", self.transfers.stats.bytes_out)
+        self._add(m.bytes_received, "received", self.transfers.stats.bytes_in)
         for reason, total in self.swarm.rejection_counts().items():
             self._add(m.records_rejected.labels(reason=reason), f"record:{reason}", total)
 
@@ -93,8 +96,8 @@ class PeerDaemon:
             peer_id=self.swarm.peer_id.to_base58(),
             head_round=head.round if head else None,
             head_id=head.base_id if head else None,
-            bytes_in=self.service.stats.bytes_in,
-            bytes_out=self.service.stats.bytes_out,
+            bytes_in=self.transfers.stats.bytes_in,
+            bytes_out=self.transfers.stats.bytes_out,
             uptime_seconds=round(time.monotonic() - self.started, 1),
         )
 
@@ -124,7 +127,7 @@ class PeerDaemon:
             if blob_id in self.shared:
                 continue
             if not self.swarm.options.client_mode:
-                if announce(self.swarm, blob_id):
+                if self.transfers.announce(blob_id):
                     self.shared.add(blob_id)
             elif self._push_somewhere(blob_id):
                 self.shared.add(blob_id)
@@ -142,9 +145,7 @@ class PeerDaemon:
             if body.role not in REACHABLE_ROLES:
                 continue
             try:
-                result = push(
-                    self.swarm, self.store, blob_id, base, PeerID.from_base58(body.peer_id)
-                )
+                result = self.transfers.push(blob_id, base, body.peer_id)
             except Exception as exc:  # noqa: BLE001 - try the next reachable peer
                 logger.info("pushing %s to %s failed: %s", blob_id[:16], body.peer_id, exc)
                 continue

@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.config import MonitorSettings
 from node.daemon.peer import PeerDaemon
 from node.monitor.view import SwarmView, read_view
+from node.net.blobstore import BlobStore
+from node.net.member import SwarmMember
 from protocol.constants import DELTA_REJECT_REASONS
 
 logger = logging.getLogger(__name__)
@@ -102,9 +105,12 @@ def swarm_metrics(view: SwarmView) -> Iterator:
 
 class Monitor(PeerDaemon):
     role = "monitor"
+    upload = False  # it holds no blobs worth offering
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, swarm: SwarmMember, store: BlobStore, settings: MonitorSettings | None = None
+    ) -> None:
+        super().__init__(swarm, store, settings or MonitorSettings())
         self.view: SwarmView | None = None
         self.metrics.registry.register(SwarmCollector(self))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hivemind.utils import get_dht_time
 
 from node.chain.history import current_head, find_config
-from node.net.swarm import Swarm
+from node.net.member import SwarmMember
 from protocol.records import HEARTBEAT, Head, Heartbeat
 from protocol.swarm_config import SwarmConfig
 
@@ -89,7 +89,7 @@ class SwarmView:
         }
 
 
-def read_view(swarm: Swarm, trusted: set[str] | None = None) -> SwarmView:
+def read_view(swarm: SwarmMember, trusted: set[str] | None = None) -> SwarmView:
     """The swarm as its records tell it now (``trusted``: whose heads count; default: the
     aggregators the swarm's config names, or anyone)."""
     config = find_config(swarm)

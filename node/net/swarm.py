@@ -1,6 +1,7 @@
-"""Membership of a swarm: a hivemind DHT node, its libp2p handle, signed records.
+"""Membership of a swarm over the network: a hivemind DHT node, its libp2p handle.
 
-One :class:`Swarm` per peer process. It starts (or joins) the DHT with the
+One :class:`Swarm` per peer process; what it does with records is
+:class:`node.net.member.SwarmMember`'s. It starts (or joins) the DHT with the
 swarm's record validator, keeps the libp2p identity and the record-signing
 key in the data directory (a restarted peer keeps its peer id and author),
 learns the swarm id from the peer it joins through, and runs an asyncio loop
@@ -18,33 +19,26 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext, PeerID
-from hivemind.utils import get_dht_time
 
 from node.config import SwarmOptions
 from node.data_dir import DataDir
+from node.net.member import Record, SwarmError, SwarmMember
 from protocol import transfer_pb2 as pb
 from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
-from protocol.errors import MergeswarmError
 from protocol.identity import Identity
 from protocol.record_validator import SwarmRecordValidator, rejection_counts
-from protocol.records import (
-    BODIES,
-    B,
-    Kind,
-    RecordError,
-    is_swarm_id,
-    open_record,
-    record_key,
-    sign_record,
-)
-from protocol.schema import Body
+from protocol.records import is_swarm_id
+
+if TYPE_CHECKING:
+    from node.net.blobs.serve import ServeLimits
+    from node.net.blobs.transfers import Transfers
+    from node.net.blobstore import BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +48,18 @@ DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process co
 TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
 T = TypeVar("T")
+__all__ = ["HEAD_TTL", "Record", "Swarm", "SwarmError"]
 
 
-class SwarmError(MergeswarmError):
-    """Joining or talking to the swarm failed; the message says what to try."""
-
-
-@dataclass(frozen=True)
-class Record(Generic[B]):
-    """A verified record read from the DHT."""
-
-    author: str
-    body: B
-    expires: float
-
-
-class Swarm:
+class Swarm(SwarmMember):
     """A running peer's view of its swarm. Call :meth:`shutdown` when done."""
 
     def __init__(self, options: SwarmOptions) -> None:
+        super().__init__()
         self.options = options
         self.data_dir = Path(options.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(DataDir(self.data_dir).identity)
-        self.rejected: dict[str, int] = {}  # records dropped on read, by reason
-        self._owned: dict[tuple[str, str], tuple[Body, float]] = {}
-        self._lock = threading.Lock()
         self._pipe = threading.Lock()
         self.dht = self._start_dht()
         self.dht.run_coroutine(_exit_with_host)
@@ -204,88 +184,32 @@ class Swarm:
             future.cancel()
             raise
 
-    # -- records -----------------------------------------------------------------
+    # -- the backend of SwarmMember ---------------------------------------------------
 
-    def publish(self, kind: Kind[B] | str, body: B, *, topic: str = "", ttl: float = 600.0) -> bool:
-        """Sign and store a record (this author's entry under its key); remembered for refresh."""
-        kind = str(kind)
-        with self._lock:
-            self._owned[(kind, topic)] = (body, ttl)
-        return self._store(kind, topic, body, ttl)
-
-    def _store(self, kind: str, topic: str, body: Body, ttl: float) -> bool:
-        expires = get_dht_time() + ttl
-        key, value = sign_record(self.identity, self.swarm_id, kind, topic, body, expires)
+    def _put(self, key: str, value: bytes, expires: float, what: str) -> bool:
         with self._pipe:  # hivemind's host-to-DHT pipe is not safe for concurrent writers
             future = self.dht.store(
                 key, value, expires, subkey=self.identity.author, return_future=True
             )
-        return bool(_answer(future, f"storing a {kind} record"))
+        return bool(_answer(future, what))
 
-    def withdraw(self, kind: Kind | str, *, topic: str = "") -> None:
-        """Stop refreshing a record; it ages out at its expiration."""
-        with self._lock:
-            self._owned.pop((str(kind), topic), None)
-
-    def refresh(self) -> int:
-        """Re-publish every owned record with a fresh expiration; returns how many were stored."""
-        with self._lock:
-            owned = list(self._owned.items())
-        stored = 0
-        for (kind, topic), (body, ttl) in owned:
-            with self._lock:
-                if self._owned.get((kind, topic)) != (body, ttl):
-                    continue  # replaced or withdrawn meanwhile
-            stored += self._store(kind, topic, body, ttl)
-        return stored
-
-    @overload
-    def read(self, kind: Kind[B], *, topic: str = "") -> list[Record[B]]: ...
-    @overload
-    def read(self, kind: str, *, topic: str = "") -> list[Record[Body]]: ...
-
-    def read(self, kind: Kind | str, *, topic: str = "") -> list[Record]:
-        """Every valid record of ``kind``/``topic``, one per author, verified again here
-        (its body is of the kind's schema)."""
-        kind = str(kind)
-        if kind not in BODIES:
-            raise ValueError(f"unknown record kind {kind!r}")
-        key = record_key(self.swarm_id, kind, topic)
+    def _get(self, key: str, what: str) -> dict[object, tuple[object, float]]:
         with self._pipe:
             future = self.dht.get(key, latest=True, return_future=True)
-        found = _answer(future, f"reading {kind} records")
+        found = _answer(future, what)
         if found is None or not isinstance(found.value, dict):
-            return []
-        now = get_dht_time()
-        records = []
-        for subkey, item in found.value.items():
-            try:
-                if not isinstance(item.value, bytes):
-                    raise RecordError("malformed", "record value is not an envelope")
-                env, body = open_record(
-                    item.value,
-                    subkey=subkey,
-                    expiration=item.expiration_time,
-                    now=now,
-                    key=key,
-                    swarm_id=self.swarm_id,
-                )
-            except RecordError as exc:
-                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-                logger.info("dropped a %s record: %s", kind, exc)
-                continue
-            records.append(Record(env.author, body, env.expires))
-        return sorted(records, key=lambda r: r.author)
+            return {}
+        return {sub: (item.value, item.expiration_time) for sub, item in found.value.items()}
 
-    def rejection_counts(self) -> dict[str, int]:
-        """Records this peer refused: on read here, and by its DHT node (store or lookup)."""
+    def _store_rejections(self) -> dict[str, int]:
         with self._pipe:
             future = self.dht.run_coroutine(rejection_counts, return_future=True)
-        counts = dict(_answer(future, "counting rejected records"))
-        counts.pop("accepted", None)
-        for reason, n in self.rejected.items():
-            counts[reason] = counts.get(reason, 0) + n
-        return counts
+        return dict(_answer(future, "counting rejected records"))
+
+    def transfers(self, store: BlobStore, limits: ServeLimits | None = None) -> Transfers:
+        from node.net.blobs.transfers import P2PTransfers  # it builds on this module
+
+        return P2PTransfers(self, store, limits)
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", False):

@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from node.chain.bases import Bases
 from node.chain.history import current_head, find_config, sync_head
-from node.config import NodeSettings
+from node.config import VolunteerSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import NodeMetrics
 from node.daemon.peer import PeerDaemon
 from node.net.blobstore import OWN_DELTA_PIN, BlobStore
-from node.net.swarm import Swarm
+from node.net.member import SwarmMember
 from node.training.data import Dataset, load_dataset
 from node.training.trainer import Trainer
 from protocol.delta import TensorMap, create_delta
@@ -50,8 +50,8 @@ LOG_EVERY = 10  # steps between training log lines when no progress bar is shown
 class Volunteer(PeerDaemon):
     role = "volunteer"
 
-    def __init__(self, swarm: Swarm, store: BlobStore, settings: NodeSettings) -> None:
-        super().__init__(swarm, store)
+    def __init__(self, swarm: SwarmMember, store: BlobStore, settings: VolunteerSettings) -> None:
+        super().__init__(swarm, store, settings)
         self.settings = settings
         self.root = swarm.data_dir
         self.config = self._pinned_config()

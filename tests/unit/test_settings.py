@@ -6,13 +6,13 @@ import argparse
 
 import pytest
 
-from node.cli.node import _settings_model
+from node.config import VolunteerSettings
 from node.settings import SettingsError, add_flags, load_settings
 
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_flags(parser, _settings_model())
+    add_flags(parser, VolunteerSettings)
     return parser.parse_args(list(argv))
 
 
@@ -21,7 +21,7 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
     config.write_text('lr = 0.01\nbatch_size = 2\nround_steps = 7\ndata = ["a.jsonl"]\n')
     env = {"MERGESWARM_BATCH_SIZE": "3", "MERGESWARM_ROUND_STEPS": "9", "MERGESWARM_LORA": "true"}
     settings = load_settings(
-        _settings_model(), _parse("--round-steps", "11"), config_file=config, environ=env
+        VolunteerSettings, _parse("--round-steps", "11"), config_file=config, environ=env
     )
     assert settings.lr == 0.01  # file
     assert settings.batch_size == 3  # env over file
@@ -32,7 +32,7 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
 
 def test_list_settings_come_from_repeated_flags_or_comma_separated_env():
     settings = load_settings(
-        _settings_model(),
+        VolunteerSettings,
         _parse("--join", "/ip4/1.2.3.4/tcp/1/p2p/Qm1", "--join", "/ip4/1.2.3.4/tcp/2/p2p/Qm2"),
         environ={"MERGESWARM_LORA_TARGETS": "q_proj, v_proj"},
     )
@@ -53,7 +53,7 @@ def test_a_wrong_setting_is_named_with_where_it_can_come_from(tmp_path, toml, en
     config = tmp_path / "node.toml"
     config.write_text(toml)
     with pytest.raises(SettingsError, match=message):
-        load_settings(_settings_model(), _parse(*argv), config_file=config, environ=env)
+        load_settings(VolunteerSettings, _parse(*argv), config_file=config, environ=env)
 
 
 def test_a_wrong_flag_value_is_refused_by_the_parser(capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from node.net.swarm import Swarm
+from node.net.member import SwarmMember
 from protocol.records import PROVIDER, Provider
 
 logger = logging.getLogger(__name__)
@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 PROVIDER_TTL = 300.0  # refreshed while the peer offers the blob
 
 
-def announce(swarm: Swarm, blob_id: str, complete: bool = True) -> bool:
+def announce(swarm: SwarmMember, blob_id: str, complete: bool = True) -> bool:
     """Publish that this peer provides ``blob_id`` (refreshed until withdrawn)."""
     body = Provider(
         blob_id=blob_id,
@@ -24,7 +24,7 @@ def announce(swarm: Swarm, blob_id: str, complete: bool = True) -> bool:
     return swarm.publish(PROVIDER, body, topic=blob_id, ttl=PROVIDER_TTL)
 
 
-def providers(swarm: Swarm, blob_id: str) -> list[Provider]:
+def providers(swarm: SwarmMember, blob_id: str) -> list[Provider]:
     """Peers that announced ``blob_id`` (complete ones first), this peer excluded."""
     me = swarm.peer_id.to_base58()
     found = [r.body for r in swarm.read(PROVIDER, topic=blob_id)]

@@ -1,0 +1,171 @@
+"""The aggregator's rounds on an in-memory swarm (tests/unit/world.py): who holds a round's
+lease, what a standby finishes, which deltas a round refuses, and a chain whose momentum any
+aggregator continues bit for bit. The same with daemons on libp2p: tests/test_aggregator.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from prometheus_client import generate_latest
+
+from aggregator.engine import MergeInput, merge_models
+from aggregator.methods import Recipe
+from aggregator.outer import OuterStep, outer_lr
+from node.config import MonitorSettings
+from node.monitor.monitor import Monitor
+from node.net.blobstore import HEAD_PIN
+from node.seed import Seed
+from protocol.ids import file_hasher
+from protocol.records import BASE
+from tests.forge import nan_delta, scaled_finetune
+from tests.unit.world import World, step
+
+
+@pytest.fixture
+def world(tmp_path, tiny_base) -> World:
+    return World(tmp_path, tiny_base)
+
+
+def test_a_round_merges_the_announced_deltas_into_a_head_every_role_follows(world, finetunes):
+    agg = world.aggregator("agg", world.config(["agg"]), genesis=world.genesis)
+    step(agg)  # no head yet: it publishes the genesis
+    assert agg.head is not None and agg.head.round == 0
+    ids = [world.announce_delta(ft, seed=i) for i, ft in enumerate(finetunes[:2])]
+    step(agg)
+    head = agg.head
+    assert head.round == 1 and sorted(head.merged) == sorted(ids)
+    assert agg.holding is None  # released once published
+    seed = Seed(*world.peer("seed"))
+    seed.mirror_once(threading.Event())
+    assert seed.head == head
+    assert HEAD_PIN in seed.store.pins(head.patch_id)
+    monitor = Monitor(*world.peer("monitor"), MonitorSettings())
+    agg.tick()  # its heartbeat
+    monitor.tick()
+    assert monitor.view.head == head
+    assert sorted(p.beat.role for p in monitor.view.peers) == ["aggregator", "monitor"]
+
+
+def test_the_earliest_claim_holds_the_lease_and_the_other_aggregator_stands_by(world, finetunes):
+    config = world.config(["a", "b"])
+    a = world.aggregator("a", config, genesis=world.genesis)
+    b = world.aggregator("b", config, genesis=world.genesis)
+    step(a)
+    step(b)
+    assert a.head == b.head and a.head.round == 0
+    world.announce_delta(finetunes[0])
+    assert a._lease(a.head)  # a claims round 1 and, for now, does not finish it
+    step(b)
+    assert b.status.startswith(f"standby: round 1 is leased to {world.author('a')[:16]}")
+    assert b.head.round == 0 and b.holding is None
+
+
+def test_a_standby_finishes_a_lapsed_round_with_the_deltas_its_lease_named(world, finetunes):
+    config = world.config(["a", "b"])
+    a = world.aggregator("a", config, genesis=world.genesis, lease_seconds=0.5)
+    b = world.aggregator("b", config, lease_seconds=0.5)
+    step(a)
+    step(b)
+    first = world.announce_delta(finetunes[0])
+    assert a._lease(a.head)
+    a.swarm.online = False  # the holder dies before it merges
+    step(b)  # standby: it remembers what the lease named
+    late = world.announce_delta(finetunes[1])
+    time.sleep(0.6)  # the lease record expires
+    step(b)
+    assert b.head.round == 1
+    assert b.head.merged == (first,), f"the late delta {late[:8]} joined a round begun without it"
+
+
+def test_hostile_deltas_are_refused_once_and_counted_and_the_honest_ones_merged(
+    world, tiny_base, tiny_finetuned
+):
+    agg = world.aggregator("agg", world.config(["agg"], min_deltas=2), genesis=world.genesis)
+    step(agg)
+    made = world.root / "made"
+    made.mkdir()
+    honest = [world.announce_delta(tiny_finetuned, seed=s) for s in (1, 2)]
+    world.announce_delta(scaled_finetune(tiny_base, tiny_finetuned, made / "big", 100))
+    world.announce_delta(tiny_base, base=tiny_finetuned)  # made against another base
+    nan_swarm, nan_store = world.peer("nan")
+    nan_delta(made / "nan.msd", tiny_base, nan_swarm.identity)
+    world.offer(nan_swarm, nan_store, made / "nan.msd")
+    copier, copier_store = world.peer("copier")  # someone else's delta, announced as its own
+    world.offer(copier, copier_store, world.holder_path(honest[0]))
+    step(agg)
+    assert sorted(agg.head.merged) == sorted(honest)
+    assert agg.rejected == {"norm": 1, "unknown_base": 1, "non_finite": 1, "bad_signature": 1}
+    text = generate_latest(agg.metrics.registry).decode()
+    for reason in agg.rejected:
+        assert f'mergeswarm_deltas_rejected_total{{reason="{reason}"}} 1.0' in text
+    assert "mergeswarm_deltas_accepted_total 2.0" in text
+    genesis = agg.chain[agg.head.parent]  # refused once: never a candidate again
+    assert len(agg.refused) == 4
+    assert {(c.author, c.delta_id) for c in agg.candidates(genesis)}.isdisjoint(agg.refused)
+
+
+def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(world, finetunes):
+    config = world.config(
+        ["a", "b"], outer_optimizer="nesterov", outer_lr=0.5, outer_momentum=0.8, staleness=0
+    )
+    a = world.aggregator("a", config, genesis=world.genesis, lease_seconds=0.3)
+    seed = Seed(*world.peer("seed"))  # holds every head's momentum for whoever comes next
+    step(a)
+    heads = {0: a.head}
+    seed.mirror_once(threading.Event())
+
+    def offer(n: int) -> None:
+        head = heads[max(heads)]
+        base = next(x for x in (a, b) if x and x.bases.has(head.base_id)).bases.path(head.base_id)
+        world.announce_delta(finetunes[n % 3], base=base, head=head, seed=n)
+
+    b = None
+    for r in (1, 2):  # a makes rounds 1 and 2 ...
+        offer(r)
+        step(a)
+        heads[r] = a.head
+        seed.mirror_once(threading.Event())
+    offer(3)
+    assert a._lease(a.head)  # ... and dies holding the lease of round 3
+    a.swarm.online = False
+    b = world.aggregator("b", config, lease_seconds=0.3)  # a late joiner takes round 3 over
+    step(b)
+    time.sleep(0.4)
+    step(b)
+    heads[3] = b.head
+    seed.mirror_once(threading.Event())
+    offer(4)
+    step(b)
+    heads[4] = b.head
+    seed.mirror_once(threading.Event())
+    b.swarm.online = False
+    a = world.aggregator("a", config, lease_seconds=0.3)  # a, restarted, goes on from b's momentum
+    offer(5)
+    step(a)
+    step(a)
+    heads[5] = a.head
+    assert [heads[r].round for r in range(6)] == list(range(6))
+    authors = {r: seed.swarm.read(BASE, topic=heads[r].base_id)[0].author for r in range(1, 6)}
+    assert authors[2] == authors[5] == world.author("a") and authors[3] == authors[4]
+    assert authors[3] == world.author("b")
+
+    # Each head is its parent, the deltas it names and the parent's momentum, bit for bit.
+    recipe = Recipe(config.merge_method, lam=config.lam, sign_method=config.sign_method)
+    for r in (3, 5):
+        h, parent = heads[r], heads[r - 1]
+        outer = OuterStep(
+            lr=outer_lr(config.outer_lr, config.outer_warmup, r),
+            momentum=config.outer_momentum,
+            previous=world.holder_path(parent.momentum_id),
+            out=world.root / f"momentum{r}",
+        )
+        inputs = [MergeInput(world.holder_path(d)) for d in h.merged]
+        parent_dir = next(x for x in (a, b) if x.bases.has(parent.base_id)).bases.path(
+            parent.base_id
+        )
+        report = merge_models(parent_dir, inputs, recipe, world.root / f"redo{r}",
+                              density=config.density, outer=outer)  # fmt: skip
+        assert report.child_id == h.base_id
+        assert file_hasher(outer.out).hexdigest() == h.momentum_id

@@ -1,0 +1,75 @@
+"""What a seed mirrors, on an in-memory swarm (tests/unit/world.py): the head its trusted
+aggregators chose, that head's blobs and the deltas announced against it, and nothing once
+it is not needed. With daemons on libp2p: tests/test_blob_exchange.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from node.config import SeedSettings
+from node.net.blobstore import DELTA_PIN, HEAD_PIN
+from node.net.member import SwarmError
+from node.net.swarm import HEAD_TTL
+from node.seed import Seed, genesis_head
+from protocol.records import HEAD, Head
+from tests.unit.world import World, step
+
+
+@pytest.fixture
+def world(tmp_path, tiny_base) -> World:
+    return World(tmp_path, tiny_base)
+
+
+def test_a_seed_follows_only_trusted_aggregators_and_mirrors_what_the_head_needs(world, finetunes):
+    agg = world.aggregator("agg", world.config(["agg"]), genesis=world.genesis)
+    step(agg)
+    rogue, rogue_store = world.peer("rogue")  # a higher head from a key nobody trusts
+    fake = genesis_head(rogue_store, finetunes[0], round_=99)
+    rogue.transfers(rogue_store).announce(fake.snapshot_id)
+    assert rogue.publish(HEAD, fake, ttl=HEAD_TTL)
+    seed = Seed(*world.peer("seed"), SeedSettings(trusted_aggregators=[world.author("agg")]))
+    open_seed = Seed(*world.peer("open-seed"))
+    delta = world.announce_delta(finetunes[1])
+    for s in (seed, open_seed):
+        s.mirror_once(threading.Event())
+    assert seed.head == agg.head and open_seed.head == fake
+    assert HEAD_PIN in seed.store.pins(agg.head.snapshot_id)
+    assert DELTA_PIN in seed.store.pins(delta)
+    step(agg)  # round 1 merges the delta: the seed lets go of it and of the old snapshot
+    seed.mirror_once(threading.Event())
+    assert seed.head.round == 1
+    assert seed.store.pins(delta) == []
+    assert seed.store.pins(agg.chain[agg.head.parent].snapshot_id) == []
+    assert HEAD_PIN in seed.store.pins(agg.head.patch_id)
+
+
+def test_a_seed_without_mirroring_fetches_nothing(world):
+    step(world.aggregator("agg", world.config(["agg"]), genesis=world.genesis))
+    seed = Seed(*world.peer("seed"), SeedSettings(mirror=False))
+    stop = threading.Event()
+    thread = threading.Thread(target=seed.mirror_forever, args=(stop, 0.01))
+    thread.start()
+    time.sleep(0.1)
+    stop.set()
+    thread.join()
+    assert seed.store.ids() == []
+
+
+def test_a_blob_whose_holder_went_offline_is_retried_later_not_at_once(world):
+    agg = world.aggregator("agg", world.config(["agg"]), genesis=world.genesis)
+    step(agg)
+    seed = Seed(*world.peer("seed"))
+    agg.swarm.online = False
+    with pytest.raises(SwarmError, match="offline"):
+        agg.swarm.publish(HEAD, Head(base_id=agg.head.base_id, round=5, deltas=0), ttl=60)
+    seed.mirror_once(threading.Event())  # the head record is still there, its blob is not
+    assert seed.head == agg.head and seed.store.ids() == []
+    agg.swarm.online = True
+    seed.mirror_once(threading.Event())  # backing off: not asked again yet
+    assert seed.store.ids() == []
+    seed._retry_at.clear()
+    seed.mirror_once(threading.Event())
+    assert seed.store.has(agg.head.snapshot_id)
