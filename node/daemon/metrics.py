@@ -28,42 +28,52 @@ from protocol.records import REJECT_REASONS as RECORD_REJECT_REASONS
 logger = logging.getLogger(__name__)
 
 
+class Declare:
+    """Metrics on one registry, one line each; names get the ``mergeswarm_`` prefix here."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(f"mergeswarm_{name}", doc, labels, registry=self.registry)
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(f"mergeswarm_{name}", doc, labels, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(f"mergeswarm_{name}", doc, buckets=buckets, registry=self.registry)
+
+    def by_reason(self, name: str, doc: str, reasons: tuple[str, ...]) -> Counter:
+        """A counter by reason, every known reason at zero from the start (dashboards show
+        the labels before anything is refused)."""
+        counter = self.counter(name, doc, ("reason",))
+        for reason in reasons:
+            counter.labels(reason=reason)
+        return counter
+
+
 class PeerMetrics:
     """What every peer exports; roles add their own on the same registry."""
 
     def __init__(self, role: str) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.info = Gauge("mergeswarm_peer_info", "This peer's role", ["role"], registry=r)
+        d = Declare(self.registry)
+        self.info = d.gauge("peer_info", "This peer's role", ("role",))
         self.info.labels(role=role).set(1)
-        self.bytes_sent = Counter(
-            "mergeswarm_blob_sent_bytes_total", "Blob bytes served to other peers", registry=r
+        self.bytes_sent = d.counter("blob_sent_bytes_total", "Blob bytes served to other peers")
+        self.bytes_received = d.counter(
+            "blob_received_bytes_total", "Blob bytes fetched from other peers"
         )
-        self.bytes_received = Counter(
-            "mergeswarm_blob_received_bytes_total",
-            "Blob bytes fetched from other peers",
-            registry=r,
+        self.rejected = d.counter(
+            "rejected_total", "Inputs refused from peers, by reason", ("reason",)
         )
-        self.rejected = Counter(
-            "mergeswarm_rejected_total",
-            "Inputs refused from peers, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.records_rejected = Counter(
-            "mergeswarm_records_rejected_total",
+        self.records_rejected = d.by_reason(
+            "records_rejected_total",
             "DHT records refused (bad signature, forged author, wrong swarm, ...), by reason",
-            ["reason"],
-            registry=r,
+            RECORD_REJECT_REASONS,
         )
-        for reason in RECORD_REJECT_REASONS:  # zeros from the start: dashboards show the labels
-            self.records_rejected.labels(reason=reason)
-        self.head_round = Gauge(
-            "mergeswarm_head_round", "Round of the newest head seen", registry=r
-        )
-        self.uptime = Gauge(
-            "mergeswarm_uptime_seconds", "Seconds since the daemon started", registry=r
-        )
+        self.head_round = d.gauge("head_round", "Round of the newest head seen")
+        self.uptime = d.gauge("uptime_seconds", "Seconds since the daemon started")
 
 
 class NodeMetrics(PeerMetrics):
@@ -71,33 +81,22 @@ class NodeMetrics(PeerMetrics):
 
     def __init__(self) -> None:
         super().__init__("volunteer")
-        r = self.registry
-        self.loss = Gauge("mergeswarm_training_loss", "Training loss of the last step", registry=r)
-        self.heldout_loss = Gauge(
-            "mergeswarm_heldout_loss", "Held-out loss after the last round", registry=r
+        d = Declare(self.registry)
+        self.loss = d.gauge("training_loss", "Training loss of the last step")
+        self.heldout_loss = d.gauge("heldout_loss", "Held-out loss after the last round")
+        self.steps = d.counter("training_steps_total", "Optimizer steps")
+        self.samples = d.counter("training_samples_total", "Training blocks consumed")
+        self.samples_per_second = d.gauge(
+            "training_samples_per_second", "Training throughput of the last round"
         )
-        self.steps = Counter("mergeswarm_training_steps_total", "Optimizer steps", registry=r)
-        self.samples = Counter(
-            "mergeswarm_training_samples_total", "Training blocks consumed", registry=r
-        )
-        self.samples_per_second = Gauge(
-            "mergeswarm_training_samples_per_second",
-            "Training throughput of the last round",
-            registry=r,
-        )
-        self.deltas = Counter(
-            "mergeswarm_deltas_published_total", "Deltas announced by this volunteer", registry=r
-        )
-        self.publish_seconds = Histogram(
-            "mergeswarm_delta_publish_duration_seconds",
+        self.deltas = d.counter("deltas_published_total", "Deltas announced by this volunteer")
+        self.publish_seconds = d.histogram(
+            "delta_publish_duration_seconds",
             "Seconds from the end of training to the delta being announced",
-            buckets=(0.1, 0.5, 1, 2, 5, 15, 60, 300),
-            registry=r,
+            (0.1, 0.5, 1, 2, 5, 15, 60, 300),
         )
-        self.head_lag = Gauge(
-            "mergeswarm_head_lag_rounds",
-            "Rounds between the newest head and the trained one",
-            registry=r,
+        self.head_lag = d.gauge(
+            "head_lag_rounds", "Rounds between the newest head and the trained one"
         )
 
 
@@ -156,47 +155,30 @@ class AggregatorMetrics(PeerMetrics):
 
     def __init__(self) -> None:
         super().__init__("aggregator")
-        r = self.registry
-        self.round = Gauge(
-            "mergeswarm_round", "Round of the last head this peer merged", registry=r
-        )
-        self.round_seconds = Histogram(
-            "mergeswarm_round_duration_seconds",
+        d = Declare(self.registry)
+        self.round = d.gauge("round", "Round of the last head this peer merged")
+        self.round_seconds = d.histogram(
+            "round_duration_seconds",
             "Seconds from taking the lease to publishing the head",
-            buckets=(1, 5, 15, 60, 300, 900, 3600),
-            registry=r,
+            (1, 5, 15, 60, 300, 900, 3600),
         )
-        self.deltas_received = Counter(
-            "mergeswarm_deltas_received_total", "Deltas fetched for a round", registry=r
-        )
-        self.deltas_accepted = Counter(
-            "mergeswarm_deltas_accepted_total", "Deltas merged into a head", registry=r
-        )
-        self.deltas_rejected = Counter(
-            "mergeswarm_deltas_rejected_total",
+        self.deltas_received = d.counter("deltas_received_total", "Deltas fetched for a round")
+        self.deltas_accepted = d.counter("deltas_accepted_total", "Deltas merged into a head")
+        self.deltas_rejected = d.by_reason(
+            "deltas_rejected_total",
             "Deltas refused, by reason (bad_signature, non_finite, norm, ...)",
-            ["reason"],
-            registry=r,
+            DELTA_REJECT_REASONS,
         )
-        for reason in DELTA_REJECT_REASONS:
-            self.deltas_rejected.labels(reason=reason)
-        self.merge_seconds = Histogram(
-            "mergeswarm_merge_duration_seconds",
+        self.merge_seconds = d.histogram(
+            "merge_duration_seconds",
             "Seconds spent merging one round",
-            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900),
-            registry=r,
+            (0.1, 0.5, 1, 5, 15, 60, 300, 900),
         )
-        self.merge_bytes_per_second = Gauge(
-            "mergeswarm_merge_throughput_bytes_per_second",
-            "Base bytes merged per second in the last round",
-            registry=r,
+        self.merge_bytes_per_second = d.gauge(
+            "merge_throughput_bytes_per_second", "Base bytes merged per second in the last round"
         )
-        self.published_bytes = Counter(
-            "mergeswarm_published_bytes_total", "Bytes of patches and snapshots made", registry=r
+        self.published_bytes = d.counter(
+            "published_bytes_total", "Bytes of patches and snapshots made"
         )
-        self.lease_held = Gauge(
-            "mergeswarm_lease_held", "1 while this aggregator holds the round's lease", registry=r
-        )
-        self.heads_published = Counter(
-            "mergeswarm_heads_published_total", "Heads this aggregator published", registry=r
-        )
+        self.lease_held = d.gauge("lease_held", "1 while this aggregator holds the round's lease")
+        self.heads_published = d.counter("heads_published_total", "Heads this aggregator published")

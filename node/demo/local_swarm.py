@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,13 @@ class Processes:
             raise RuntimeError(f"{name} did not start: {exc}") from None
         return peer.maddrs
 
+    def start_all(self, peers: Sequence[tuple[str, Sequence[str], Path]]) -> None:
+        """Start ``(name, args, data_dir)`` daemons side by side; return once all are up."""
+        with ThreadPoolExecutor(len(peers)) as pool:
+            waits = [pool.submit(self.start, name, *args, data_dir=d) for name, args, d in peers]
+            for wait in waits:
+                wait.result()
+
     def stop(self) -> None:
         for proc in self.running:
             if proc.poll() is None:
@@ -312,18 +320,15 @@ def run_swarm_demo(
         )[0]
         # The standby holds the genesis too: it need not download a real model's 538 MB
         # snapshot from volunteers that are busy training.
-        procs.start(
-            "aggregator-2", *agg, "--join", bootstrap, "--genesis", str(genesis),
-            data_dir=agg_dirs[1],
-        )  # fmt: skip
+        peers = [
+            ("aggregator-2", (*agg, "--join", bootstrap, "--genesis", str(genesis)), agg_dirs[1])
+        ]
         train = ("--round-steps", str(round_steps), *volunteer_flags(model.train))
         train += ("--rounds-per-head", "1")  # one round per head: the rounds stay in step
         for name, path in data.items():
-            procs.start(
-                f"volunteer-{name}",
-                "node", "--join", bootstrap, "--data", str(path), *train,
-                data_dir=workdir / f"volunteer-{name}",
-            )  # fmt: skip
+            args = ("node", "--join", bootstrap, "--data", str(path), *train)
+            peers.append((f"volunteer-{name}", args, workdir / f"volunteer-{name}"))
+        procs.start_all(peers)
         observer = Swarm(
             SwarmOptions(workdir / "observer", join=[bootstrap], host_maddrs=[LOOPBACK])
         )
