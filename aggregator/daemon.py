@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
@@ -40,7 +41,7 @@ from aggregator.engine import REPORT_FILE, MergeInput, merge_models
 from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
-from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
+from aggregator.screening import Candidate, Rejected, inspect_delta, rank_candidates, screen_norms
 from node.chain.bases import Bases
 from node.chain.history import current_head, sync_head
 from node.config import AggregatorSettings
@@ -64,6 +65,12 @@ logger = logging.getLogger(__name__)
 CONFIG_TTL = 3600.0
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
+ADMIT_TIMEOUT = 60.0  # seconds a candidate delta has to arrive before its slot goes on
+MANIFEST_TIMEOUT = 5.0  # seconds to find one provider of it (a made-up id has none)
+ADMIT_PARALLEL = 16  # candidates fetched at once (at least; max_deltas when that is more)
+CLOCK_SLACK = 5.0  # seconds two peers' clocks may differ (hivemind refuses more than 3)
+MAX_ROUND_SECONDS = 6 * 3600.0  # a lease claimed longer ago than this is no live round's
+BACKOFF_MAX = 3600.0  # seconds an unavailable delta is skipped at most before another try
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
 MOMENTUM_FILE = "momentum.safetensors"  # in scratch, from the merge until it is published
 
@@ -107,9 +114,13 @@ class Aggregator(PeerDaemon):
         self.holding: Lease | None = None
         self.seen_leases: dict[tuple[int, str], Lease] = {}  # (round, parent) -> last lease seen
         self.refused: set[tuple[str, str]] = set()  # (author, delta id) rejected: never again
+        self.admitted: dict[tuple[str, str], float] = {}  # arrived and inspected: its norm
+        self.unavailable: dict[tuple[str, str], tuple[int, float]] = {}  # failures, retry at
         self.status = "starting"
         self.accepted = 0  # deltas merged since start (heart-beaten for the swarm monitor)
         self.rejected: dict[str, int] = {}
+        self._counting = threading.Lock()
+        self._inspecting = threading.Lock()
         self.merge_seconds: float | None = None
         if settings.genesis is not None:
             self._adopt_genesis(settings.genesis)
@@ -243,23 +254,30 @@ class Aggregator(PeerDaemon):
         self._announce_head(head)
 
     def candidates(self, head: Head) -> list[Candidate]:
-        """Deltas announced against the head and its ancestors within the staleness window."""
+        """Deltas announced against the head and its ancestors within the staleness window,
+        ranked (:func:`rank_candidates`); refused ones and those backing off left out."""
         found: list[Candidate] = []
         base: str | None = head.base_id
+        now = time.monotonic()
         for age in range(self.config.staleness + 1):
             if base is None:
                 break
             for record in self.swarm.read(ANNOUNCE, topic=base):
-                if (record.author, record.body.delta_id) not in self.refused:
-                    found.append(Candidate(record.author, record.body, age))
+                key = (record.author, record.body.delta_id)
+                if record.body.base_id != base:  # filed under another base than it names
+                    continue
+                if key in self.refused or self.unavailable.get(key, (0, 0.0))[1] > now:
+                    continue
+                found.append(Candidate(record.author, record.body, age))
             parent = self.chain.get(base)
             base = parent.parent if parent else None
-        return pick_candidates(found, self.config.max_deltas)
+        return rank_candidates(found, head.base_id)
 
-    def _lease(self, head: Head) -> list[Candidate] | None:
-        """The deltas to merge once this aggregator holds the round's lease; None: not ours."""
+    def _lease(self, head: Head) -> list[tuple[Candidate, float]] | None:
+        """The deltas to merge (with their norms) once this aggregator holds the round's
+        lease; None: not ours, or not enough deltas have arrived."""
         round_ = head.round + 1
-        live = self._live_leases(round_, head.base_id)
+        live = self._live_leases(head)
         if live and live[0][0] != self.swarm.identity.author:
             self.seen_leases[(round_, head.base_id)] = live[0][1]  # to finish, should it lapse
             self.status = f"standby: round {round_} is leased to {live[0][0][:16]}"
@@ -279,28 +297,112 @@ class Aggregator(PeerDaemon):
         if len(candidates) < self.config.min_deltas:
             self.status = f"round {round_}: {len(candidates)} of {self.config.min_deltas} deltas"
             return None
+        admitted = self._admit(head, candidates)
+        if len(admitted) < self.config.min_deltas:
+            self.status = (
+                f"round {round_}: {len(admitted)} of {self.config.min_deltas} deltas arrived"
+            )
+            return None
         claim = Lease(
             round=round_,
             parent=head.base_id,
             claimed_at=get_dht_time(),
-            deltas=tuple(c.delta_id for c in candidates),
+            deltas=tuple(c.delta_id for c, _ in admitted),
         )
         self.swarm.publish(LEASE, claim, ttl=self.lease_seconds)
         time.sleep(self.lease_settle)
-        live = self._live_leases(round_, head.base_id)
+        live = self._live_leases(head)
         if not live or live[0][0] != self.swarm.identity.author:
             self.swarm.withdraw(LEASE)
             return None
         self.holding = claim
         self.metrics.lease_held.set(1)
-        logger.info("holding the lease of round %d with %d deltas", round_, len(candidates))
-        return candidates
+        logger.info("holding the lease of round %d with %d deltas", round_, len(admitted))
+        return admitted
 
-    def _live_leases(self, round_: int, parent: str) -> list[tuple[str, Lease]]:
+    def _admit(self, head: Head, ranked: list[Candidate]) -> list[tuple[Candidate, float]]:
+        """Fetch and inspect candidates in rank order until ``max_deltas`` have passed: a slot
+        goes only to a delta that arrived (within ADMIT_TIMEOUT) and is what it claims. One
+        that does not arrive is skipped for a while, longer each time; one that fails
+        inspection is refused for good."""
+        self.status = f"round {head.round + 1}: fetching deltas"
+        admitted: list[tuple[Candidate, float]] = []
+        signed: set[str] = set()  # delta ids whose signer's announcement passed
+        with ModelDir(self.bases.path(head.base_id)) as parent:
+            pending = list(ranked)
+            while pending and len(admitted) < self.config.max_deltas:
+                batch = _batch(pending, max(ADMIT_PARALLEL, self.config.max_deltas - len(admitted)))
+                pending = [c for c in pending if c not in batch]
+                with ThreadPoolExecutor(len(batch)) as pool:
+                    results = list(pool.map(lambda c: self._check(c, parent), batch))
+                for c, norm in zip(batch, results, strict=True):
+                    if norm is None or len(admitted) == self.config.max_deltas:
+                        continue
+                    if c.delta_id in signed:
+                        self._reject(c, "bad_signature", "a copy of another author's announcement")
+                        continue
+                    signed.add(c.delta_id)
+                    admitted.append((c, norm))
+        live = {(c.author, c.delta_id) for c in ranked}
+        self.admitted = {k: v for k, v in self.admitted.items() if k in live}
+        return admitted
+
+    def _check(self, c: Candidate, parent: ModelDir) -> float | None:
+        """The candidate's norm once it arrived and passed inspection; None otherwise."""
+        key = (c.author, c.delta_id)
+        if key in self.admitted:
+            return self.admitted[key]
+        if c.announcement.size > self.config.max_delta_bytes:  # refused before a byte moves
+            self._reject(c, "size", f"announced {c.announcement.size:,} bytes")
+            return None
+        try:
+            self.fetch(
+                c.delta_id,
+                timeout=ADMIT_TIMEOUT,
+                manifest_timeout=MANIFEST_TIMEOUT,
+                expected_size=c.announcement.size,
+            )
+        except (MergeswarmError, OSError, TimeoutError) as exc:
+            failures = self.unavailable.get(key, (0, 0.0))[0] + 1
+            wait = min(self.config.round_period * 2 ** (failures - 1), BACKOFF_MAX)
+            self.unavailable[key] = (failures, time.monotonic() + wait)
+            logger.warning(
+                "delta %s from %s unavailable (skipped for %.0f s): %s",
+                c.delta_id[:16],
+                c.author[:16],
+                wait,
+                exc,
+            )
+            return None
+        self.unavailable.pop(key, None)
+        self.metrics.deltas_received.inc()
+        try:
+            with self._inspecting:  # fetches overlap; inspections share the parent's files
+                _, norm = inspect_delta(
+                    self.store.path(c.delta_id),
+                    c,
+                    parent,
+                    max_bytes=self.config.max_delta_bytes,
+                    drop_rate=self.config.drop_rate,
+                )
+        except Rejected as exc:
+            self._reject(c, exc.reason, str(exc))
+            return None
+        self.admitted[key] = norm
+        return norm
+
+    def _live_leases(self, head: Head) -> list[tuple[str, Lease]]:
+        """Claims on the round after ``head``, earliest first. A claim dated before the head
+        appeared, in the future, or older than any round takes is nobody's: ignored (else
+        one claim dated 0 would put every aggregator on standby for ever)."""
+        now = get_dht_time()
+        earliest = max(now - MAX_ROUND_SECONDS, (head.created or 0.0) - CLOCK_SLACK)
         leases = [
             (r.author, r.body)
             for r in self.swarm.read(LEASE)
-            if r.body.round == round_ and r.body.parent == parent
+            if r.body.round == head.round + 1
+            and r.body.parent == head.base_id
+            and earliest <= r.body.claimed_at <= now + CLOCK_SLACK
         ]
         if self.config.aggregators:
             leases = [(a, b) for a, b in leases if a in self.config.aggregators]
@@ -312,39 +414,20 @@ class Aggregator(PeerDaemon):
             self.metrics.lease_held.set(0)
             self.swarm.withdraw(LEASE)
 
-    def run_round(self, head: Head, candidates: list[Candidate]) -> Head | None:
+    def run_round(self, head: Head, admitted: list[tuple[Candidate, float]]) -> Head | None:
+        """Screen the admitted deltas' norms, merge, gate and publish the child head."""
         round_ = head.round + 1
         parent_dir = self.bases.path(head.base_id)
-        self.status = f"round {round_}: fetching {len(candidates)} deltas"
-        norms: dict[str, float] = {}
-        accepted: dict[str, Candidate] = {}
-        with ModelDir(parent_dir) as parent:
-            for c in candidates:
-                if c.delta_id in accepted:  # its signer's announcement passed already
-                    self._reject(c, "bad_signature", "a copy of another author's announcement")
-                    continue
-                try:
-                    self.fetch(c.delta_id, timeout=FETCH_TIMEOUT, expected_size=c.announcement.size)
-                    self.metrics.deltas_received.inc()
-                    _, norms[c.delta_id] = inspect_delta(
-                        self.store.path(c.delta_id),
-                        c,
-                        parent,
-                        max_bytes=self.config.max_delta_bytes,
-                    )
-                    accepted[c.delta_id] = c
-                except Rejected as exc:
-                    self._reject(c, exc.reason, str(exc))
-                except (MergeswarmError, OSError, TimeoutError) as exc:
-                    logger.warning(
-                        "round %d: delta %s unavailable: %s", round_, c.delta_id[:16], exc
-                    )
+        norms = {c.delta_id: norm for c, norm in admitted}
+        accepted = {c.delta_id: c for c, _ in admitted}
         weights = screen_norms(norms, self.config.norm_factor, self.config.norm_action)
         inputs = []
         for delta_id, c in accepted.items():
             weight = weights[delta_id]
-            if weight is None:
-                self._reject(c, "norm", f"norm {norms[delta_id]:.4g} is far above the round's")
+            if weight is None:  # this round's verdict: it may fit another round's deltas
+                self._count_rejection(
+                    c, "norm", f"norm {norms[delta_id]:.4g} is far above the round's"
+                )
                 continue
             if weight < 1.0:
                 logger.info("round %d: delta %s clipped to %.3g", round_, delta_id[:16], weight)
@@ -372,9 +455,15 @@ class Aggregator(PeerDaemon):
         return new
 
     def _reject(self, c: Candidate, reason: str, message: str) -> None:
+        """Refuse a delta for good (it is what it is: no later round takes it)."""
         self.refused.add((c.author, c.delta_id))
+        self.admitted.pop((c.author, c.delta_id), None)
+        self._count_rejection(c, reason, message)
+
+    def _count_rejection(self, c: Candidate, reason: str, message: str) -> None:
         self.metrics.deltas_rejected.labels(reason=reason).inc()
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        with self._counting:  # admission checks candidates on several threads
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
         logger.warning("rejected delta %s from %s: %s", c.delta_id[:16], c.author[:16], message)
 
     def _merge(self, head: Head, inputs: list[MergeInput]) -> Path:
@@ -505,3 +594,17 @@ class Aggregator(PeerDaemon):
                 self.store.unpin(blob, MOMENTUM_PIN)
                 if not self.store.pins(blob):
                     self.store.delete(blob)
+
+
+def _batch(ranked: list[Candidate], n: int) -> list[Candidate]:
+    """The first ``n`` candidates in rank order whose delta ids differ (two announcements of
+    one id are never fetched at once: the second waits for the next batch)."""
+    batch: list[Candidate] = []
+    ids: set[str] = set()
+    for c in ranked:
+        if len(batch) == n:
+            break
+        if c.delta_id not in ids:
+            ids.add(c.delta_id)
+            batch.append(c)
+    return batch

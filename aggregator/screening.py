@@ -1,15 +1,16 @@
 """What an aggregator lets into a round: pure checks of announced deltas.
 
-:func:`pick_candidates` chooses at most one delta per author among those
-announced against the head and its recent ancestors; :func:`inspect_delta`
-opens one fetched ``.msd`` and checks it end to end (signature, author, base,
-layout, finite values) while measuring its norm; :func:`screen_norms` holds
-each norm against the round's median, so that one delta scaled up a hundred
-times cannot drag the merge.
+:func:`rank_candidates` orders one delta per author among those announced
+against the head and its recent ancestors, in an order no author can choose;
+:func:`inspect_delta` opens one fetched ``.msd`` and checks it end to end
+(signature, author, base, layout, finite values) while measuring its norm;
+:func:`screen_norms` holds each norm against the round's median, so that one
+delta scaled up a hundred times cannot drag the merge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import dataclass
@@ -52,25 +53,40 @@ class Candidate:
         return self.announcement.delta_id
 
 
-def pick_candidates(announced: list[Candidate], max_deltas: int) -> list[Candidate]:
-    """One delta per author (the freshest, then the smaller id), freshest first, at most
-    ``max_deltas``.
+def rank_candidates(announced: list[Candidate], beacon: str) -> list[Candidate]:
+    """One delta per author (the freshest, then the first in rank), freshest first, then in
+    an order drawn from ``beacon`` (the head's base id).
 
-    The order and the cut are deterministic, so every aggregator picks the same set. A
-    delta id announced by several authors stays under each: inspection passes only its
-    signer's, so a replayed announcement cannot crowd out the real one.
+    The order is the same for every aggregator, and a delta's place in it is the hash of
+    the beacon and its id: an author can grind ids for a small one only after the head
+    appeared, and a slot goes to a delta only once it has arrived and passed inspection
+    (the aggregator's admission), so made-up ids cannot crowd honest deltas out. A delta id
+    announced by several authors stays under each: inspection passes only its signer's.
     """
-    order = lambda c: (c.age, c.delta_id, c.author)  # noqa: E731 - total: no input order leaks
+
+    def order(c: Candidate) -> tuple[int, bytes, str]:  # total: no input order leaks
+        draw = hashlib.sha256(f"{beacon}:{c.delta_id}".encode()).digest()
+        return (c.age, draw, c.author)
+
     best: dict[str, Candidate] = {}
     for c in sorted(announced, key=order):
         best.setdefault(c.author, c)
-    return sorted(best.values(), key=order)[:max_deltas]
+    return sorted(best.values(), key=order)
 
 
 def inspect_delta(
-    path: Path, candidate: Candidate, head: ModelDir, *, max_bytes: int
+    path: Path,
+    candidate: Candidate,
+    head: ModelDir,
+    *,
+    max_bytes: int,
+    drop_rate: float | None = None,
 ) -> tuple[str, float]:
-    """(base id it was trained on, L2 norm of its task vector), or raise :class:`Rejected`."""
+    """(base id it was trained on, L2 norm of its task vector), or raise :class:`Rejected`.
+
+    :param drop_rate: the DARE drop rate the swarm's config requires (None: any). Its mask
+        is regenerated from the header's seed and rate, so the rate is what was applied.
+    """
     a = candidate.announcement
     size = path.stat().st_size
     if size > max_bytes or size != a.size:
@@ -80,6 +96,7 @@ def inspect_delta(
             if reader.header.base_id != a.base_id:
                 raise Rejected("unknown_base", f"delta {a.delta_id[:16]}: not the announced base")
             check_fits(reader, head, reader.header.base_id)
+            used = reader.header.sparsifier.drop_rate
             squares = 0.0
             for name in reader.names():
                 values = reader.read_tensor(name).double()
@@ -95,6 +112,8 @@ def inspect_delta(
         raise Rejected("malformed", str(exc)) from None
     if not math.isfinite(norm):
         raise Rejected("non_finite", f"delta {a.delta_id[:16]}: its norm overflows")
+    if drop_rate is not None and abs(used - drop_rate) > 1e-9:  # denser: it would weigh more
+        raise Rejected("drop_rate", f"delta {a.delta_id[:16]}: drop rate {used}, not {drop_rate}")
     return a.base_id, norm
 
 

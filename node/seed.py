@@ -27,6 +27,8 @@ from protocol.records import ANNOUNCE, Head
 
 logger = logging.getLogger(__name__)
 
+DELTA_MANIFEST_TIMEOUT = 5.0  # seconds to find a provider of an announced delta
+
 
 class Seed(PeerDaemon):
     role = "seed"
@@ -54,7 +56,8 @@ class Seed(PeerDaemon):
         named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators
         wanted = {b: (HEAD_PIN, None) for b in named if b}
         for record in self.swarm.read(ANNOUNCE, topic=head.base_id):
-            wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
+            if record.body.base_id == head.base_id:  # not one filed under another base
+                wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
         return wanted
 
     def mirror_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
@@ -83,6 +86,8 @@ class Seed(PeerDaemon):
                     self.fetch(
                         blob_id,
                         timeout=self.fetch_timeout,
+                        # an announced id nobody provides must not hold the others up
+                        manifest_timeout=DELTA_MANIFEST_TIMEOUT if reason == DELTA_PIN else None,
                         serve_while_fetching=self.upload,
                         expected_size=size,
                     )

@@ -26,4 +26,5 @@ DELTA_REJECT_REASONS = (
     "malformed",
     "norm",
     "eval_gate",
+    "drop_rate",
 )

@@ -4,10 +4,12 @@ aggregator continues bit for bit. The same with daemons on libp2p: tests/test_ag
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 
 import pytest
+from hivemind.utils import get_dht_time
 from prometheus_client import generate_latest
 
 from aggregator.engine import MergeInput, merge_models
@@ -17,8 +19,9 @@ from node.config import MonitorSettings
 from node.monitor.monitor import Monitor
 from node.net.blobstore import HEAD_PIN
 from node.seed import Seed
+from protocol.delta import create_delta
 from protocol.ids import file_hasher
-from protocol.records import BASE
+from protocol.records import ANNOUNCE, BASE, LEASE, DeltaAnnouncement, Lease
 from tests.forge import nan_delta, scaled_finetune
 from tests.unit.world import World, step
 
@@ -87,7 +90,7 @@ def test_hostile_deltas_are_refused_once_and_counted_and_the_honest_ones_merged(
     made = world.root / "made"
     made.mkdir()
     honest = [world.announce_delta(tiny_finetuned, seed=s) for s in (1, 2)]
-    world.announce_delta(scaled_finetune(tiny_base, tiny_finetuned, made / "big", 100))
+    big = world.announce_delta(scaled_finetune(tiny_base, tiny_finetuned, made / "big", 100))
     world.announce_delta(tiny_base, base=tiny_finetuned)  # made against another base
     nan_swarm, nan_store = world.peer("nan")
     nan_delta(made / "nan.msd", tiny_base, nan_swarm.identity)
@@ -102,8 +105,10 @@ def test_hostile_deltas_are_refused_once_and_counted_and_the_honest_ones_merged(
         assert f'mergeswarm_deltas_rejected_total{{reason="{reason}"}} 1.0' in text
     assert "mergeswarm_deltas_accepted_total 2.0" in text
     genesis = agg.chain[agg.head.parent]  # refused once: never a candidate again
-    assert len(agg.refused) == 4
-    assert {(c.author, c.delta_id) for c in agg.candidates(genesis)}.isdisjoint(agg.refused)
+    assert len(agg.refused) == 3
+    left = {(c.author, c.delta_id) for c in agg.candidates(genesis)}
+    assert left.isdisjoint(agg.refused)
+    assert big in {d for _, d in left}  # too large for this round's deltas, not for every round's
 
 
 def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(world, finetunes):
@@ -169,3 +174,72 @@ def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(wor
                               density=config.density, outer=outer)  # fmt: skip
         assert report.child_id == h.base_id
         assert file_hasher(outer.out).hexdigest() == h.momentum_id
+
+
+def test_made_up_announcements_from_sixteen_keys_do_not_stall_the_round(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], min_deltas=2, max_deltas=4), genesis=world.genesis
+    )
+    step(agg)
+    sybils = []
+    for i in range(16):  # each offers an id nobody holds (and claims to provide it)
+        swarm, store = world.peer(f"sybil{i}")
+        fake = secrets.token_hex(32)
+        swarm.transfers(store).announce(fake)
+        body = DeltaAnnouncement(base_id=world.genesis_id, delta_id=fake, size=1000, round=0)
+        assert swarm.publish(ANNOUNCE, body, topic=world.genesis_id)
+        sybils.append((swarm.identity.author, fake))
+    honest = [world.announce_delta(ft, seed=i) for i, ft in enumerate(finetunes[:2])]
+    step(agg)
+    assert agg.head.round == 1 and sorted(agg.head.merged) == sorted(honest)
+    assert set(agg.unavailable) == set(sybils)  # each tried once, now skipped for a while
+    assert not any(agg.store.has(fake) for _, fake in sybils)
+    assert all(k not in agg.refused for k in sybils)  # absent, not proven bad: tried later
+    ranked = agg.candidates(agg.chain[agg.head.parent])
+    assert {(c.author, c.delta_id) for c in ranked}.isdisjoint(sybils)
+
+
+def test_a_slot_goes_only_to_a_delta_that_arrived_and_max_deltas_holds(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], min_deltas=1, max_deltas=2), genesis=world.genesis
+    )
+    step(agg)
+    honest = [world.announce_delta(finetunes[i % 3], seed=i) for i in range(4)]
+    step(agg)
+    assert agg.head.deltas == 2 and set(agg.head.merged) <= set(honest)
+
+
+def test_an_announcement_filed_under_another_base_or_too_large_takes_no_fetch(
+    world, tiny_finetuned
+):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], max_delta_bytes=1 << 20), genesis=world.genesis
+    )
+    step(agg)
+    swarm, store = world.peer("liar")
+    path = world.root / "liar.msd"
+    create_delta(world.genesis, tiny_finetuned, path, identity=swarm.identity, drop_rate=0.5)
+    delta = store.add_file(path)
+    swarm.transfers(store).announce(delta)
+    other = "e" * 64  # names another base than the topic it is filed under
+    body = DeltaAnnouncement(base_id=other, delta_id=delta, size=store.size(delta), round=0)
+    assert swarm.publish(ANNOUNCE, body, topic=world.genesis_id)
+    huge = body.model_copy(update={"base_id": world.genesis_id, "size": 1 << 30})
+    big, big_store = world.peer("big")
+    assert big.publish(ANNOUNCE, huge, topic=world.genesis_id)
+    assert [c.author for c in agg.candidates(agg.head)] == [big.identity.author]
+    step(agg)
+    assert agg.rejected == {"size": 1} and not agg.store.has(delta)
+    assert agg.head.round == 0
+
+
+def test_a_lease_dated_before_the_head_or_in_the_future_puts_nobody_on_standby(world, finetunes):
+    agg = world.aggregator("agg", world.config([]), genesis=world.genesis)  # an open swarm
+    step(agg)
+    world.announce_delta(finetunes[0])
+    for name, claimed_at in (("past", 0.0), ("future", get_dht_time() + 3600)):
+        stranger, _ = world.peer(name)
+        claim = Lease(round=1, parent=agg.head.base_id, claimed_at=claimed_at)
+        assert stranger.publish(LEASE, claim, ttl=600)
+    step(agg)
+    assert agg.head.round == 1, agg.status

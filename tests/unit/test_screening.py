@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aggregator.screening import Candidate, Rejected, inspect_delta, pick_candidates, screen_norms
+from aggregator.screening import Candidate, Rejected, inspect_delta, rank_candidates, screen_norms
 from protocol.container import DeltaReader
 from protocol.delta import create_delta
 from protocol.identity import Identity
@@ -31,14 +32,18 @@ def _candidate(author: str, delta_id: str, age: int) -> Candidate:
     return Candidate(author, announcement, age)
 
 
-def _picked(candidates: list[Candidate], max_deltas: int = 32) -> list[tuple[str, str, int]]:
-    return [(c.author, c.delta_id, c.age) for c in pick_candidates(candidates, max_deltas)]
+def _picked(candidates: list[Candidate], beacon: str = BASE) -> list[tuple[str, str, int]]:
+    return [(c.author, c.delta_id, c.age) for c in rank_candidates(candidates, beacon)]
 
 
-# pick_candidates
+def _draw(beacon: str, delta_id: str) -> bytes:
+    return hashlib.sha256(f"{beacon}:{delta_id}".encode()).digest()
 
 
-def test_pick_keeps_each_authors_freshest_delta():
+# rank_candidates
+
+
+def test_rank_keeps_each_authors_freshest_delta():
     alice, bob = "a" * 64, "b" * 64
     got = _picked(
         [_candidate(alice, _id(1), 1), _candidate(alice, _id(2), 0), _candidate(bob, _id(3), 1)]
@@ -46,58 +51,43 @@ def test_pick_keeps_each_authors_freshest_delta():
     assert got == [(alice, _id(2), 0), (bob, _id(3), 1)]
 
 
-def test_pick_breaks_an_authors_tie_in_age_by_the_smaller_delta_id():
+def test_rank_breaks_an_authors_tie_in_age_by_the_beacons_draw():
     alice = "a" * 64
     got = _picked([_candidate(alice, _id(9), 0), _candidate(alice, _id(4), 0)])
-    assert got == [(alice, _id(4), 0)]
+    first = min((_id(9), _id(4)), key=lambda d: _draw(BASE, d))
+    assert got == [(alice, first, 0)]
 
 
-def test_pick_takes_a_delta_announced_twice_once():
+def test_rank_takes_a_delta_announced_twice_once():
     alice = "a" * 64
     got = _picked([_candidate(alice, _id(5), 0), _candidate(alice, _id(5), 0)])
     assert got == [(alice, _id(5), 0)]
 
 
-def test_pick_orders_freshest_first_then_by_delta_id():
-    authors = [c * 64 for c in "abcde"]
-    got = _picked(
-        [
-            _candidate(authors[0], _id(7), 1),
-            _candidate(authors[1], _id(3), 2),
-            _candidate(authors[2], _id(8), 0),
-            _candidate(authors[3], _id(2), 1),
-            _candidate(authors[4], _id(6), 0),
-        ]
-    )
-    assert [(d, age) for _, d, age in got] == [
-        (_id(6), 0),
-        (_id(8), 0),
-        (_id(2), 1),
-        (_id(7), 1),
-        (_id(3), 2),
-    ]
+def test_rank_orders_freshest_first_then_by_a_draw_no_author_chooses():
+    authors = [c * 64 for c in "abcdefgh"]
+    announced = [_candidate(a, _id(i), i % 2) for i, a in enumerate(authors)]
+    for beacon in (BASE, "f" * 64):
+        got = _picked(announced, beacon)
+        assert [age for _, _, age in got] == [0] * 4 + [1] * 4
+        for age in (0, 1):
+            ids = [d for _, d, a in got if a == age]
+            assert ids == sorted(ids, key=lambda d, b=beacon: _draw(b, d))
+    # the smallest id is not first by right: which one leads depends on the head
+    assert _picked(announced, BASE) != _picked(announced, "f" * 64)
 
 
-def test_pick_cuts_at_max_deltas_keeping_the_freshest():
-    announced = [_candidate(f"{i:064x}", _id(100 + i), age=i % 3) for i in range(10)]
-    got = _picked(announced, max_deltas=4)
-    # ages 0 are authors 0, 3, 6, 9; they fill the cut before any older delta.
-    assert [d for _, d, _ in got] == [_id(100), _id(103), _id(106), _id(109)]
-    assert _picked(announced, max_deltas=0) == []
-
-
-def test_pick_does_not_depend_on_the_order_of_announcements():
+def test_rank_does_not_depend_on_the_order_of_announcements():
     rng = random.Random(0)
     announced = [
         _candidate(f"{rng.randrange(6):064x}", _id(rng.randrange(40)), rng.randrange(3))
         for _ in range(60)
     ]
-    want = _picked(announced, max_deltas=5)
-    assert len(want) == 5
-    assert len({author for author, _, _ in want}) == 5
+    want = _picked(announced)
+    assert len(want) == len({author for author, _, _ in want}) == 6
     for _ in range(20):
         rng.shuffle(announced)
-        assert _picked(announced, max_deltas=5) == want
+        assert _picked(announced) == want
 
 
 def test_a_delta_id_announced_by_two_authors_stays_under_both_whatever_the_order():
@@ -286,3 +276,16 @@ def test_a_delta_that_overflows_once_rescaled_is_rejected_as_non_finite(
     path = tmp_path / "huge.msd"
     single_tensor_delta(path, tiny_base, author, torch.tensor(3e38))  # x10 by DARE: overflow
     assert _reason(path, _announce(path, author.author), tiny_base) == "non_finite"
+
+
+def test_a_delta_sparsified_at_another_rate_than_the_swarms_is_rejected(
+    tiny_base, tiny_finetuned, author, tmp_path
+):
+    path = tmp_path / "dense.msd"
+    create_delta(tiny_base, tiny_finetuned, path, identity=author, drop_rate=0.0, seed=1)
+    candidate = _announce(path, author.author)
+    with ModelDir(tiny_base) as md:
+        assert inspect_delta(path, candidate, md, max_bytes=MAX_BYTES, drop_rate=0.0)[1] > 0
+        with pytest.raises(Rejected) as info:  # denser than the swarm's 0.9: it would weigh more
+            inspect_delta(path, candidate, md, max_bytes=MAX_BYTES, drop_rate=0.9)
+    assert info.value.reason == "drop_rate"

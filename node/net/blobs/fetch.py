@@ -92,9 +92,11 @@ class Fetcher:
         max_sources: int = 8,
         serve_while_fetching: bool = True,
         expected_size: int | None = None,
+        manifest_timeout: float | None = None,
         stats: TransferStats | None = None,
     ) -> None:
         self.swarm = swarm
+        self.manifest_timeout = manifest_timeout  # seconds to find a provider; None: the whole
         self.store = store
         self.blob_id = blob_id
         self.max_sources = max_sources
@@ -114,7 +116,8 @@ class Fetcher:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        manifest = await self._find_manifest(deadline)
+        looking = min(timeout, self.manifest_timeout or timeout)
+        manifest = await self._find_manifest(loop.time() + looking)
         try:
             self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
         except (QuotaError, OSError) as exc:

@@ -1,0 +1,80 @@
+"""Attacks from strangers with free keys, played against a real aggregator daemon on 127.0.0.1:
+the round still merges the honest deltas. (The same decisions, in milliseconds and with more
+variants, on an in-memory swarm: tests/unit/test_aggregator_rounds.py.)"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+
+from node.chain.history import current_head
+from node.net.blobs import BlobService, announce
+from node.net.blobstore import BlobStore
+from protocol.delta import create_delta
+from protocol.identity import Identity
+from protocol.ids import base_id
+from protocol.records import ANNOUNCE, DeltaAnnouncement
+from tests.swarm import run_cli, start_peer, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+ROUND_PERIOD = 20.0
+
+
+def test_sixteen_keys_announcing_made_up_deltas_do_not_stall_the_round(
+    tmp_path, local_peer, tiny_base, finetunes
+):
+    config = tmp_path / "swarm.toml"
+    out = run_cli(
+        "init", "--genesis", str(tiny_base), "-o", str(config), "--aggregator-dir",
+        str(tmp_path / "agg"), "--round-period", str(ROUND_PERIOD), "--min-deltas", "2",
+        "--max-deltas", "4", "--staleness", "0", "--drop-rate", "0.5", timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    agg = start_peer(
+        tmp_path / "agg", "--config", str(config), "--genesis", str(tiny_base),
+        "--heartbeat-every", "1", command="aggregator",
+    )  # fmt: skip
+    observer = local_peer("observer", join=[agg.maddrs[0]], swarm_id=_swarm_id(config))
+    wait_for(lambda: current_head(observer, set()), 60, "the genesis head")
+    genesis = base_id(tiny_base)
+    store = BlobStore(tmp_path / "observer" / "blobs")
+    BlobService(observer, store).register()
+
+    def publish_as(who: Identity, body: DeltaAnnouncement) -> None:
+        own, observer.identity = observer.identity, who
+        try:
+            assert observer.publish(ANNOUNCE, body, topic=genesis)
+        finally:
+            observer.identity = own
+
+    for i in range(16):  # half claim a provider (this peer, which does not hold them), half none
+        fake = secrets.token_hex(32)
+        if i % 2:
+            announce(observer, fake)
+        body = DeltaAnnouncement(base_id=genesis, delta_id=fake, size=90_000, round=0)
+        publish_as(Identity.generate(), body)
+    honest = []
+    for i, finetuned in enumerate(finetunes[:2]):
+        who = Identity.generate()
+        path = tmp_path / f"honest{i}.msd"
+        create_delta(tiny_base, finetuned, path, identity=who, drop_rate=0.5, seed=i)
+        honest.append(store.add_file(path))
+        announce(observer, honest[-1])
+        size = store.size(honest[-1])
+        publish_as(who, DeltaAnnouncement(base_id=genesis, delta_id=honest[-1], size=size, round=0))
+    announced_at = time.monotonic()
+
+    head = wait_for(
+        lambda: (h := current_head(observer, set())) and h.round >= 1 and h, 180, "round 1"
+    )
+    took = time.monotonic() - announced_at
+    assert sorted(head.merged) == sorted(honest)
+    assert took < 2 * ROUND_PERIOD, f"round 1 came {took:.0f} s after the announcements"
+
+
+def _swarm_id(config) -> str:
+    from protocol.swarm_config import load_swarm_config
+
+    return load_swarm_config(config).swarm_id
