@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from node.chain.history import current_head
+from node.chain.history import current_head, find_config, trusted_authors
 from node.config import SeedSettings
 from node.daemon.peer import PeerDaemon
 from node.net.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
@@ -24,6 +24,7 @@ from protocol.errors import MergeswarmError
 from protocol.model_dir import ModelDir
 from protocol.patch import write_patch
 from protocol.records import ANNOUNCE, Head
+from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Seed(PeerDaemon):
         settings = settings or SeedSettings()
         super().__init__(swarm, store, settings)
         self.settings = settings
-        self.trusted = set(settings.trusted_aggregators)
+        self.config: SwarmConfig | None = None  # the swarm's, once in sight
         self.mirror = settings.mirror
         self.upload = settings.upload
         self._retry_at: dict[str, float] = {}
@@ -48,9 +49,9 @@ class Seed(PeerDaemon):
 
     def wanted(self) -> dict[str, tuple[str, int | None]]:
         """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
-        head = self.head = current_head(
-            self.swarm, self.trusted
-        )  # heart-beaten: the monitor shows the seed's lag too
+        self.config = self.config or find_config(self.swarm)
+        trusted = trusted_authors(self.swarm, self.config, self.settings.trusted_aggregators)
+        head = self.head = current_head(self.swarm, trusted)  # heart-beaten: shows its lag
         if head is None:
             return {}
         named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators

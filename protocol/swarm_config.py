@@ -4,13 +4,25 @@ It names the genesis base, the merge recipe and outer optimizer, the volunteers'
 codec, the round policy, how aggregators screen deltas, and the aggregators
 volunteers trust. Aggregators publish it in the DHT (record kind ``config``),
 so a volunteer needs only a multiaddr; one that pins ``--swarm-config`` or
-already adopted a config keeps its own (trust on first use).
+already adopted a config keeps its own.
+
+The swarm id commits to who is trusted: ``mergeswarm init`` ends it with
+``-t`` and a hash of the genesis id and the aggregators' keys (the trust
+anchor). A config whose genesis or aggregators do not hash to its swarm id's
+anchor does not validate, so no config record a stranger publishes can name
+other aggregators: a peer that joins with nothing but the swarm id (learned
+from the peer it joins through, and checked by every record's key) follows
+only the aggregators the swarm was made with. Ids without an anchor (older
+swarms) keep the old rule: the config of the smallest trusted author.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +33,25 @@ from protocol.errors import MergeswarmError, one_line
 from protocol.schema import Body, Hex64, SwarmId
 
 CONFIG_VERSION = 1
+ANCHOR_HEX = 16  # hex digits of the trust anchor at the end of a swarm id (64 bits)
+_ANCHORED = re.compile(rf"-t([0-9a-f]{{{ANCHOR_HEX}}})$")
+
+
+def trust_anchor(genesis_id: str, aggregators: Iterable[str]) -> str:
+    """The hash a swarm id ends with: the genesis and the set of trusted aggregators."""
+    text = "mergeswarm-trust-v1\n" + genesis_id + "\n" + ",".join(sorted(set(aggregators)))
+    return hashlib.sha256(text.encode()).hexdigest()[:ANCHOR_HEX]
+
+
+def anchored_swarm_id(name: str, genesis_id: str, aggregators: Iterable[str]) -> str:
+    """``name`` with the trust anchor of the genesis and aggregators appended."""
+    return f"{name}-t{trust_anchor(genesis_id, aggregators)}"
+
+
+def swarm_anchor(swarm_id: str) -> str | None:
+    """The trust anchor a swarm id ends with; None for an id without one."""
+    found = _ANCHORED.search(swarm_id)
+    return found.group(1) if found else None
 
 
 class SwarmConfigError(MergeswarmError):
@@ -107,6 +138,11 @@ class SwarmConfig(Body):
     def _consistent(self) -> SwarmConfig:
         if self.min_deltas > self.max_deltas:
             raise ValueError(f"min_deltas {self.min_deltas} exceeds max_deltas {self.max_deltas}")
+        anchor = swarm_anchor(self.swarm_id)
+        if anchor is not None and anchor != trust_anchor(self.genesis_id, self.aggregators):
+            raise ValueError(
+                f"the genesis and aggregators do not match swarm {self.swarm_id}'s trust anchor"
+            )
         return self
 
     def trusts(self, author: str) -> bool:

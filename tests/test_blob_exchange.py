@@ -153,6 +153,8 @@ def test_a_client_mode_peer_pushes_its_delta_to_a_seed_that_then_serves_it(
     observer.publish("announce", announcement, topic=header.base_id)
     _add(volunteer, delta)
     wait_for(lambda: (seed.data_dir / "blobs" / delta_id).is_file(), 60, "the push to the seed")
+    pushed = f"pushed {delta_id[:16]} to seed"  # and the pusher saw the seed's result
+    wait_for(lambda: pushed in volunteer.log.read_text(), 60, "the pusher to see it taken")
     assert not (seed.data_dir / "blobs" / bytes_id(unannounced.read_bytes())).exists()
     volunteer.kill9()  # the seed alone must now serve it
     out = run_cli(

@@ -11,7 +11,7 @@ from node.net.member import SwarmMember
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
 from protocol.records import BASE, CONFIG, HEAD, Head
-from protocol.swarm_config import SwarmConfig
+from protocol.swarm_config import SwarmConfig, swarm_anchor
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +22,10 @@ def find_config(swarm: SwarmMember) -> SwarmConfig | None:
     """The swarm's config as published by its aggregators, or None.
 
     A config is taken only from an author it names as an aggregator (or from anyone, for an
-    open swarm that names none); where they disagree, the smallest author wins, so every
-    reader picks the same one. Pin a config file to trust nothing read here.
+    open swarm that names none). Where the swarm id carries a trust anchor, a config that
+    names other aggregators than the swarm was made with does not even validate (see
+    protocol.swarm_config); where it does not, the smallest author wins, so every reader
+    picks the same one. Pin a config file to trust nothing read here.
     """
     for record in swarm.read(CONFIG):  # sorted by author
         if record.body.swarm_id == swarm.swarm_id and record.body.trusts(record.author):
@@ -31,9 +33,21 @@ def find_config(swarm: SwarmMember) -> SwarmConfig | None:
     return None
 
 
-def current_head(swarm: SwarmMember, trusted: Collection[str]) -> Head | None:
+def trusted_authors(
+    swarm: SwarmMember, config: SwarmConfig | None, own: Collection[str] = ()
+) -> set[str] | None:
+    """Whose heads count: ``own`` and the config's aggregators (empty: anyone's). None while
+    a swarm whose id carries a trust anchor has no config in sight: follow nothing yet."""
+    if config is None:
+        return None if swarm_anchor(swarm.swarm_id) else set(own)
+    return set(own) | set(config.aggregators)
+
+
+def current_head(swarm: SwarmMember, trusted: Collection[str] | None) -> Head | None:
     """The head every role follows: fork choice over the heads by ``trusted`` authors (any
-    author when empty)."""
+    author when empty; none when None)."""
+    if trusted is None:
+        return None
     heads = [(r.author, r.body) for r in swarm.read(HEAD)]
     chosen = choose_head(heads, trusted)
     return chosen[1] if chosen else None
@@ -50,8 +64,11 @@ def chain_to(
     swarm: SwarmMember, *, round_: int | None = None, base: str | None = None
 ) -> list[Head]:
     """The heads from the nearest snapshot up to the target (the head, round N or base ID)."""
-    config = find_config(swarm)
-    trusted = set(config.aggregators) if config else set()
+    trusted = trusted_authors(swarm, find_config(swarm))
+    if trusted is None:
+        raise MergeswarmError(
+            "no config of this swarm from the aggregators its id was made with is in sight yet"
+        )
     head = current_head(swarm, trusted)
     if head is None:
         raise MergeswarmError("the swarm has no head yet (no aggregator has published one)")

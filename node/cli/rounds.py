@@ -81,7 +81,12 @@ def run_init(args: argparse.Namespace) -> int:
     from protocol.ids import base_id
     from protocol.model_dir import ModelDir
     from protocol.records import is_swarm_id
-    from protocol.swarm_config import SwarmConfig, parse_config
+    from protocol.swarm_config import (
+        SwarmConfig,
+        anchored_swarm_id,
+        parse_config,
+        swarm_anchor,
+    )
 
     if args.output.exists() and not args.force:
         raise MergeswarmError(f"{args.output}: already exists (--force to overwrite)")
@@ -94,14 +99,27 @@ def run_init(args: argparse.Namespace) -> int:
     for data_dir in args.aggregator_dir:
         aggregators.append(Identity.load_or_create(DataDir(data_dir).identity).author)
     values["aggregators"] = sorted(set(aggregators))
-    swarm_id = args.swarm_id or _new_swarm_id()
+    genesis = base_id(ModelDir(args.genesis))
+    name = args.swarm_id or _new_swarm_id()
+    # the id ends with a hash of the genesis and the aggregators: peers that know the id
+    # take no config that names others (an id that already ends with one is kept)
+    swarm_id = name
+    if swarm_anchor(name) is None:
+        swarm_id = anchored_swarm_id(name, genesis, values["aggregators"])
     if not is_swarm_id(swarm_id):
-        raise MergeswarmError(f"swarm id {swarm_id!r}: use 3-64 of a-z, 0-9 and '-'")
-    values |= {"swarm_id": swarm_id, "genesis_id": base_id(ModelDir(args.genesis))}
+        raise MergeswarmError(
+            f"swarm id {swarm_id!r}: use 3-46 of a-z, 0-9 and '-' for --swarm-id "
+            "(the trust anchor, -t and 16 hex digits, is appended)"
+        )
+    values |= {"swarm_id": swarm_id, "genesis_id": genesis}
     config = parse_config(values, "mergeswarm init")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(config.to_toml())
     print(f"swarm {config.swarm_id}, genesis {config.genesis_id[:16]}: wrote {args.output}")
+    print(
+        f"its id ends with the trust anchor of the genesis and {len(config.aggregators)} "
+        "aggregator(s): peers that join it follow no other config"
+    )
     if not config.aggregators:
         print("no --aggregator-dir given: volunteers will follow any aggregator (open swarm)")
     return 0

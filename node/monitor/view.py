@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from hivemind.utils import get_dht_time
 
-from node.chain.history import current_head, find_config
+from node.chain.history import current_head, find_config, trusted_authors
 from node.net.member import SwarmMember
 from protocol.records import HEARTBEAT, Head, Heartbeat
 from protocol.swarm_config import SwarmConfig
@@ -91,11 +91,10 @@ class SwarmView:
 
 def read_view(swarm: SwarmMember, trusted: set[str] | None = None) -> SwarmView:
     """The swarm as its records tell it now (``trusted``: whose heads count; default: the
-    aggregators the swarm's config names, or anyone)."""
+    aggregators the swarm's config names, or anyone; nobody's while a swarm whose id
+    carries a trust anchor shows no config)."""
     config = find_config(swarm)
-    if trusted is None:
-        trusted = set(config.aggregators) if config else set()
-    head = current_head(swarm, trusted)
+    head = current_head(swarm, trusted if trusted is not None else trusted_authors(swarm, config))
     peers = []
     for record in swarm.read(HEARTBEAT):
         beat = record.body

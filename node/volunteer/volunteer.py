@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from node.chain.bases import Bases
-from node.chain.history import current_head, find_config, sync_head
+from node.chain.history import current_head, find_config, sync_head, trusted_authors
 from node.config import VolunteerSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import NodeMetrics
@@ -98,9 +98,9 @@ class Volunteer(PeerDaemon):
             logger.info("adopted the config of swarm %s", config.swarm_id)
 
     @property
-    def trusted(self) -> set[str]:
-        own = set(self.settings.trusted_aggregators)
-        return own | set(self.config.aggregators) if self.config else own
+    def trusted(self) -> set[str] | None:
+        """Whose heads count (None: nobody's until the swarm's config is in sight)."""
+        return trusted_authors(self.swarm, self.config, self.settings.trusted_aggregators)
 
     def rule(self, name: str):
         """A swarm-wide rule (drop rate, codec, rebase policy): the swarm's config wins."""
@@ -184,7 +184,10 @@ class Volunteer(PeerDaemon):
     def sync(self, head: Head) -> Path:
         if not self.bases.has(head.base_id):
             self.status = f"fetching base {head.base_id[:16]}"
-        return sync_head(self.swarm, self.bases, head, self.trusted)
+        trusted = self.trusted
+        if trusted is None:  # a head is followed only once the config is in sight
+            raise MergeswarmError("no config of the swarm in sight to check the head against")
+        return sync_head(self.swarm, self.bases, head, trusted)
 
     # -- training thread ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from protocol.delta import create_delta
 from protocol.identity import Identity
 from protocol.ids import base_id
 from protocol.records import ANNOUNCE, DeltaAnnouncement, Head
-from protocol.swarm_config import SwarmConfig, parse_config
+from protocol.swarm_config import SwarmConfig, anchored_swarm_id, parse_config
 
 
 class World:
@@ -30,6 +30,14 @@ class World:
         self.genesis_id = base_id(genesis)
         self.net = MemoryNet("mem-swarm")
         self.made = 0
+
+    def anchor(self, aggregators: list[str]) -> str:
+        """Give the swarm an id that commits to the genesis and these aggregators (as
+        ``mergeswarm init`` does); call before any peer joins. The new id."""
+        assert not self.net.peers, "peers joined under the old id"
+        names = [self.author(name) for name in aggregators]
+        self.net = MemoryNet(anchored_swarm_id("mem-swarm", self.genesis_id, names))
+        return self.net.swarm_id
 
     def peer(self, name: str) -> tuple[MemorySwarm, BlobStore]:
         """Join (or, with a data dir used before, rejoin) the swarm: (swarm, blob store)."""
