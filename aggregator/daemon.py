@@ -43,7 +43,7 @@ from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
 from aggregator.screening import Candidate, Rejected, inspect_delta, rank_candidates, screen_norms
 from node.chain.bases import Bases
-from node.chain.history import current_head, sync_head
+from node.chain.history import current_head, publish_head, sync_head
 from node.config import AggregatorSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import AggregatorMetrics
@@ -57,7 +57,7 @@ from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
 from protocol.momentum import momentum_size
 from protocol.patch import write_patch
-from protocol.records import ANNOUNCE, BASE, CONFIG, HEAD, LEASE, Head, Lease
+from protocol.records import ANNOUNCE, BASE, CONFIG, LEASE, Head, Lease
 from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
@@ -564,7 +564,7 @@ class Aggregator(PeerDaemon):
     def _announce_head(self, head: Head) -> None:
         self.share_new_blobs()  # provider records before the head that names the blobs
         self.swarm.publish(BASE, head, topic=head.base_id, ttl=HEAD_TTL)
-        self.swarm.publish(HEAD, head, ttl=HEAD_TTL)
+        publish_head(self.swarm, head, HEAD_TTL)
         self.metrics.heads_published.inc()
         self._set_head(head)
         recent = self._recent(head)

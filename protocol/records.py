@@ -164,6 +164,12 @@ KINDS: dict[str, Kind] = {
 BODIES: dict[str, type[Body]] = {name: kind.body for name, kind in KINDS.items()}
 
 
+# Kinds whose topic, when there is one, is the author's own key: only the author's record
+# stands under it, so a flood of records from throwaway keys there is refused by every DHT
+# node, and readers who know whom they trust read those keys, not the shared one.
+OWN_TOPIC_KINDS = ("head",)
+
+
 def record_key(swarm_id: str, kind: Kind | str, topic: str = "") -> str:
     """The plain DHT key of records of ``kind`` (and ``topic``, e.g. a base or blob id)."""
     kind = str(kind)
@@ -252,13 +258,15 @@ def open_record(
         env = Envelope.model_validate_json(data)
     except ValidationError as exc:
         raise RecordError("malformed", f"malformed record: {one_line(exc)}") from None
-    swarm, kind, _ = _parse_key(env.key)
+    swarm, kind, topic = _parse_key(env.key)
     if swarm != env.swarm or (swarm_id is not None and env.swarm != swarm_id):
         raise RecordError("wrong_swarm", f"record for swarm {env.swarm!r} under {env.key!r}")
     if kind != env.kind or (key is not None and key != env.key):
         raise RecordError("wrong_key", f"a {env.kind} record stored under another key")
     if subkey != env.author:
         raise RecordError("forged_author", "record stored under a subkey that is not its author")
+    if kind in OWN_TOPIC_KINDS and topic and topic != env.author:
+        raise RecordError("wrong_key", f"a {kind} record under another author's key")
     if not math.isfinite(env.expires) or env.expires != expiration:
         raise RecordError("bad_expiration", "record's expiration is not the one its author signed")
     if env.expires <= now:

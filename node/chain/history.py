@@ -48,9 +48,19 @@ def current_head(swarm: SwarmMember, trusted: Collection[str] | None) -> Head | 
     author when empty; none when None)."""
     if trusted is None:
         return None
-    heads = [(r.author, r.body) for r in swarm.read(HEAD)]
-    chosen = choose_head(heads, trusted)
+    if trusted:  # each trusted author's own key: a flood under the shared one cannot hide them
+        records = [r for author in sorted(trusted) for r in swarm.read(HEAD, topic=author)]
+    else:
+        records = swarm.read(HEAD)
+    chosen = choose_head([(r.author, r.body) for r in records], trusted)
     return chosen[1] if chosen else None
+
+
+def publish_head(swarm: SwarmMember, head: Head, ttl: float) -> None:
+    """Publish (and keep refreshing) ``head`` under the shared key, which readers who trust
+    anyone read, and under this author's own key, which readers who trust it read."""
+    swarm.publish(HEAD, head, ttl=ttl)
+    swarm.publish(HEAD, head, topic=swarm.identity.author, ttl=ttl)
 
 
 def base_record(swarm: SwarmMember, base: str, trusted: set[str]) -> Head | None:

@@ -24,11 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_seed(args: argparse.Namespace) -> int:
+    from node.chain.history import publish_head
     from node.config import SeedSettings
     from node.net.blobstore import BlobStore
     from node.net.swarm import HEAD_TTL
     from node.seed import Seed, genesis_head
-    from protocol.records import HEAD
 
     settings = load_daemon_settings(SeedSettings, args)
 
@@ -38,7 +38,7 @@ def run_seed(args: argparse.Namespace) -> int:
         if settings.publish_head is not None:
             head = genesis_head(store, settings.publish_head)
             seed.share_new_blobs()
-            swarm.publish(HEAD, head, ttl=HEAD_TTL)
+            publish_head(swarm, head, HEAD_TTL)
             print(f"published head: round {head.round}, base {head.base_id}", flush=True)
         return seed
 

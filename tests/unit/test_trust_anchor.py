@@ -108,3 +108,23 @@ def test_newcomers_take_the_real_config_and_follow_the_real_head(hijacked):
     assert read_view(observer).head == agg.head
     assert [h.base_id for h in chain_to(observer)] == [agg.head.base_id]
     assert current_head(observer, set()) == hijacked.fake  # what following anyone would do
+
+
+def test_a_head_under_another_authors_key_is_refused_and_trusted_readers_skip_the_flood(
+    tmp_path, tiny_base
+):
+    world = World(tmp_path, tiny_base)
+    world.anchor(["agg"])
+    agg = world.aggregator("agg", world.config(["agg"]), genesis=world.genesis)
+    step(agg)
+    author = world.author("agg")
+    for i in range(20):  # throwaway keys: heads of round 999 under the shared key and under
+        stranger, _ = world.peer(f"stranger{i}")  # the aggregator's own one
+        flood = agg.head.model_copy(update={"round": 999, "deltas": 0})
+        assert stranger.publish(HEAD, flood, ttl=600)
+        assert not stranger.publish(HEAD, flood, topic=author, ttl=600)
+    assert world.net.rejected["wrong_key"] == 20
+    observer, _ = world.peer("observer")
+    assert [r.author for r in observer.read(HEAD, topic=author)] == [author]
+    assert current_head(observer, {author}) == agg.head
+    assert current_head(observer, set()).round == 999  # the shared key: what anyone-readers see
