@@ -53,6 +53,11 @@ class DataDir:
         return self.root / "control_port"
 
     @property
+    def control_token(self) -> Path:
+        """The secret a caller of the control service shows (0600: this user only)."""
+        return self.root / "control_token"
+
+    @property
     def blobs(self) -> Path:
         """The blob store: deltas, snapshots, patches, momentum."""
         return self.root / "blobs"
