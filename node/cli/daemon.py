@@ -44,7 +44,7 @@ def add_daemon_args(
     settings_flag: str = "--config",
     skip: frozenset[str] = frozenset(),
 ) -> None:
-    """A daemon's flags: one per field of its settings model, its settings file, its data dir."""
+    """A daemon's flags: one per field of its settings model, and its settings file."""
     from node.settings import add_flags
 
     p.add_argument(

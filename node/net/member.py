@@ -1,9 +1,10 @@
 """A peer's membership of its swarm, whatever carries it: signed records and blob transfers.
 
-:class:`SwarmMember` is what the daemons hold. A peer publishes records under its author (the DHT subkey), remembers the ones
-it owns so that it can refresh them before they expire, and verifies every
-record it reads again (signature, key, expiry, body schema), counting the ones
-it drops by reason; :meth:`SwarmMember.transfers` gives its blob exchange.
+:class:`SwarmMember` is what the daemons hold. A peer publishes records under
+its author (the DHT subkey), remembers the ones it owns so that it can refresh
+them before they expire, and verifies every record it reads again (signature,
+key, expiry, body schema), counting the ones it drops by reason;
+:meth:`SwarmMember.transfers` gives its blob exchange.
 Where the key-value pairs and blobs travel is the backend's business: a
 hivemind DHT and libp2p streams (:class:`node.net.swarm.Swarm`) or tables and
 stores shared by peers in one process (:class:`node.net.memory.MemorySwarm`).
