@@ -56,9 +56,14 @@ class Seed(PeerDaemon):
             return {}
         named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators
         wanted = {b: (HEAD_PIN, None) for b in named if b}
-        for record in self.swarm.read(ANNOUNCE, topic=head.base_id):
-            if record.body.base_id == head.base_id:  # not one filed under another base
-                wanted[record.body.delta_id] = (DELTA_PIN, record.body.size)
+        limit = self.config.max_delta_bytes if self.config else None
+        for record in self.swarm.read(ANNOUNCE, topic=head.base_id):  # one per author
+            a = record.body
+            if a.base_id != head.base_id:  # filed under another base than it names
+                continue
+            if limit is not None and a.size > limit:  # no aggregator would take it
+                continue
+            wanted[a.delta_id] = (DELTA_PIN, a.size)
         return wanted
 
     def mirror_forever(self, stop: threading.Event, interval: float = 2.0) -> None:

@@ -14,7 +14,7 @@ from node.net.blobstore import DELTA_PIN, HEAD_PIN
 from node.net.member import SwarmError
 from node.net.swarm import HEAD_TTL
 from node.seed import Seed, genesis_head
-from protocol.records import HEAD, Head
+from protocol.records import ANNOUNCE, HEAD, DeltaAnnouncement, Head
 from tests.unit.world import World, step
 
 
@@ -73,3 +73,22 @@ def test_a_blob_whose_holder_went_offline_is_retried_later_not_at_once(world):
     seed._retry_at.clear()
     seed.mirror_once(threading.Event())
     assert seed.store.has(agg.head.snapshot_id)
+
+
+def test_a_seed_mirrors_no_delta_larger_than_the_swarm_allows_or_filed_elsewhere(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], max_delta_bytes=1 << 20), genesis=world.genesis
+    )
+    step(agg)
+    fine = world.announce_delta(finetunes[0])
+    liar, _ = world.peer("liar")
+    claim = DeltaAnnouncement(base_id=world.genesis_id, delta_id="e" * 64, size=1 << 30, round=0)
+    assert liar.publish(ANNOUNCE, claim, topic=world.genesis_id)  # too large to be merged
+    other, _ = world.peer("other")
+    elsewhere = claim.model_copy(update={"base_id": "d" * 64, "size": 1000})
+    assert other.publish(ANNOUNCE, elsewhere, topic=world.genesis_id)  # names another base
+    seed = Seed(*world.peer("seed"))
+    wanted = seed.wanted()
+    assert fine in wanted and "e" * 64 not in wanted
+    assert {reason for reason, _ in wanted.values()} == {HEAD_PIN, DELTA_PIN}
+    assert [b for b, (reason, _) in wanted.items() if reason == DELTA_PIN] == [fine]
