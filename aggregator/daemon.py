@@ -45,6 +45,7 @@ from aggregator.screening import Candidate, Rejected, inspect_delta, rank_candid
 from node.chain.bases import Bases
 from node.chain.history import current_head, publish_head, sync_head
 from node.config import AggregatorSettings
+from node.daemon.backoff import Backoff
 from node.daemon.faults import crash_point
 from node.daemon.metrics import AggregatorMetrics
 from node.daemon.peer import PeerDaemon
@@ -115,7 +116,8 @@ class Aggregator(PeerDaemon):
         self.seen_leases: dict[tuple[int, str], Lease] = {}  # (round, parent) -> last lease seen
         self.refused: set[tuple[str, str]] = set()  # (author, delta id) rejected: never again
         self.admitted: dict[tuple[str, str], float] = {}  # arrived and inspected: its norm
-        self.unavailable: dict[tuple[str, str], tuple[int, float]] = {}  # failures, retry at
+        # (author, delta id) that did not arrive: skipped from a round period up
+        self.unavailable = Backoff(first=config.round_period, cap=BACKOFF_MAX)
         self.status = "starting"
         self.accepted = 0  # deltas merged since start (heart-beaten for the swarm monitor)
         self.rejected: dict[str, int] = {}
@@ -258,7 +260,6 @@ class Aggregator(PeerDaemon):
         ranked (:func:`rank_candidates`); refused ones and those backing off left out."""
         found: list[Candidate] = []
         base: str | None = head.base_id
-        now = time.monotonic()
         for age in range(self.config.staleness + 1):
             if base is None:
                 break
@@ -266,7 +267,7 @@ class Aggregator(PeerDaemon):
                 key = (record.author, record.body.delta_id)
                 if record.body.base_id != base:  # filed under another base than it names
                     continue
-                if key in self.refused or self.unavailable.get(key, (0, 0.0))[1] > now:
+                if key in self.refused or not self.unavailable.ready(key):
                     continue
                 found.append(Candidate(record.author, record.body, age))
             parent = self.chain.get(base)
@@ -363,9 +364,7 @@ class Aggregator(PeerDaemon):
                 expected_size=c.announcement.size,
             )
         except (MergeswarmError, OSError, TimeoutError) as exc:
-            failures = self.unavailable.get(key, (0, 0.0))[0] + 1
-            wait = min(self.config.round_period * 2 ** (failures - 1), BACKOFF_MAX)
-            self.unavailable[key] = (failures, time.monotonic() + wait)
+            wait = self.unavailable.failed(key)
             logger.warning(
                 "delta %s from %s unavailable (skipped for %.0f s): %s",
                 c.delta_id[:16],
@@ -374,7 +373,7 @@ class Aggregator(PeerDaemon):
                 exc,
             )
             return None
-        self.unavailable.pop(key, None)
+        self.unavailable.forget(key)
         self.metrics.deltas_received.inc()
         try:
             with self._inspecting:  # fetches overlap; inspections share the parent's files

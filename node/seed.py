@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from node.chain.history import current_head, find_config, trusted_authors
 from node.config import SeedSettings
+from node.daemon.backoff import Backoff
 from node.daemon.peer import PeerDaemon
 from node.net.blobstore import DELTA_PIN, HEAD_PIN, BlobStore
 from node.net.member import SwarmMember
@@ -44,8 +44,7 @@ class Seed(PeerDaemon):
         self.config: SwarmConfig | None = None  # the swarm's, once in sight
         self.mirror = settings.mirror
         self.upload = settings.upload
-        self._retry_at: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
+        self.retries = Backoff(first=60.0)  # blob ids that could not be fetched
 
     def wanted(self) -> dict[str, tuple[str, int | None]]:
         """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
@@ -85,7 +84,7 @@ class Seed(PeerDaemon):
         for blob_id, (reason, size) in wanted.items():
             if stop.is_set():
                 return
-            if time.monotonic() < self._retry_at.get(blob_id, 0.0):
+            if not self.retries.ready(blob_id):
                 continue
             if not self.store.has(blob_id):
                 try:
@@ -98,9 +97,7 @@ class Seed(PeerDaemon):
                         expected_size=size,
                     )
                 except (MergeswarmError, OSError, TimeoutError) as exc:
-                    failures = self._failures.get(blob_id, 0) + 1
-                    self._failures[blob_id] = failures
-                    self._retry_at[blob_id] = time.monotonic() + min(30 * 2**failures, 3600)
+                    self.retries.failed(blob_id)
                     logger.warning("mirroring %s: %s", blob_id[:16], exc)
                     continue
             self.store.pin(blob_id, reason)

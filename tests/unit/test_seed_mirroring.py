@@ -70,7 +70,7 @@ def test_a_blob_whose_holder_went_offline_is_retried_later_not_at_once(world):
     agg.swarm.online = True
     seed.mirror_once(threading.Event())  # backing off: not asked again yet
     assert seed.store.ids() == []
-    seed._retry_at.clear()
+    seed.retries.clear()
     seed.mirror_once(threading.Event())
     assert seed.store.has(agg.head.snapshot_id)
 
