@@ -166,6 +166,9 @@ def test_kill_9_during_publication_loses_no_announced_delta(
     fetch(observer, store, found[0].delta_id, timeout=60, serve_while_fetching=False)
     with DeltaReader(store.path(found[0].delta_id)) as reader:
         assert reader.header.author == author and reader.header.base_id == genesis
+    # the restarted node trains on: stop it (its publication in progress finishes) before
+    # reading its store and its state, which a running node may be between writing
+    assert again.stop() == 0, again.log_tail()
     own = BlobStore(node.data_dir / "blobs")
     pinned = {b for b in own.ids() if OWN_DELTA_PIN in own.pins(b)}
     announced = {a["delta_id"] for a in json.loads(_read(node.data_dir / "node.json"))["announced"]}
