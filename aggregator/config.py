@@ -7,7 +7,10 @@ vector's L1 norm) default as in mergekit, and a model listed as
 ``models[].model`` may be a ``.msd`` delta or a LoRA adapter directory;
 ``parameters`` may hold ``drop_rate`` (DARE p, i.e. density = 1 - p),
 ``seed`` (DARE masks), ``sign_method`` (``total`` | ``frequency``) and
-``weighted_vote`` (false for the TIES paper's unweighted vote). A mergekit
+``weighted_vote`` (false for the TIES paper's unweighted vote), ``entry_clip``
+(bound every entry by that many times the tensor's robust scale), and the robust
+methods ``trimmed_mean`` (``trim``), ``median`` and ``centered_clip``
+(``clip_radius``, ``clip_iterations``). A mergekit
 option we do not implement is refused by name, never ignored.
 """
 
@@ -83,11 +86,23 @@ class GlobalParameters(_Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0  # ours: DARE mask seed
     sign_method: Literal["total", "frequency"] = "total"  # ours: TIES sign election
     weighted_vote: bool = True  # ours: false gives the TIES paper's unweighted vote
+    entry_clip: Annotated[float, Field(gt=0)] | None = None  # ours: per-entry bound
+    trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.2  # ours: trimmed_mean's cut at each end
+    clip_radius: Annotated[float, Field(gt=0)] = 1.0  # ours: centered_clip's radius
+    clip_iterations: Annotated[int, Field(ge=1, le=100)] = 3  # ours: centered_clip's steps
 
 
 class MergeConfig(_Strict):
     merge_method: Literal[
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "magnitude_prune",
+        "trimmed_mean",
+        "median",
+        "centered_clip",
     ]
     base_model: str
     models: Annotated[list[ModelEntry], Field(min_length=1)]
@@ -104,6 +119,9 @@ class MergeConfig(_Strict):
         if self.merge_method == "linear" and self.parameters.normalize is False:
             # mergekit then sums whole models, not task vectors: a different operation.
             raise ValueError("linear with normalize: false is not supported; use task_arithmetic")
+        robust = self.merge_method in ("trimmed_mean", "median", "centered_clip")
+        if robust and self.parameters.normalize is False:
+            raise ValueError(f"{self.merge_method} is an average: it takes no normalize: false")
         if self.merge_method == "linear" and self.parameters.lam is not None:
             raise ValueError("linear takes no lambda (as in mergekit); use task_arithmetic")
         if self.parameters.rescale is not None and not self.merge_method.startswith("dare"):
@@ -120,6 +138,10 @@ class MergeConfig(_Strict):
             weighted_vote=p.weighted_vote,
             dare_rescale="none" if p.rescale is False else "l1",
             seed=p.seed,
+            entry_clip=p.entry_clip,
+            trim=p.trim,
+            clip_radius=p.clip_radius,
+            clip_iterations=p.clip_iterations,
         )
 
     def default_density(self) -> float:

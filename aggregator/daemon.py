@@ -41,7 +41,15 @@ from aggregator.engine import REPORT_FILE, MergeInput, merge_models
 from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
-from aggregator.screening import Candidate, Rejected, inspect_delta, rank_candidates, screen_norms
+from aggregator.screening import (
+    Admitted,
+    Candidate,
+    Rejected,
+    fill_slots,
+    inspect_delta,
+    rank_candidates,
+    weigh_round,
+)
 from node.chain.bases import Bases
 from node.chain.history import current_head, publish_head, sync_head
 from node.config import AggregatorSettings
@@ -116,6 +124,7 @@ class Aggregator(PeerDaemon):
         self.seen_leases: dict[tuple[int, str], Lease] = {}  # (round, parent) -> last lease seen
         self.refused: set[tuple[str, str]] = set()  # (author, delta id) rejected: never again
         self.admitted: dict[tuple[str, str], float] = {}  # arrived and inspected: its norm
+        self.gains: dict[tuple[str, str, str], float] = {}  # (author, delta, head): loss gain
         # (author, delta id) that did not arrive: skipped from a round period up
         self.unavailable = Backoff(first=config.round_period, cap=BACKOFF_MAX)
         self.status = "starting"
@@ -274,7 +283,7 @@ class Aggregator(PeerDaemon):
             base = parent.parent if parent else None
         return rank_candidates(found, head.base_id)
 
-    def _lease(self, head: Head) -> list[tuple[Candidate, float]] | None:
+    def _lease(self, head: Head) -> list[Admitted] | None:
         """The deltas to merge (with their norms) once this aggregator holds the round's
         lease; None: not ours, or not enough deltas have arrived."""
         round_ = head.round + 1
@@ -308,7 +317,7 @@ class Aggregator(PeerDaemon):
             round=round_,
             parent=head.base_id,
             claimed_at=get_dht_time(),
-            deltas=tuple(c.delta_id for c, _ in admitted),
+            deltas=tuple(a.candidate.delta_id for a in admitted),
         )
         self.swarm.publish(LEASE, claim, ttl=self.lease_seconds)
         time.sleep(self.lease_settle)
@@ -321,32 +330,52 @@ class Aggregator(PeerDaemon):
         logger.info("holding the lease of round %d with %d deltas", round_, len(admitted))
         return admitted
 
-    def _admit(self, head: Head, ranked: list[Candidate]) -> list[tuple[Candidate, float]]:
+    def _admit(self, head: Head, ranked: list[Candidate]) -> list[Admitted]:
         """Fetch and inspect candidates in rank order until ``max_deltas`` have passed: a slot
-        goes only to a delta that arrived (within ADMIT_TIMEOUT) and is what it claims. One
-        that does not arrive is skipped for a while, longer each time; one that fails
-        inspection is refused for good."""
+        goes only to a delta that arrived (within ADMIT_TIMEOUT), is what it claims and, where
+        there is evaluation data, lowers the parent's held-out loss. One that does not arrive
+        is skipped for a while, longer each time; one that fails a check is refused for good.
+        """
         self.status = f"round {head.round + 1}: fetching deltas"
-        admitted: list[tuple[Candidate, float]] = []
-        signed: set[str] = set()  # delta ids whose signer's announcement passed
-        with ModelDir(self.bases.path(head.base_id)) as parent:
-            pending = list(ranked)
-            while pending and len(admitted) < self.config.max_deltas:
-                batch = _batch(pending, max(ADMIT_PARALLEL, self.config.max_deltas - len(admitted)))
-                pending = [c for c in pending if c not in batch]
+        parent_dir = self.bases.path(head.base_id)
+        with ModelDir(parent_dir) as parent:
+
+            def check(batch: list[Candidate]) -> list[Admitted | None]:
                 with ThreadPoolExecutor(len(batch)) as pool:
-                    results = list(pool.map(lambda c: self._check(c, parent), batch))
-                for c, norm in zip(batch, results, strict=True):
-                    if norm is None or len(admitted) == self.config.max_deltas:
+                    norms = list(pool.map(lambda c: self._check(c, parent), batch))
+                passed = [(c, n) for c, n in zip(batch, norms, strict=True) if n is not None]
+                gains = self._score(head, [c for c, _ in passed])
+                out: dict[str, Admitted | None] = {}
+                for c, norm in passed:
+                    gain = gains.get(c.delta_id)
+                    if gain is not None and not gain > 0:
+                        self._reject(c, "no_gain", f"held-out loss gain {gain:.4g} on the head")
                         continue
-                    if c.delta_id in signed:
-                        self._reject(c, "bad_signature", "a copy of another author's announcement")
-                        continue
-                    signed.add(c.delta_id)
-                    admitted.append((c, norm))
+                    out[c.delta_id] = Admitted(c, norm, gain)
+                return [out.get(c.delta_id) for c in batch]
+
+            def copied(c: Candidate) -> None:
+                self._reject(c, "bad_signature", "a copy of another author's announcement")
+
+            admitted = fill_slots(ranked, check, self.config.max_deltas, ADMIT_PARALLEL, copied)
         live = {(c.author, c.delta_id) for c in ranked}
         self.admitted = {k: v for k, v in self.admitted.items() if k in live}
+        self.gains = {k: v for k, v in self.gains.items() if k[:2] in live}
         return admitted
+
+    def _score(self, head: Head, batch: list[Candidate]) -> dict[str, float]:
+        """Delta id -> held-out loss gain of the delta applied alone to the head (none without
+        evaluation data); measured once per delta and head."""
+        if self.gate is None:
+            return {}
+        todo = [c for c in batch if (c.author, c.delta_id, head.base_id) not in self.gains]
+        if todo:
+            self.status = f"round {head.round + 1}: scoring {len(todo)} deltas"
+            paths = [self.store.path(c.delta_id) for c in todo]
+            scored = self.gate.contributions(self.bases.path(head.base_id), paths)
+            for c, gain in zip(todo, scored.gains, strict=True):
+                self.gains[(c.author, c.delta_id, head.base_id)] = gain
+        return {c.delta_id: self.gains[(c.author, c.delta_id, head.base_id)] for c in batch}
 
     def _check(self, c: Candidate, parent: ModelDir) -> float | None:
         """The candidate's norm once it arrived and passed inspection; None otherwise."""
@@ -413,28 +442,33 @@ class Aggregator(PeerDaemon):
             self.metrics.lease_held.set(0)
             self.swarm.withdraw(LEASE)
 
-    def run_round(self, head: Head, admitted: list[tuple[Candidate, float]]) -> Head | None:
-        """Screen the admitted deltas' norms, merge, gate and publish the child head."""
+    def run_round(self, head: Head, admitted: list[Admitted]) -> Head | None:
+        """Weigh the admitted deltas (norms, and gains where there is evaluation data), merge,
+        gate and publish the child head."""
         round_ = head.round + 1
         parent_dir = self.bases.path(head.base_id)
-        norms = {c.delta_id: norm for c, norm in admitted}
-        accepted = {c.delta_id: c for c, _ in admitted}
-        weights = screen_norms(norms, self.config.norm_factor, self.config.norm_action)
+        cfg = self.config
+        verdicts = weigh_round(
+            {a.candidate.delta_id: a.norm for a in admitted},
+            {a.candidate.delta_id: a.gain for a in admitted} if self.gate is not None else None,
+            norm_factor=cfg.norm_factor,
+            norm_action=cfg.norm_action,
+            gain_share=cfg.gain_share,
+        )
         inputs = []
-        for delta_id, c in accepted.items():
-            weight = weights[delta_id]
-            if weight is None:  # this round's verdict: it may fit another round's deltas
-                self._count_rejection(
-                    c, "norm", f"norm {norms[delta_id]:.4g} is far above the round's"
-                )
+        for a in admitted:
+            c, verdict = a.candidate, verdicts[a.candidate.delta_id]
+            if verdict.weight is None:  # this round's verdict: it may fit another round's deltas
+                self._count_rejection(c, verdict.reason or "norm", verdict.note)
                 continue
-            if weight < 1.0:
-                logger.info("round %d: delta %s clipped to %.3g", round_, delta_id[:16], weight)
-            weight *= self.config.staleness_discount**c.age
+            if verdict.weight < 1.0:
+                logger.info(
+                    "round %d: delta %s weighs %.3g", round_, c.delta_id[:16], verdict.weight
+                )
             inputs.append(
                 MergeInput(
-                    self.store.path(delta_id),
-                    weight=weight,
+                    self.store.path(c.delta_id),
+                    weight=verdict.weight * cfg.staleness_discount**c.age,
                     trained_on=c.announcement.base_id if c.age else None,
                 )
             )
@@ -471,11 +505,10 @@ class Aggregator(PeerDaemon):
         started = time.monotonic()
         work = Path(tempfile.mkdtemp(prefix=".merge.tmp-", dir=self.bases.root))
         shutil.rmtree(work)
-        recipe = Recipe(cfg.merge_method, lam=cfg.lam, sign_method=cfg.sign_method)
         report = merge_models(
             self.bases.path(head.base_id),
             inputs,
-            recipe,
+            Recipe.for_swarm(cfg),
             work,
             density=cfg.density,
             outer=self._outer_step(head),
@@ -593,17 +626,3 @@ class Aggregator(PeerDaemon):
                 self.store.unpin(blob, MOMENTUM_PIN)
                 if not self.store.pins(blob):
                     self.store.delete(blob)
-
-
-def _batch(ranked: list[Candidate], n: int) -> list[Candidate]:
-    """The first ``n`` candidates in rank order whose delta ids differ (two announcements of
-    one id are never fetched at once: the second waits for the next batch)."""
-    batch: list[Candidate] = []
-    ids: set[str] = set()
-    for c in ranked:
-        if len(batch) == n:
-            break
-        if c.delta_id not in ids:
-            ids.add(c.delta_id)
-            batch.append(c)
-    return batch

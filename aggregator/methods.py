@@ -12,9 +12,17 @@ papers, and as mergekit composes them):
   (sum of the sparsified values) or by frequency (sum of their signs); a zero
   total elects +. Only entries whose sign equals the elected one take part;
   zeros never do.
-* **aggregate**: the weighted sum ``sum_i w_i t_i`` over taking-part entries,
-  divided, when ``normalize`` is on, by the sum of the taking-part weights
-  (entries with nobody taking part stay 0). The result is scaled by ``lam``.
+* **aggregate**: ``mean``, the weighted sum ``sum_i w_i t_i`` over taking-part
+  entries, divided, when ``normalize`` is on, by the sum of the taking-part
+  weights (entries with nobody taking part stay 0); or one of the robust
+  aggregates, which one input cannot drag far (see :func:`robust_aggregate`):
+  ``trimmed_mean`` and ``median`` per entry, ``centered_clip`` per tensor.
+  The result is scaled by ``lam``.
+
+Before any of it, ``entry_clip`` (when set) bounds every input's entries by
+that many times the tensor's robust scale: the median over inputs (weighted by
+their merge weights) of each one's RMS over its nonzero entries. A delta that spends its whole norm on a
+few weights is cut down there, where a norm screen would let it through.
 
 How weights enter: they multiply task vectors in the sum and, with
 ``normalize``, in the divisor. They do not enter the sign vote unless
@@ -30,6 +38,8 @@ depend on the thread count.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -37,12 +47,14 @@ from typing import Literal
 import torch
 
 from protocol import dare
+from protocol.swarm_config import SwarmConfig
 
 Sparsify = Literal["none", "magnitude", "dare"]
 _CHUNK = (
     1 << 16
 )  # elements per step of the element-wise passes: a chunk of every input stays in cache
 Consensus = Literal["none", "sign"]
+Aggregate = Literal["mean", "trimmed_mean", "median", "centered_clip"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class Method:
     sparsify: Sparsify
     consensus: Consensus
     default_normalize: bool  # mergekit's default for the same method name
+    aggregate: Aggregate = "mean"
 
 
 METHODS: dict[str, Method] = {
@@ -64,6 +77,10 @@ METHODS: dict[str, Method] = {
         Method("dare_linear", "dare", "none", default_normalize=False),
         Method("dare_ties", "dare", "sign", default_normalize=False),
         Method("magnitude_prune", "magnitude", "none", default_normalize=False),
+        # robust aggregates: always a (weighted) average of what is left, never a sum
+        Method("trimmed_mean", "none", "none", default_normalize=True, aggregate="trimmed_mean"),
+        Method("median", "none", "none", default_normalize=True, aggregate="median"),
+        Method("centered_clip", "none", "none", default_normalize=True, aggregate="centered_clip"),
     )
 }
 
@@ -80,6 +97,12 @@ class Recipe:
     :param dare_rescale: ``"inverse"`` (survivors x 1/density, the paper) or ``"l1"``
         (restore each task vector's L1 norm, mergekit's ``rescale``), or ``"none"``.
     :param seed: DARE mask seed; input ``i`` (in the engine's canonical order) uses ``seed + i``.
+    :param entry_clip: bound each input's entries by this many times the tensor's robust
+        scale (None: no bound).
+    :param trim: ``trimmed_mean``: the fraction of inputs dropped at each end, per entry.
+    :param clip_radius: ``centered_clip``: the radius, in medians of the inputs' distances
+        from the centre.
+    :param clip_iterations: ``centered_clip``: steps of moving the centre.
     """
 
     method: str
@@ -89,11 +112,31 @@ class Recipe:
     weighted_vote: bool = False
     dare_rescale: Literal["inverse", "l1", "none"] = "inverse"
     seed: int = 0
+    entry_clip: float | None = None
+    trim: float = 0.2
+    clip_radius: float = 1.0
+    clip_iterations: int = 3
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             known = ", ".join(sorted(METHODS))
             raise ValueError(f"unknown merge method {self.method!r}; known: {known}")
+        if self.entry_clip is not None and not self.entry_clip > 0:
+            raise ValueError(f"entry_clip must be positive, not {self.entry_clip}")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), not {self.trim}")
+        if not self.clip_radius > 0 or self.clip_iterations < 1:
+            raise ValueError("clip_radius must be positive and clip_iterations at least 1")
+
+    @classmethod
+    def for_swarm(cls, config: SwarmConfig) -> Recipe:
+        """The recipe a swarm's aggregators merge with."""
+        return cls(
+            config.merge_method,
+            lam=config.lam,
+            sign_method=config.sign_method,
+            entry_clip=config.entry_clip or None,
+        )
 
     @property
     def spec(self) -> Method:
@@ -259,6 +302,13 @@ def merge_tensor(
         tvs.append(t.reshape(-1))
     if not tvs or len(tvs) != len(weights):
         raise ValueError(f"tensor {name!r}: {len(tvs)} task vectors for {len(weights)} weights")
+    if recipe.entry_clip is not None:
+        clip_entries(tvs, recipe.entry_clip, weights)
+    if spec.aggregate != "mean":
+        merged = robust_aggregate(tvs, weights, recipe)
+        if recipe.lam != 1.0:
+            merged.mul_(recipe.lam)
+        return merged.reshape(original_shape), TensorStats(kept / len(tvs), 0.0)
     shape = tvs[0].shape  # flat
     merged = torch.empty(shape, dtype=torch.float32)
     conflicts = 0
@@ -269,6 +319,92 @@ def merge_tensor(
         conflicts += disagree
     stats = TensorStats(kept / len(tvs), conflicts / shape[0] if shape[0] else 0.0)
     return merged.reshape(original_shape), stats
+
+
+def robust_scale(tvs: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> float:
+    """The weighted median over inputs of each one's RMS over its nonzero entries (0: all
+    empty; weights: the inputs' merge weights, all 1 when None).
+
+    Each input's RMS is taken over its nonzero entries, so DARE's dropped zeros do not
+    shrink it; the median keeps one input from setting it, and weighing by merge weight
+    keeps a crowd of inputs that weigh next to nothing (near-empty deltas that an
+    aggregator with evaluation data weighs down) from dragging it to zero.
+    """
+    weights = weights if weights is not None else [1.0] * len(tvs)
+    scales = []
+    for t, w in zip(tvs, weights, strict=True):
+        n = int(torch.count_nonzero(t))
+        if n and w != 0:
+            scales.append((math.sqrt(float(t.double().square().sum()) / n), abs(w)))
+    if not scales:
+        return 0.0
+    scales.sort()
+    half, acc = sum(w for _, w in scales) / 2, 0.0
+    for value, w in scales:
+        acc += w
+        if acc >= half:
+            return value
+    return scales[-1][0]
+
+
+def clip_entries(
+    tvs: Sequence[torch.Tensor], factor: float, weights: Sequence[float] | None = None
+) -> int:
+    """Clamp, in place, every entry of every input to +-``factor`` x :func:`robust_scale`;
+    returns how many entries were cut."""
+    bound = factor * robust_scale(tvs, weights)
+    cut = 0
+    for t in tvs:
+        cut += int(torch.count_nonzero(t.abs() > bound))
+        t.clamp_(-bound, bound)
+    return cut
+
+
+def robust_aggregate(
+    tvs: Sequence[torch.Tensor], weights: Sequence[float], recipe: Recipe
+) -> torch.Tensor:
+    """A robust average of K flat task vectors.
+
+    Inputs enter as ``w_i t_i / mean(w)``, so with equal weights they are the task vectors
+    themselves and a stale delta's discount still shrinks it.
+
+    * ``trimmed_mean``: per entry, the mean of what is left after dropping the
+      ``floor(trim K)`` smallest and largest values;
+    * ``median``: per entry, the median (the mean of the two middle values for even K);
+    * ``centered_clip`` (Karimireddy et al., 2021): starting from zero, the centre
+      ``v`` moves ``clip_iterations`` times by the mean of ``clip(x_i - v)``, each
+      difference scaled down to at most ``clip_radius`` times the median distance; the
+      first step alone is the mean of per-tensor norm-clipped inputs.
+
+    Per-entry statistics see DARE's zeros as values: on sparse deltas, where few inputs
+    keep any one entry, ``median`` and ``trimmed_mean`` discard most of the signal.
+    """
+    mean_w = sum(weights) / len(weights)
+    scale = [w / mean_w if abs(mean_w) >= 1e-8 else 1.0 for w in weights]
+    k = len(tvs)
+    if recipe.spec.aggregate == "centered_clip":
+        centre = torch.zeros_like(tvs[0])
+        for _ in range(recipe.clip_iterations):
+            dists = [float((t * s - centre).norm()) for t, s in zip(tvs, scale, strict=True)]
+            radius = recipe.clip_radius * statistics.median(dists)
+            step = torch.zeros_like(centre)
+            for t, s, d in zip(tvs, scale, dists, strict=True):
+                step.add_(t * s - centre, alpha=min(1.0, radius / d) if d > 0 else 0.0)
+            centre.add_(step, alpha=1.0 / k)
+        return centre
+    out = torch.empty_like(tvs[0])
+    cut = int(recipe.trim * k) if recipe.spec.aggregate == "trimmed_mean" else 0
+    for start in range(0, out.numel(), _CHUNK):
+        stacked = torch.stack(
+            [t[start : start + _CHUNK] * s for t, s in zip(tvs, scale, strict=True)]
+        )
+        ordered = stacked.sort(dim=0).values
+        if recipe.spec.aggregate == "median":
+            middle = ordered[(k - 1) // 2 : k // 2 + 1]  # one value for odd K, two for even
+            out[start : start + _CHUNK] = middle.mean(dim=0)
+        else:
+            out[start : start + _CHUNK] = ordered[cut : k - cut].mean(dim=0)
+    return out
 
 
 def _combine(

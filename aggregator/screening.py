@@ -5,7 +5,8 @@ against the head and its recent ancestors, in an order no author can choose;
 :func:`inspect_delta` opens one fetched ``.msd`` and checks it end to end
 (signature, author, base, layout, finite values) while measuring its norm;
 :func:`screen_norms` holds each norm against the round's median, so that one
-delta scaled up a hundred times cannot drag the merge.
+delta scaled up a hundred times cannot drag the merge; :func:`weigh_round`
+adds, where the aggregator has evaluation data, what each delta bought on it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,62 @@ def rank_candidates(announced: list[Candidate], beacon: str) -> list[Candidate]:
     return sorted(best.values(), key=order)
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A candidate that arrived and passed inspection: its norm, and its held-out loss gain
+    on the parent where the aggregator has evaluation data."""
+
+    candidate: Candidate
+    norm: float
+    gain: float | None = None
+
+
+def fill_slots(
+    ranked: list[Candidate],
+    check: Callable[[list[Candidate]], list[Admitted | None]],
+    slots: int,
+    parallel: int,
+    on_copy: Callable[[Candidate], None],
+) -> list[Admitted]:
+    """Candidates in rank order that ``check`` admits, until ``slots`` have passed.
+
+    ``check`` takes a batch (at least ``parallel`` candidates, or as many as slots are
+    left, whose delta ids differ) and returns each one's admission, or None. A slot goes
+    only to a delta that passed: made-up, broken or harmful ones take nothing from the
+    honest ones behind them. A delta id admitted twice (a copy of another author's
+    announcement) goes to ``on_copy``.
+    """
+    admitted: list[Admitted] = []
+    signed: set[str] = set()
+    pending = list(ranked)
+    while pending and len(admitted) < slots:
+        batch = first_distinct(pending, max(parallel, slots - len(admitted)))
+        pending = [c for c in pending if c not in batch]
+        for c, result in zip(batch, check(batch), strict=True):
+            if result is None or len(admitted) == slots:
+                continue
+            if c.delta_id in signed:
+                on_copy(c)
+                continue
+            signed.add(c.delta_id)
+            admitted.append(result)
+    return admitted
+
+
+def first_distinct(ranked: list[Candidate], n: int) -> list[Candidate]:
+    """The first ``n`` candidates in rank order whose delta ids differ (two announcements of
+    one id are never checked at once: the second waits for the next batch)."""
+    batch: list[Candidate] = []
+    ids: set[str] = set()
+    for c in ranked:
+        if len(batch) == n:
+            break
+        if c.delta_id not in ids:
+            batch.append(c)
+            ids.add(c.delta_id)
+    return batch
+
+
 def inspect_delta(
     path: Path,
     candidate: Candidate,
@@ -117,19 +175,99 @@ def inspect_delta(
     return a.base_id, norm
 
 
-def screen_norms(norms: dict[str, float], factor: float, action: str) -> dict[str, float | None]:
+def screen_norms(
+    norms: dict[str, float],
+    factor: float,
+    action: str,
+    reference: dict[str, float] | None = None,
+) -> dict[str, float | None]:
     """Delta id -> weight multiplier (1.0, or less when clipped), or None when rejected.
 
-    The bound is ``factor`` times the median norm of the round; ``clip`` scales a
-    delta above it down to the bound, ``reject`` drops it.
+    The bound is ``factor`` times the median norm of the round (weighted by ``reference``
+    where given); ``clip`` scales a delta above it down to the bound, ``reject`` drops it.
     """
     if not norms:
         return {}
-    bound = factor * statistics.median(norms.values())
+    median = weighted_median(norms, reference) if reference else statistics.median(norms.values())
+    bound = factor * median
     out: dict[str, float | None] = {}
     for delta_id, norm in norms.items():
         if norm <= bound:
             out[delta_id] = 1.0
         else:  # clipping to a zero bound (most deltas empty) leaves nothing: a rejection
             out[delta_id] = bound / norm if action == "clip" and bound > 0 else None
+    return out
+
+
+def weighted_median(values: dict[str, float], weights: dict[str, float]) -> float:
+    """The lower weighted median of ``values`` (keys without a positive weight do not count;
+    none with one: the plain median)."""
+    items = sorted((v, weights.get(k, 0.0)) for k, v in values.items())
+    total = sum(w for _, w in items if w > 0)
+    if total <= 0:
+        return statistics.median(values.values())
+    acc = 0.0
+    for value, w in items:
+        acc += max(w, 0.0)
+        if acc >= total / 2:
+            return value
+    return items[-1][0]
+
+
+def gain_weights(gains: dict[str, float], share: float) -> dict[str, float | None]:
+    """Delta id -> merge weight from its held-out loss gain: full weight for a gain of at
+    least ``share`` times the round's best, less in proportion below it, None (refused)
+    for no gain at all.
+
+    A crowd of deltas that buy next to nothing (near-empty, or a sliver of honest work)
+    then weighs next to nothing, and cannot dilute the deltas that carry the round; the
+    best gain is the reference because no author can raise it without doing the work.
+    """
+    best = max((g for g in gains.values() if math.isfinite(g)), default=0.0)
+    out: dict[str, float | None] = {}
+    for delta_id, gain in gains.items():
+        if not (math.isfinite(gain) and gain > 0):
+            out[delta_id] = None
+        else:
+            out[delta_id] = min(1.0, gain / (share * best))
+    return out
+
+
+@dataclass(frozen=True)
+class Weighed:
+    """A round's verdict on one admitted delta: its merge weight, or why it is left out."""
+
+    weight: float | None
+    reason: str | None = None  # one of DELTA_REJECT_REASONS when weight is None
+    note: str = ""
+
+
+def weigh_round(
+    norms: dict[str, float],
+    gains: dict[str, float] | None,
+    *,
+    norm_factor: float,
+    norm_action: str,
+    gain_share: float,
+) -> dict[str, Weighed]:
+    """Every admitted delta's weight in this round's merge (before staleness discounts).
+
+    Without evaluation data (``gains`` None) the weight is the norm screen's. With it, a
+    delta that did not lower the held-out loss is out, the others weigh by
+    :func:`gain_weights`, and the norm screen's median counts deltas by those weights, so
+    that a crowd of near-empty deltas cannot drag it down and get honest ones refused.
+    """
+    by_gain = gain_weights(gains, gain_share) if gains is not None else None
+    passed = {d: n for d, n in norms.items() if by_gain is None or by_gain.get(d) is not None}
+    reference = {d: by_gain[d] for d in passed} if by_gain is not None else None
+    screened = screen_norms(passed, norm_factor, norm_action, reference)
+    out: dict[str, Weighed] = {}
+    for delta_id, norm in norms.items():
+        if delta_id not in passed:
+            out[delta_id] = Weighed(None, "no_gain", f"held-out loss gain {gains[delta_id]:.4g}")
+        elif screened[delta_id] is None:
+            out[delta_id] = Weighed(None, "norm", f"norm {norm:.4g} is far above the round's")
+        else:
+            weight = screened[delta_id] * (by_gain[delta_id] if by_gain is not None else 1.0)
+            out[delta_id] = Weighed(weight)
     return out

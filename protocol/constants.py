@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 # 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256; 4: heads name a momentum
 # blob; 5: heads also stand under their author's own key (records.OWN_TOPIC_KINDS)
-PROTOCOL_VERSION = "5"
+PROTOCOL_VERSION = "6"
 
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)
 CodecName = Literal["bf16", "fp16", "fp32", "int8"]
@@ -28,4 +28,5 @@ DELTA_REJECT_REASONS = (
     "norm",
     "eval_gate",
     "drop_rate",
+    "no_gain",
 )

@@ -33,6 +33,10 @@ from protocol.errors import MergeswarmError, one_line
 from protocol.schema import Body, Hex64, SwarmId
 
 CONFIG_VERSION = 1
+# what a merge bounds each delta entry by, in the tensor's robust scale: far above what honest
+# deltas reach (scripts/bench_robustness.py prints the largest ratio: 5.9 on the tiny demo
+# model after 30 steps, 2.2 on SmolLM2-135M after 6), far below a spike's
+ENTRY_CLIP = 20.0
 ANCHOR_HEX = 16  # hex digits of the trust anchor at the end of a swarm id (64 bits)
 _ANCHORED = re.compile(rf"-t([0-9a-f]{{{ANCHOR_HEX}}})$")
 
@@ -71,9 +75,9 @@ class SwarmConfig(Body):
     # SmolLM2-135M (docs/benchmarks.md). TIES did far worse on DARE-sparse deltas: their
     # random masks rarely overlap, and its disjoint mean keeps a lone entry whole where
     # averaging divides it by the number of deltas.
-    merge_method: Literal["ties", "dare_ties", "task_arithmetic", "linear"] = Field(
-        "linear", description="how aggregators merge the round's deltas"
-    )
+    merge_method: Literal[
+        "ties", "dare_ties", "task_arithmetic", "linear", "trimmed_mean", "median", "centered_clip"
+    ] = Field("linear", description="how aggregators merge the round's deltas")
     density: float = Field(
         0.5, gt=0, le=1, description="TIES: fraction of each delta's largest entries kept"
     )
@@ -120,6 +124,20 @@ class SwarmConfig(Body):
     )
     norm_action: Literal["reject", "clip"] = Field(
         "reject", description="what screening does to it: reject it, or scale it to the bound"
+    )
+    entry_clip: float = Field(
+        ENTRY_CLIP,
+        ge=0,
+        le=1e6,
+        description="bound every delta entry by this many times its tensor's robust scale "
+        "(the median over the round's deltas of their RMS over kept entries; 0: no bound)",
+    )
+    gain_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="aggregators with evaluation data: a delta whose loss gain is at least this "
+        "share of the round's best weighs fully, less below it",
     )
     max_delta_bytes: int = Field(
         1 << 32, ge=1 << 10, le=1 << 40, description="largest delta an aggregator fetches"

@@ -102,7 +102,7 @@ def test_three_rounds_leave_every_peer_on_one_head_that_the_merge_reproduces(
     store = BlobStore(tmp_path / "observer" / "blobs")
     for delta in head.merged:
         fetch(observer, store, delta, timeout=60, serve_while_fetching=False)
-    recipe = Recipe(config.merge_method, lam=config.lam, sign_method=config.sign_method)
+    recipe = Recipe.for_swarm(config)
     inputs = [MergeInput(store.path(d)) for d in head.merged]
     report = merge_models(parent, inputs, recipe, tmp_path / "redo", density=config.density)
     assert report.child_id == head.base_id != head.parent

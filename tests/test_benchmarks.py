@@ -145,3 +145,24 @@ def test_bench_quality_default_rows_parse_for_every_demo_model():
     for daemons, sims in bench.DEFAULT_ROWS.values():
         rows = [bench.parse_row(text, base) for text in daemons + sims]
         assert any(r.outer == "nesterov" and r.method == "linear" for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_robustness_smoke_run_reports_every_attack_against_the_clean_round(tmp_path):
+    out = tmp_path / "robustness.json"
+    script = SCRIPT.with_name("bench_robustness.py")
+    args = ["--model", "tiny", "--pretrain-steps", "20", "--round-steps", "3"]
+    args += ["--attacks", "sign_flip", "sybil_crowd", "median_drag", "--json", out]
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny"
+    for key in ("clean_loss", "clean_loss_no_eval"):
+        assert isinstance(result[key], float)
+    for key in ("attacks", "attacks_no_eval"):
+        assert set(result[key]) == {"sign_flip", "sybil_crowd", "median_drag"}
+        for row in result[key].values():
+            assert {"loss", "honest_merged", "honest_total"} <= set(row)
+            assert row["honest_total"] == 4 and 0 <= row["honest_merged"] <= 4

@@ -54,6 +54,35 @@ def test_a_mergekit_config_keeps_mergekits_meaning(mergekit_config, tiny_finetun
     assert config.output_dtype == "BF16"
 
 
+@pytest.mark.parametrize(
+    ("method", "extra", "want"),
+    [
+        ("trimmed_mean", "trim: 0.25", {"trim": 0.25}),
+        ("median", "entry_clip: 8", {"entry_clip": 8.0}),
+        (
+            "centered_clip",
+            "clip_radius: 2\n  clip_iterations: 5",
+            {"clip_radius": 2.0, "clip_iterations": 5},
+        ),
+    ],
+)
+def test_robust_methods_and_their_options_read_from_yaml(
+    tmp_path, tiny_base, tiny_finetuned, method, extra, want
+):
+    text = (
+        f"merge_method: {method}\nbase_model: {tiny_base}\nmodels: [{{model: {tiny_finetuned}}}]\n"
+    )
+    recipe = load_config(write(tmp_path, text + f"parameters:\n  {extra}\n")).recipe()
+    assert recipe.method == method and recipe.normalized
+    assert {k: getattr(recipe, k) for k in want} == want
+
+
+def test_a_robust_method_refuses_normalize_false(tmp_path, tiny_base, tiny_finetuned):
+    text = f"merge_method: median\nbase_model: {tiny_base}\nmodels: [{{model: {tiny_finetuned}}}]\n"
+    with pytest.raises(ConfigError, match="takes no normalize"):
+        load_config(write(tmp_path, text + "parameters:\n  normalize: false\n"))
+
+
 def test_our_additions_extend_the_schema(tmp_path, tiny_base, tiny_finetuned):
     config = load_config(
         write(

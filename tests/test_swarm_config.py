@@ -44,6 +44,8 @@ def _unusual() -> SwarmConfig:
             on_new_head="restart",
             norm_factor=4.0,
             norm_action="clip",
+            entry_clip=0.0,
+            gain_share=0.5,
             max_delta_bytes=123_456_789,
             snapshot_every=2,
             aggregators=["01" * 32, "fe" * 32],

@@ -122,6 +122,11 @@ def run_init(args: argparse.Namespace) -> int:
     )
     if not config.aggregators:
         print("no --aggregator-dir given: volunteers will follow any aggregator (open swarm)")
+    print(
+        "aggregators of a swarm open to volunteers should get held-out text of what volunteers "
+        "train on (mergeswarm aggregator --eval-data FILE.jsonl): each delta must then lower "
+        "its loss, and weighs by how much (README: Security model)"
+    )
     return 0
 
 
@@ -142,6 +147,11 @@ def run_aggregator(args: argparse.Namespace) -> int:
     settings = load_daemon_settings(AggregatorSettings, args)
     for path in settings.eval_data:  # fail before joining, not at the first merge
         read_examples(path)
+    if not settings.eval_data:
+        logger.warning(
+            "no --eval-data: deltas are screened by their norms only, and a crowd of new keys "
+            "can outweigh honest volunteers (README: Security model)"
+        )
 
     def build(swarm, closers):
         return Aggregator(swarm, BlobStore(DataDir(args.data_dir).blobs), config, settings)

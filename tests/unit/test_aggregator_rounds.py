@@ -4,6 +4,7 @@ aggregator continues bit for bit. The same with daemons on libp2p: tests/test_ag
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -19,8 +20,10 @@ from node.config import MonitorSettings
 from node.monitor.monitor import Monitor
 from node.net.blobstore import HEAD_PIN
 from node.seed import Seed
-from protocol.delta import create_delta
+from node.training.tiny_model import CORPUS
+from protocol.delta import TensorMap, create_delta
 from protocol.ids import file_hasher
+from protocol.model_dir import ModelDir
 from protocol.records import ANNOUNCE, BASE, LEASE, DeltaAnnouncement, Lease
 from tests.forge import nan_delta, scaled_finetune
 from tests.unit.world import World, step
@@ -111,6 +114,32 @@ def test_hostile_deltas_are_refused_once_and_counted_and_the_honest_ones_merged(
     assert big in {d for _, d in left}  # too large for this round's deltas, not for every round's
 
 
+def test_with_evaluation_data_a_sign_flip_is_refused_for_no_gain_before_it_takes_a_slot(
+    world, tiny_base, tiny_finetuned
+):
+    eval_data = world.root / "eval.jsonl"
+    eval_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS * 4))
+    config = world.config(["agg"], min_deltas=2, max_deltas=2)
+    agg = world.aggregator("agg", config, genesis=world.genesis, eval_data=[str(eval_data)])
+    step(agg)
+    made = world.root / "made"
+    made.mkdir()
+    with ModelDir(tiny_base) as b, ModelDir(tiny_finetuned) as f:
+        flip = TensorMap({n: 2 * b.tensor(n) - f.tensor(n) for n in b.names()})
+    flippers = []
+    for i in range(3):  # more sign flips than slots: none may take one
+        swarm, store = world.peer(f"flipper{i}")
+        path = made / f"flip{i}.msd"
+        create_delta(tiny_base, flip, path, identity=swarm.identity, drop_rate=0.5, seed=10 + i)
+        flippers.append(world.offer(swarm, store, path))
+    honest = [world.announce_delta(tiny_finetuned, seed=s) for s in (1, 2)]
+    step(agg)
+    assert sorted(agg.head.merged) == sorted(honest)
+    assert agg.rejected == {"no_gain": 3}
+    text = generate_latest(agg.metrics.registry).decode()
+    assert 'mergeswarm_deltas_rejected_total{reason="no_gain"} 3.0' in text
+
+
 def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(world, finetunes):
     config = world.config(
         ["a", "b"], outer_optimizer="nesterov", outer_lr=0.5, outer_momentum=0.8, staleness=0
@@ -157,7 +186,7 @@ def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(wor
     assert authors[3] == world.author("b")
 
     # Each head is its parent, the deltas it names and the parent's momentum, bit for bit.
-    recipe = Recipe(config.merge_method, lam=config.lam, sign_method=config.sign_method)
+    recipe = Recipe.for_swarm(config)
     for r in (3, 5):
         h, parent = heads[r], heads[r - 1]
         outer = OuterStep(

@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from aggregator.screening import Candidate, Rejected, inspect_delta, rank_candidates, screen_norms
+from aggregator.screening import (
+    Admitted,
+    Candidate,
+    Rejected,
+    fill_slots,
+    gain_weights,
+    inspect_delta,
+    rank_candidates,
+    screen_norms,
+    weigh_round,
+    weighted_median,
+)
 from protocol.container import DeltaReader
 from protocol.delta import create_delta
 from protocol.identity import Identity
@@ -130,6 +141,92 @@ def test_the_one_non_zero_norm_among_zeros_is_rejected(action):
 def test_no_norms_screen_to_nothing():
     assert screen_norms({}, 10.0, "reject") == {}
     assert screen_norms({}, 10.0, "clip") == {}
+
+
+# weigh_round: norms and, with evaluation data, held-out loss gains
+
+
+def test_weighted_median_counts_values_by_weight_and_falls_back_to_the_plain_median():
+    values = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 100.0}
+    assert weighted_median(values, {"a": 1, "b": 1, "c": 1, "d": 1}) == 2.0  # the lower median
+    assert weighted_median(values, {"a": 0.01, "b": 0.01, "c": 1, "d": 1}) == 3.0
+    assert weighted_median(values, {}) == statistics_median(values)
+
+
+def statistics_median(values: dict) -> float:
+    ordered = sorted(values.values())
+    return (ordered[1] + ordered[2]) / 2
+
+
+def test_gain_weights_are_full_from_a_share_of_the_best_gain_and_none_without_gain():
+    gains = {"best": 0.04, "half": 0.02, "small": 0.001, "zero": 0.0, "hurt": -0.5}
+    gains["broken"] = -math.inf
+    weights = gain_weights(gains, share=0.25)
+    assert weights["best"] == weights["half"] == 1.0  # 0.02 >= 0.25 * 0.04
+    assert weights["small"] == pytest.approx(0.001 / 0.01)
+    assert weights["zero"] is weights["hurt"] is weights["broken"] is None
+
+
+def test_without_gains_a_round_is_weighed_by_its_norms_alone():
+    norms = {"a": 1.0, "b": 1.1, "big": 100.0}
+    verdicts = weigh_round(norms, None, norm_factor=10, norm_action="reject", gain_share=0.25)
+    assert [verdicts[d].weight for d in ("a", "b")] == [1.0, 1.0]
+    assert verdicts["big"].weight is None and verdicts["big"].reason == "norm"
+
+
+def test_a_delta_that_bought_no_gain_is_left_out_for_no_gain():
+    norms = {"a": 1.0, "b": 1.0, "flip": 1.0}
+    gains = {"a": 0.03, "b": 0.02, "flip": -0.04}
+    verdicts = weigh_round(norms, gains, norm_factor=10, norm_action="reject", gain_share=0.25)
+    assert verdicts["flip"].weight is None and verdicts["flip"].reason == "no_gain"
+    assert verdicts["a"].weight == verdicts["b"].weight == 1.0
+
+
+def test_a_crowd_of_near_empty_deltas_neither_refuses_nor_dilutes_the_honest_ones():
+    # Without gains, eight near-empty deltas drag the median down and the honest ones fail
+    # the norm screen; with gains, they weigh next to nothing in the median and the merge.
+    norms = {f"h{i}": 1.0 for i in range(4)} | {f"e{i}": 1e-3 for i in range(8)}
+    blind = weigh_round(norms, None, norm_factor=10, norm_action="reject", gain_share=0.25)
+    assert all(blind[f"h{i}"].weight is None for i in range(4))
+    gains = {f"h{i}": 0.03 for i in range(4)} | {f"e{i}": 3e-5 for i in range(8)}
+    seen = weigh_round(norms, gains, norm_factor=10, norm_action="reject", gain_share=0.25)
+    assert all(seen[f"h{i}"].weight == 1.0 for i in range(4))
+    crowd = sum(seen[f"e{i}"].weight for i in range(8))
+    assert crowd < 0.05  # against 4.0 for the honest deltas
+
+
+# fill_slots: a slot only for a delta that passed
+
+
+def _admit_all_but(bad: set[str]):
+    checked: list[list[str]] = []
+
+    def check(batch):
+        checked.append([c.delta_id for c in batch])
+        return [None if c.delta_id in bad else Admitted(c, 1.0) for c in batch]
+
+    return check, checked
+
+
+def test_slots_go_to_the_first_candidates_that_pass_and_failures_take_none():
+    ranked = [_candidate(f"a{i}", _id(i), 0) for i in range(10)]
+    check, checked = _admit_all_but({_id(0), _id(1), _id(2)})
+    admitted = fill_slots(ranked, check, slots=3, parallel=2, on_copy=lambda c: None)
+    assert [a.candidate.delta_id for a in admitted] == [_id(3), _id(4), _id(5)]
+    assert checked[0] == [_id(0), _id(1), _id(2)]  # as many as slots are left, at least 2
+
+
+def test_a_delta_id_admitted_under_two_authors_goes_to_on_copy():
+    ranked = [_candidate("a", _id(1), 0), _candidate("b", _id(1), 0), _candidate("c", _id(2), 0)]
+    check, checked = _admit_all_but(set())
+    copies = []
+    admitted = fill_slots(ranked, check, slots=3, parallel=4, on_copy=copies.append)
+    assert [(a.candidate.author, a.candidate.delta_id) for a in admitted] == [
+        ("a", _id(1)),
+        ("c", _id(2)),
+    ]
+    assert [c.author for c in copies] == ["b"]
+    assert all(len(set(batch)) == len(batch) for batch in checked)  # never twice at once
 
 
 # inspect_delta on real .msd files
