@@ -125,6 +125,7 @@ class Aggregator(PeerDaemon):
         self.refused: set[tuple[str, str]] = set()  # (author, delta id) rejected: never again
         self.admitted: dict[tuple[str, str], float] = {}  # arrived and inspected: its norm
         self.gains: dict[tuple[str, str, str], float] = {}  # (author, delta, head): loss gain
+        self.volunteers = settings.allowed_volunteers()  # None: an open swarm
         # (author, delta id) that did not arrive: skipped from a round period up
         self.unavailable = Backoff(first=config.round_period, cap=BACKOFF_MAX)
         self.status = "starting"
@@ -278,6 +279,8 @@ class Aggregator(PeerDaemon):
                     continue
                 if key in self.refused or not self.unavailable.ready(key):
                     continue
+                if self.volunteers is not None and record.author not in self.volunteers:
+                    continue  # a closed swarm: not one of the keys it takes deltas from
                 found.append(Candidate(record.author, record.body, age))
             parent = self.chain.get(base)
             base = parent.parent if parent else None

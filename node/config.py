@@ -250,6 +250,29 @@ class AggregatorSettings(DaemonSettings):
         json_schema_extra={"metavar": "FRACTION"},
         description="with --eval-data: refuse a head whose loss rose by more than this fraction",
     )
+    volunteers: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"metavar": "AUTHOR|FILE"},
+        description="a closed swarm: take deltas only from these volunteer keys (as each "
+        "daemon prints at start), or from the keys in FILE, one per line; repeatable",
+    )
+
+    def allowed_volunteers(self) -> frozenset[str] | None:
+        """The volunteer keys named (files read), or None: any volunteer."""
+        if not self.volunteers:
+            return None
+        keys: set[str] = set()
+        for item in self.volunteers:
+            lines = Path(item).read_text().split() if not _is_key(item) else [item]
+            for key in lines:
+                if not _is_key(key):
+                    raise ValueError(f"--volunteers {item}: {key[:80]!r} is not a volunteer key")
+                keys.add(key)
+        return frozenset(keys)
+
+
+def _is_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 class MonitorSettings(DaemonSettings):

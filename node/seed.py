@@ -103,10 +103,13 @@ class Seed(PeerDaemon):
             self.store.pin(blob_id, reason)
 
 
-def genesis_head(store: BlobStore, model_dir: Path, round_: int = 0) -> Head:
-    """A stand-in head for a model directory (before an aggregator exists): snapshot it."""
+def genesis_head(
+    store: BlobStore, model_dir: Path, round_: int = 0, parent: str | None = None
+) -> Head:
+    """A stand-in head for a model directory (before an aggregator exists): snapshot it.
+    Past round 0 a head must name its parent to be followed."""
     with tempfile.TemporaryDirectory(dir=store.root) as tmp:
         path = Path(tmp) / "snapshot.msp"
         base = write_patch(ModelDir(model_dir), path)
         snapshot = store.add_file(path, pin=HEAD_PIN)
-    return Head(base_id=base, round=round_, deltas=0, snapshot_id=snapshot)
+    return Head(base_id=base, round=round_, parent=parent, deltas=0, snapshot_id=snapshot)

@@ -55,7 +55,7 @@ def test_a_blob_spreads_to_six_peers_and_the_origin_sends_under_two_copies(tmp_p
         lambda: origin.peer_id in _provided_by(observer, blob_id), 30, "origin's provider record"
     )
     # A head naming the blob as its snapshot: every seed mirrors it, all at once.
-    observer.publish("head", Head(base_id="ab" * 32, round=1, deltas=0, snapshot_id=blob_id))
+    observer.publish("head", Head(base_id="ab" * 32, round=0, deltas=0, snapshot_id=blob_id))
     everyone = {s.peer_id for s in seeds}
     wait_for(lambda: everyone <= _provided_by(observer, blob_id), 180, "6 seeds to hold the blob")
     for s in seeds:

@@ -191,7 +191,7 @@ def test_a_head_record_that_fails_validation_is_dropped_and_counted(tmp_path, co
     hostile = hivemind.DHT(initial_peers=[seed.maddrs[0]], host_maddrs=[LOOPBACK], start=True)
     try:
         forger = Identity.generate()
-        head = Head(base_id="ab" * 32, round=7, deltas=3, snapshot_id="cd" * 32)
+        head = Head(base_id="ab" * 32, round=7, parent="ef" * 32, deltas=0, snapshot_id="cd" * 32)
         expires = get_dht_time() + 300
         key, data = sign_record(forger, swarm_id, "head", "", head, expires)
         tampered = json.loads(data) | {"body": head.model_dump() | {"round": 8}}

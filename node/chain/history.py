@@ -116,8 +116,12 @@ def _parent(swarm: SwarmMember, head: Head, trusted: set[str]) -> Head:
     if head.parent is None:
         raise MergeswarmError(f"base {head.base_id[:16]} (round {head.round}) has no parent")
     parent = base_record(swarm, head.parent, trusted)
-    if parent is None or parent.round >= head.round:
+    if parent is None:
         raise MergeswarmError(f"the parent of round {head.round} is no longer published")
+    if parent.round != head.round - 1:  # a head may not skip rounds, nor loop back
+        raise MergeswarmError(
+            f"round {head.round} names a parent of round {parent.round}: not its chain"
+        )
     return parent
 
 

@@ -98,7 +98,9 @@ def stop_event() -> threading.Event:
 
 
 def print_join_line(swarm) -> None:
-    print(f"swarm {swarm.swarm_id}; to join it, use:", flush=True)
+    print(
+        f"swarm {swarm.swarm_id}, as author {swarm.identity.author}; to join it, use:", flush=True
+    )
     for maddr in swarm.maddrs:
         print(f"  --join {maddr}", flush=True)
 

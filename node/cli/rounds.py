@@ -141,13 +141,18 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from node.config import AggregatorSettings
     from node.net.blobstore import BlobStore
     from node.training.data import read_examples
+    from protocol.errors import MergeswarmError
     from protocol.swarm_config import load_swarm_config
 
     config = load_swarm_config(args.config)
     settings = load_daemon_settings(AggregatorSettings, args)
     for path in settings.eval_data:  # fail before joining, not at the first merge
         read_examples(path)
-    if not settings.eval_data:
+    try:
+        allowed = settings.allowed_volunteers()
+    except (OSError, ValueError) as exc:
+        raise MergeswarmError(f"--volunteers: {exc}") from None
+    if not settings.eval_data and allowed is None:
         logger.warning(
             "no --eval-data: deltas are screened by their norms only, and a crowd of new keys "
             "can outweigh honest volunteers (README: Security model)"

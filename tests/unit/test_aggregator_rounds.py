@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from aggregator.engine import MergeInput, merge_models
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
-from node.config import MonitorSettings
+from node.config import AggregatorSettings, MonitorSettings
 from node.monitor.monitor import Monitor
 from node.net.blobstore import HEAD_PIN
 from node.seed import Seed
@@ -138,6 +138,30 @@ def test_with_evaluation_data_a_sign_flip_is_refused_for_no_gain_before_it_takes
     assert agg.rejected == {"no_gain": 3}
     text = generate_latest(agg.metrics.registry).decode()
     assert 'mergeswarm_deltas_rejected_total{reason="no_gain"} 3.0' in text
+
+
+def test_a_closed_swarms_aggregator_takes_deltas_only_from_the_volunteers_it_names(
+    world, tiny_finetuned
+):
+    listed = world.root / "volunteers.txt"  # announce_delta's peers are author1, author2, ...
+    listed.write_text(f"{world.author('author1')}\n{world.author('author3')}\n")
+    agg = world.aggregator(
+        "agg", world.config(["agg"]), genesis=world.genesis, volunteers=[str(listed)]
+    )
+    step(agg)
+    deltas = [world.announce_delta(tiny_finetuned, seed=s) for s in (1, 2, 3)]
+    step(agg)
+    assert sorted(agg.head.merged) == sorted([deltas[0], deltas[2]])
+    assert agg.rejected == {}  # not refused: never a candidate
+
+
+def test_a_volunteer_list_with_something_else_than_keys_is_refused(tmp_path):
+    bad = tmp_path / "volunteers.txt"
+    bad.write_text("ab" * 32 + "\nnot-a-key\n")
+    with pytest.raises(ValueError, match="not-a-key"):
+        AggregatorSettings(volunteers=[str(bad)]).allowed_volunteers()
+    assert AggregatorSettings(volunteers=["cd" * 32]).allowed_volunteers() == {"cd" * 32}
+    assert AggregatorSettings().allowed_volunteers() is None
 
 
 def test_outer_momentum_is_chain_state_that_any_aggregator_continues_exactly(world, finetunes):

@@ -144,7 +144,8 @@ def test_the_validator_counts_what_it_refuses(alice, monkeypatch):
 
 def test_fork_choice_prefers_round_then_deltas_then_the_smaller_id():
     def head(base, rnd, deltas):
-        return Head(base_id=base * 32, round=rnd, deltas=deltas)
+        merged = tuple(f"{i:064x}" for i in range(deltas))
+        return Head(base_id=base * 32, round=rnd, parent="ff" * 32, deltas=deltas, merged=merged)
 
     heads = [("a", head("aa", 3, 5)), ("b", head("bb", 4, 1)), ("c", head("cc", 4, 2))]
     assert choose_head(heads)[0] == "c"
@@ -153,6 +154,19 @@ def test_fork_choice_prefers_round_then_deltas_then_the_smaller_id():
     assert choose_head(heads, trusted={"a"})[0] == "a"
     assert choose_head(heads, trusted={"z"}) is None
     assert choose_head([]) is None
+
+
+def test_fork_choice_counts_the_deltas_a_head_names_not_the_count_it_claims():
+    named = Head(base_id="bb" * 32, round=4, parent="ff" * 32, deltas=1, merged=("01" * 32,))
+    boast = Head(base_id="aa" * 32, round=4, parent="ff" * 32, deltas=32)  # names none
+    assert choose_head([("honest", named), ("boaster", boast)])[0] == "honest"
+
+
+def test_fork_choice_ignores_a_later_round_without_a_parent_or_its_own_parent():
+    genesis = Head(base_id="cc" * 32, round=0, deltas=0)
+    orphan = Head(base_id="aa" * 32, round=999999, deltas=0)
+    loop = Head(base_id="bb" * 32, round=999999, parent="bb" * 32, deltas=0)
+    assert choose_head([("g", genesis), ("o", orphan), ("l", loop)])[0] == "g"
 
 
 def test_every_record_kind_is_named_once_and_keys_as_its_name():

@@ -27,7 +27,7 @@ def test_a_seed_follows_only_trusted_aggregators_and_mirrors_what_the_head_needs
     agg = world.aggregator("agg", world.config(["agg"]), genesis=world.genesis)
     step(agg)
     rogue, rogue_store = world.peer("rogue")  # a higher head from a key nobody trusts
-    fake = genesis_head(rogue_store, finetunes[0], round_=99)
+    fake = genesis_head(rogue_store, finetunes[0], round_=99, parent=world.genesis_id)
     rogue.transfers(rogue_store).announce(fake.snapshot_id)
     assert rogue.publish(HEAD, fake, ttl=HEAD_TTL)
     seed = Seed(*world.peer("seed"), SeedSettings(trusted_aggregators=[world.author("agg")]))

@@ -60,7 +60,7 @@ def hijacked(tmp_path, tiny_base, finetunes) -> World:
     world.anchor(["agg"])
     _grind_key_sorting_before(world.author("agg"), tmp_path / "rogue")
     rogue, store = world.peer("rogue")
-    fake = genesis_head(store, finetunes[0], round_=999999)
+    fake = genesis_head(store, finetunes[0], round_=999999, parent=world.genesis_id)
     rogue.transfers(store).announce(fake.snapshot_id)
     assert rogue.publish(HEAD, fake, ttl=HEAD_TTL)
     own = world.config(["agg"]).model_dump() | {"aggregators": [rogue.identity.author]}
@@ -120,7 +120,7 @@ def test_a_head_under_another_authors_key_is_refused_and_trusted_readers_skip_th
     author = world.author("agg")
     for i in range(20):  # throwaway keys: heads of round 999 under the shared key and under
         stranger, _ = world.peer(f"stranger{i}")  # the aggregator's own one
-        flood = agg.head.model_copy(update={"round": 999, "deltas": 0})
+        flood = agg.head.model_copy(update={"round": 999, "deltas": 0, "parent": "ab" * 32})
         assert stranger.publish(HEAD, flood, ttl=600)
         assert not stranger.publish(HEAD, flood, topic=author, ttl=600)
     assert world.net.rejected["wrong_key"] == 20

@@ -95,7 +95,7 @@ def test_a_new_head_mid_round_is_followed_as_configured(
         wait_for(lambda: volunteer.metrics.steps._value.get() >= 2, "training on the genesis")
         volunteer.paused.set()  # hold the round in its middle while the head moves
         wait_for(lambda: volunteer.status == "paused", "the pause")
-        newer = genesis_head(store, tiny_finetuned, round_=1)
+        newer = genesis_head(store, tiny_finetuned, round_=1, parent=genesis.base_id)
         origin.transfers(store).announce(newer.snapshot_id)
         assert origin.publish(HEAD, newer, ttl=HEAD_TTL)
         volunteer.tick()
