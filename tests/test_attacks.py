@@ -78,3 +78,56 @@ def _swarm_id(config) -> str:
     from protocol.swarm_config import load_swarm_config
 
     return load_swarm_config(config).swarm_id
+
+
+def _timed_fetch(observer, root, blob_id: str) -> float:
+    from node.net.blobs import Fetcher
+
+    store = BlobStore(root)
+    started = time.monotonic()
+    observer.run(Fetcher(observer, store, blob_id).run(timeout=120), timeout=150)
+    assert store.has(blob_id)
+    return time.monotonic() - started
+
+
+def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_time(
+    tmp_path, local_peer
+):
+    from hivemind.p2p import PeerID
+
+    from node.net.blobs import PIECES, providers
+    from node.net.framing import write_frame
+    from protocol import transfer_pb2 as pb
+
+    origin = start_peer(tmp_path / "origin", "--no-mirror")
+    blob = tmp_path / "blob"
+    blob.write_bytes(secrets.token_bytes(48 << 20))
+    out = run_cli("blob", "add", str(blob), "--data-dir", str(origin.data_dir))
+    assert out.returncode == 0, out.stderr
+    blob_id = out.stdout.strip()
+    observer = local_peer("observer", join=[origin.maddrs[0]])
+    wait_for(lambda: providers(observer, blob_id), 30, "the origin's provider record")
+    clean = _timed_fetch(observer, tmp_path / "clean", blob_id)
+
+    # Three strangers open 30 streams each; on each, a request for a run past the blob's end
+    # (nothing to send), then silence, as if the next request were coming.
+    held = []
+    empty = pb.PieceRequest(swarm_id=observer.swarm_id, blob_id=blob_id, first=10**6, count=1)
+
+    async def flood(attacker) -> None:
+        for _ in range(30):
+            _, reader, writer = await attacker.p2p.call_binary_stream_handler(
+                PeerID.from_base58(origin.peer_id), PIECES
+            )
+            try:
+                await write_frame(writer, empty)
+            except ConnectionError:  # refused: the provider closed it at once
+                continue
+            held.append((reader, writer))
+
+    for i in range(3):
+        attacker = local_peer(f"attacker{i}", join=[origin.maddrs[0]])
+        attacker.run(flood(attacker))
+    flooded = _timed_fetch(observer, tmp_path / "flooded", blob_id)
+    print(f"clean {clean:.2f} s, under 90 idle streams {flooded:.2f} s")
+    assert flooded < 2 * clean + 1.0, f"{flooded:.1f} s against {clean:.1f} s clean"

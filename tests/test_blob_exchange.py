@@ -234,8 +234,8 @@ def test_providers_refuse_unknown_ids_other_swarms_and_greedy_peers(tmp_path, lo
     assert have(server.swarm_id, "../etc/passwd").error == "bad blob id"
     assert have(server.swarm_id, blob_id).manifest.size == 8 * MB
 
-    async def pieces() -> list[pb.Piece]:
-        request = pb.PieceRequest(swarm_id=server.swarm_id, blob_id=blob_id, first=0, count=8)
+    async def pieces(first: int = 0) -> list[pb.Piece]:
+        request = pb.PieceRequest(swarm_id=server.swarm_id, blob_id=blob_id, first=first, count=8)
         _, reader, writer = await client.p2p.call_binary_stream_handler(server.peer_id, PIECES)
         await write_frame(writer, request)
         got = []
@@ -251,6 +251,8 @@ def test_providers_refuse_unknown_ids_other_swarms_and_greedy_peers(tmp_path, lo
     assert got[-1].error == "peer byte budget"
     assert service.stats.refused["unknown blob"] == 1
     assert service.stats.bytes_out == 3 * MB
+    # a run of nothing (past the blob's end) is refused, not served as an empty success
+    assert [p.error for p in client.run(pieces(first=8))] == ["no such piece"]
 
 
 def test_runs_follow_each_other_on_one_stream_and_long_ones_are_cut_once_others_fetch(

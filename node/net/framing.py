@@ -184,31 +184,62 @@ class DetachedStream:
             self._sock.setblocking(False)  # what the transport expects of its descriptor
             self._sock.close()
 
-    def _stalled(self, since: float, what: str) -> None:
-        """Raise if the call should give up (stopped, or no progress for ``timeout``)."""
+    def _stalled(self, since: float, what: str, deadline: float | None = None) -> None:
+        """Raise if the call should give up (stopped, no progress for ``timeout``, or past
+        the absolute ``deadline``, which a trickle of bytes does not move)."""
         if self._stop.is_set():
             raise FrameError("the transfer was stopped")
         if time.monotonic() - since > self.timeout:
             raise FrameError(f"the peer {what} for {self.timeout:.0f} s")
+        if deadline is not None and time.monotonic() > deadline:
+            raise FrameError("the peer took too long over one frame")
 
-    def _move(self, total: int, step: Callable[[int], int], idle: str, short: str) -> None:
+    async def wait_readable(self, timeout: float) -> bool:
+        """Wait, on the event loop and holding no thread, until bytes (or the end of the
+        stream) can be read; False when ``timeout`` passes first. An idle stream then costs
+        a descriptor, not one of the threads every transfer shares."""
+        if self._pending:
+            return True
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self._sock.fileno()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(True))
+        try:
+            await asyncio.wait_for(ready, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+
+    def _move(
+        self,
+        total: int,
+        step: Callable[[int], int],
+        idle: str,
+        short: str,
+        deadline: float | None = None,
+    ) -> None:
         """Call ``step(done)``, which moves some bytes and says how many, until ``total``
         have moved; ``short`` (formatted with done and total) is the error if one moves none."""
         done = 0
         progress = time.monotonic()
         while done < total:
+            if deadline is not None:
+                self._stalled(progress, idle, deadline)
             try:
                 moved = step(done)
             except (BlockingIOError, TimeoutError):  # a timeout slice passed
-                self._stalled(progress, idle)
+                self._stalled(progress, idle, deadline)
                 continue
             if moved == 0:
                 raise StreamEnded(short.format(done=done, total=total), done)
             done += moved
             progress = time.monotonic()
 
-    def read_into(self, view: memoryview) -> None:
-        """Fill ``view`` exactly, or raise FrameError."""
+    def read_into(self, view: memoryview, deadline: float | None = None) -> None:
+        """Fill ``view`` exactly (by ``deadline``, a ``time.monotonic()`` value, when given),
+        or raise FrameError."""
         if self._pending:
             got = min(len(self._pending), len(view))
             view[:got] = self._pending[:got]
@@ -219,14 +250,19 @@ class DetachedStream:
             lambda done: self._sock.recv_into(view[done:], 0, socket.MSG_WAITALL),
             "sent nothing",
             "the stream ended {done} bytes into {total}",
+            deadline,
         )
 
-    def read_frame(self, kind: type[M], max_bytes: int, end_ok: bool = False) -> M | None:
-        """The next frame; None if ``end_ok`` and the stream ends cleanly before it."""
+    def read_frame(
+        self, kind: type[M], max_bytes: int, end_ok: bool = False, within: float | None = None
+    ) -> M | None:
+        """The next frame; None if ``end_ok`` and the stream ends cleanly before it. With
+        ``within``, the whole frame must arrive within that many seconds."""
+        deadline = time.monotonic() + within if within is not None else None
         head = bytearray(_LEN.size)
         clean = not self._pending
         try:
-            self.read_into(memoryview(head))
+            self.read_into(memoryview(head), deadline)
         except StreamEnded as exc:
             if end_ok and clean and exc.done == 0:
                 return None
@@ -235,7 +271,7 @@ class DetachedStream:
         if length > max_bytes:
             raise FrameError(f"a frame of {length} bytes is over the {max_bytes}-byte cap")
         data = bytearray(length)
-        self.read_into(memoryview(data))
+        self.read_into(memoryview(data), deadline)
         try:
             return kind.FromString(bytes(data))
         except DecodeError as exc:

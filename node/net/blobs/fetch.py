@@ -16,6 +16,7 @@ from hivemind.p2p import PeerID
 
 from node.net.blobs.providers import announce, providers
 from node.net.blobs.wire import (
+    BUSY,
     CAPPED,
     HAVE,
     PIECES,
@@ -390,7 +391,7 @@ class Fetcher:
             # Whole so far; others have or fetch the blob too: the rest from whoever has it.
             await self._refresh_sources()
         elif problem is not None and problem.error:
-            busy = problem.error in ("busy", "too many requests")
+            busy = problem.error in BUSY
             self._fail(
                 source,
                 f"{source.peer}: {problem.error}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -17,7 +18,9 @@ from node.net.blobs.providers import announce
 from node.net.blobs.wire import (
     CAPPED,
     HAVE,
+    IDLE_BETWEEN_REQUESTS,
     PIECES,
+    REQUEST_DEADLINE,
     SEND,
     SMALL_FRAME,
     UPLOAD,
@@ -57,8 +60,11 @@ TRACKED_BLOBS = 64  # blobs whose per-piece send counts a provider keeps
 class ServeLimits:
     """What a peer gives others.
 
-    :param slots: concurrent piece streams served in all (others get "busy" and go elsewhere).
-    :param per_peer: concurrent requests from one peer.
+    :param slots: concurrent runs of pieces served in all (others get "busy" and go elsewhere).
+    :param per_peer: concurrent runs served to one peer.
+    :param streams: pieces streams open at once in all, idle ones included.
+    :param streams_per_peer: pieces streams one peer may hold open, idle ones included (a
+        stream waits at most IDLE_BETWEEN_REQUESTS for its next request).
     :param peer_bytes_per_minute: bytes served to one peer per minute (0: no limit).
     :param upload_bytes_per_peer: bytes one peer may push into this store (0: refuse pushes).
     :param upload_slots: pushes received at once.
@@ -66,6 +72,8 @@ class ServeLimits:
 
     slots: int = 4
     per_peer: int = 2
+    streams: int = 64
+    streams_per_peer: int = 4
     peer_bytes_per_minute: int = 0
     upload_bytes_per_peer: int = 4 << 30
     upload_slots: int = 2
@@ -81,6 +89,7 @@ class BlobService:
         self.stats = TransferStats()
         self._active = 0
         self._per_peer: dict[PeerID, int] = defaultdict(int)
+        self._streams: dict[PeerID, int] = defaultdict(int)  # open pieces streams, per peer
         self._window: dict[PeerID, tuple[float, int]] = {}
         self._uploaded: dict[PeerID, int] = defaultdict(int)
         self._uploading = 0
@@ -96,18 +105,42 @@ class BlobService:
     async def _pieces_stream(self, info, reader, writer) -> None:
         """Serve runs of pieces, one request after another, until the fetcher closes the
         stream or a run stops short (the fetcher asks for its next run while the current
-        one is still arriving, so the stream never runs dry between runs)."""
+        one is still arriving, so the stream never runs dry between runs).
+
+        A stream counts against the limits for as long as it is open, idle or not: a peer
+        holds at most ``streams_per_peer``, each request must arrive whole within
+        REQUEST_DEADLINE, and a stream idle for IDLE_BETWEEN_REQUESTS is closed, waiting
+        on the event loop meanwhile, not on a thread.
+        """
+        peer = info.peer_id
         stream = None
+        if (
+            self._streams[peer] >= self.limits.streams_per_peer
+            or sum(self._streams.values()) >= self.limits.streams
+        ):
+            with contextlib.suppress(FrameError, ConnectionError):
+                await write_frame(writer, pb.Piece(error=self._refuse("too many streams")))
+            writer.close()
+            return
+        self._streams[peer] += 1
         try:
-            request = await read_frame(reader, pb.PieceRequest, SMALL_FRAME)
+            request = await read_frame(reader, pb.PieceRequest, SMALL_FRAME, REQUEST_DEADLINE)
             if request is not None:
                 stream = DetachedStream(reader, writer)  # pieces go out by sendfile
-            while request is not None and await self._serve_run(request, info.peer_id, stream):
-                request = await stream.call(stream.read_frame, pb.PieceRequest, SMALL_FRAME, True)
+            while request is not None and await self._serve_run(request, peer, stream):
+                if not await stream.wait_readable(IDLE_BETWEEN_REQUESTS):
+                    self._refuse("idle stream")
+                    break
+                request = await stream.call(
+                    stream.read_frame, pb.PieceRequest, SMALL_FRAME, True, REQUEST_DEADLINE
+                )
         except (FrameError, OSError) as exc:
             self._refuse("broken request")
-            logger.debug("pieces for %s: %s", info.peer_id, exc)
+            logger.debug("pieces for %s: %s", peer, exc)
         finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
             if stream is not None:
                 await stream.aclose()
             writer.close()
@@ -190,6 +223,9 @@ class BlobService:
             await stream.call(stream.write_frame, pb.Piece(error=self._refuse(busy)))
             return False
         count = len(manifest.piece_hashes)
+        if not 0 <= request.first < count:  # a run of nothing would only hold the stream
+            await stream.call(stream.write_frame, pb.Piece(error=self._refuse("no such piece")))
+            return False
         headers: list[pb.Piece] = []
         refusal = None
         for index in range(request.first, min(request.first + max(request.count, 1), count)):
