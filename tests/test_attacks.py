@@ -131,3 +131,40 @@ def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_
     flooded = _timed_fetch(observer, tmp_path / "flooded", blob_id)
     print(f"clean {clean:.2f} s, under 90 idle streams {flooded:.2f} s")
     assert flooded < 2 * clean + 1.0, f"{flooded:.1f} s against {clean:.1f} s clean"
+
+
+def test_a_fetch_completes_under_a_flood_of_fake_provider_records_within_twice_its_clean_time(
+    tmp_path, local_peer
+):
+    import os
+
+    from hivemind.p2p import PeerID
+
+    from node.net.blobs import providers
+    from protocol.records import PROVIDER, Provider
+
+    origin = start_peer(tmp_path / "origin", "--no-mirror")
+    blob = tmp_path / "blob"
+    blob.write_bytes(secrets.token_bytes(48 << 20))
+    out = run_cli("blob", "add", str(blob), "--data-dir", str(origin.data_dir))
+    assert out.returncode == 0, out.stderr
+    blob_id = out.stdout.strip()
+    observer = local_peer("observer", join=[origin.maddrs[0]])
+    wait_for(lambda: providers(observer, blob_id), 30, "the origin's provider record")
+    clean = _timed_fetch(observer, tmp_path / "clean", blob_id)
+
+    # 200 throwaway keys each file a provider record naming a peer that does not exist.
+    attacker = local_peer("attacker", join=[origin.maddrs[0]])
+    own = attacker.identity
+    try:
+        for _ in range(200):
+            attacker.identity = Identity.generate()
+            nobody = PeerID(b"\x12\x20" + os.urandom(32)).to_base58()
+            body = Provider(blob_id=blob_id, peer_id=nobody, complete=True)
+            assert attacker.publish(PROVIDER, body, topic=blob_id, ttl=600)
+    finally:
+        attacker.identity = own
+    assert len(providers(observer, blob_id)) > 150
+    flooded = _timed_fetch(observer, tmp_path / "flooded", blob_id)
+    print(f"clean {clean:.2f} s, among 200 fake providers {flooded:.2f} s")
+    assert flooded < 2 * clean + 1.0, f"{flooded:.1f} s against {clean:.1f} s clean"

@@ -56,6 +56,8 @@ LOOP_TICK_SECONDS = 0.05  # between the download loop's looks at its workers and
 MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
 SAVE_EVERY = 32  # pieces between resume points (and fsyncs: the last one is short)
 PIECES_IN_FLIGHT = 2  # pieces of one stream being checked and written while the next is read
+PROBE_PARALLEL = 64  # providers asked for the manifest at once (records are free to forge)
+HAVE_TIMEOUT = 15.0  # seconds a provider has to answer Have
 
 
 async def _close(writer: asyncio.StreamWriter | None, stream: DetachedStream | None) -> None:
@@ -106,6 +108,8 @@ class Fetcher:
         self.expected_size = expected_size  # from a signed record, when the caller knows it
         self.sources: dict[PeerID, _Source] = {}
         self.banned: set[PeerID] = set()
+        self.answered: set[PeerID] = set()  # providers that answered Have with this blob
+        self._probes: set[asyncio.Task] = set()  # manifest probes still under way
         self.in_flight: set[int] = set()
         self.partial: Partial | None = None
         self.errors: list[str] = []
@@ -118,7 +122,16 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         looking = min(timeout, self.manifest_timeout or timeout)
-        manifest = await self._find_manifest(loop.time() + looking)
+        try:
+            await self._fetch(loop.time() + looking, deadline)
+        finally:
+            for probe in self._probes:
+                probe.cancel()
+            await asyncio.gather(*self._probes, return_exceptions=True)
+
+    async def _fetch(self, looking_until: float, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        manifest = await self._find_manifest(looking_until)
         try:
             self.partial = await loop.run_in_executor(None, self.store.start_partial, manifest)
         except (QuotaError, OSError) as exc:
@@ -150,20 +163,39 @@ class Fetcher:
         self.errors.append(f"{source.peer}: {why}")
         logger.info("fetch %s: dropped %s: %s", self.blob_id[:16], source.peer, why)
 
-    async def _refresh_sources(self) -> None:
-        """Add providers (in random order) up to ``max_sources``, never banned ones."""
+    async def _candidates(self) -> list[PeerID]:
+        """Providers not banned, in the order to try them: those that answered already, then
+        peers this one is connected to, then the rest, each group shuffled.
+
+        Provider records cost a free key each, and a peer that does not exist is only found
+        out by a failed dial; peers that answered, or that the swarm already put in touch
+        with this one, come first, so a flood of made-up records only delays the others.
+        """
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
-        random.shuffle(found)
+        try:
+            connected = {info.peer_id for info in await self.swarm.p2p.list_peers()}
+        except Exception:  # noqa: BLE001 - p2pd errors have no common base; order without it
+            connected = set()
+        peers: dict[PeerID, int] = {}
         for p in found:
-            if len(self.sources) >= self.max_sources:
-                break
             try:
                 peer = PeerID.from_base58(p.peer_id)
             except Exception:  # noqa: BLE001 - a malformed peer id is just skipped
                 continue
             if peer not in self.banned:
-                self.sources.setdefault(peer, _Source(peer))
+                rank = 0 if peer in self.answered else 1 if peer in connected else 2
+                peers[peer] = min(rank, peers.get(peer, 2))
+        order = list(peers)
+        random.shuffle(order)
+        return sorted(order, key=lambda peer: peers[peer])
+
+    async def _refresh_sources(self) -> None:
+        """Add providers (see :meth:`_candidates` for the order) up to ``max_sources``."""
+        for peer in await self._candidates():
+            if len(self.sources) >= self.max_sources:
+                break
+            self.sources.setdefault(peer, _Source(peer))
 
     async def _ask_have(self, source: _Source, with_manifest: bool) -> pb.HaveResponse | None:
         mine = bytes(self.partial.have) if self.partial is not None else b""
@@ -176,38 +208,69 @@ class Fetcher:
         try:
             response = await asyncio.wait_for(
                 self.swarm.p2p.call_protobuf_handler(source.peer, HAVE, request, pb.HaveResponse),
-                timeout=15,
+                timeout=HAVE_TIMEOUT,
             )
         except Exception as exc:  # noqa: BLE001 - an unreachable provider is one of many
-            self._fail(source, f"{source.peer}: {type(exc).__name__} {exc}", backoff=5)
+            why = f"{source.peer}: {type(exc).__name__} {exc}"
+            if source.peer in self.answered:  # it was there: maybe busy, try it again later
+                self._fail(source, why, backoff=5)
+            else:  # never reached: a record naming nobody costs one dial, not five
+                self._ban(source, why)
             return None
         if response.error:
             self._fail(source, f"{source.peer}: {response.error}", backoff=2)
             return None
+        self.answered.add(source.peer)
         source.have = response.have
         source.asked_at = time.monotonic()
         source.served = response.served
         source.complete = response.complete
         return response
 
+    async def _probe(self, source: _Source) -> pb.Manifest | None:
+        """Ask one provider for the manifest; a valid one makes it a source (room permitting)."""
+        response = await self._ask_have(source, with_manifest=True)
+        if response is None or not response.HasField("manifest"):
+            return None
+        try:
+            check_manifest(response.manifest, self.blob_id, self.expected_size)
+        except BlobError as exc:
+            self._ban(source, str(exc))
+            return None
+        if len(self.sources) < self.max_sources:
+            self.sources.setdefault(source.peer, source)
+        return response.manifest
+
     async def _find_manifest(self, deadline: float) -> pb.Manifest:
         """The blob's manifest from the first provider whose list of piece hashes adds up to
-        the id (a provider offering another is dropped)."""
+        the id (a provider offering another is dropped). Providers are asked side by side,
+        PROBE_PARALLEL at a time, and the first valid answer wins; the probes still under way
+        go on, and the providers that answer join the sources."""
         loop = asyncio.get_running_loop()
         while loop.time() < deadline:
-            await self._refresh_sources()
-            for source in list(self.sources.values()):
-                if source.bad_until > time.monotonic():
-                    continue
-                response = await self._ask_have(source, with_manifest=True)
-                if response is None or not response.HasField("manifest"):
-                    continue
-                try:
-                    check_manifest(response.manifest, self.blob_id, self.expected_size)
-                except BlobError as exc:
-                    self._ban(source, str(exc))
-                    continue
-                return response.manifest
+            candidates = await self._candidates()
+            for start in range(0, len(candidates), PROBE_PARALLEL):
+                batch = [
+                    self.sources.get(peer) or _Source(peer)
+                    for peer in candidates[start : start + PROBE_PARALLEL]
+                ]
+                tasks = [
+                    asyncio.create_task(self._probe(s))
+                    for s in batch
+                    if s.bad_until <= time.monotonic()
+                ]
+                self._probes.update(tasks)
+                for next_done in asyncio.as_completed(
+                    tasks, timeout=max(deadline - loop.time(), 0)
+                ):
+                    try:
+                        manifest = await next_done
+                    except TimeoutError:
+                        break
+                    if manifest is not None:
+                        return manifest
+                if loop.time() >= deadline:
+                    break
             await asyncio.sleep(0.5)
         raise FetchError(self._why("no provider answered with a manifest"))
 
@@ -217,7 +280,8 @@ class Fetcher:
         last_refresh = 0.0
         saved_at = 0
         announced = False
-        # Know every source's load and holdings before choosing whom to ask for what.
+        # Know every source's load and holdings before choosing whom to ask for what (the
+        # probes that are still under way add their providers as they answer).
         unasked = [s for s in self.sources.values() if s.served is None]
         await asyncio.gather(*(self._ask_have(s, False) for s in unasked))
         try:
