@@ -80,6 +80,22 @@ def _swarm_id(config) -> str:
     return load_swarm_config(config).swarm_id
 
 
+def _serving_a_blob(tmp_path, local_peer):
+    """A seed daemon holding a 48 MiB blob, and an in-process peer that fetched it once:
+    (seed, peer, blob id, seconds the clean fetch took)."""
+    from node.net.blobs import providers
+
+    origin = start_peer(tmp_path / "origin", "--no-mirror")
+    blob = tmp_path / "blob"
+    blob.write_bytes(secrets.token_bytes(48 << 20))
+    out = run_cli("blob", "add", str(blob), "--data-dir", str(origin.data_dir))
+    assert out.returncode == 0, out.stderr
+    blob_id = out.stdout.strip()
+    observer = local_peer("observer", join=[origin.maddrs[0]])
+    wait_for(lambda: providers(observer, blob_id), 30, "the origin's provider record")
+    return origin, observer, blob_id, _timed_fetch(observer, tmp_path / "clean", blob_id)
+
+
 def _timed_fetch(observer, root, blob_id: str) -> float:
     from node.net.blobs import Fetcher
 
@@ -95,19 +111,11 @@ def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_
 ):
     from hivemind.p2p import PeerID
 
-    from node.net.blobs import PIECES, providers
+    from node.net.blobs import PIECES
     from node.net.framing import write_frame
     from protocol import transfer_pb2 as pb
 
-    origin = start_peer(tmp_path / "origin", "--no-mirror")
-    blob = tmp_path / "blob"
-    blob.write_bytes(secrets.token_bytes(48 << 20))
-    out = run_cli("blob", "add", str(blob), "--data-dir", str(origin.data_dir))
-    assert out.returncode == 0, out.stderr
-    blob_id = out.stdout.strip()
-    observer = local_peer("observer", join=[origin.maddrs[0]])
-    wait_for(lambda: providers(observer, blob_id), 30, "the origin's provider record")
-    clean = _timed_fetch(observer, tmp_path / "clean", blob_id)
+    origin, observer, blob_id, clean = _serving_a_blob(tmp_path, local_peer)
 
     # Three strangers open 30 streams each; on each, a request for a run past the blob's end
     # (nothing to send), then silence, as if the next request were coming.
@@ -143,15 +151,7 @@ def test_a_fetch_completes_under_a_flood_of_fake_provider_records_within_twice_i
     from node.net.blobs import providers
     from protocol.records import PROVIDER, Provider
 
-    origin = start_peer(tmp_path / "origin", "--no-mirror")
-    blob = tmp_path / "blob"
-    blob.write_bytes(secrets.token_bytes(48 << 20))
-    out = run_cli("blob", "add", str(blob), "--data-dir", str(origin.data_dir))
-    assert out.returncode == 0, out.stderr
-    blob_id = out.stdout.strip()
-    observer = local_peer("observer", join=[origin.maddrs[0]])
-    wait_for(lambda: providers(observer, blob_id), 30, "the origin's provider record")
-    clean = _timed_fetch(observer, tmp_path / "clean", blob_id)
+    origin, observer, blob_id, clean = _serving_a_blob(tmp_path, local_peer)
 
     # 200 throwaway keys each file a provider record naming a peer that does not exist.
     attacker = local_peer("attacker", join=[origin.maddrs[0]])
