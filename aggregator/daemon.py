@@ -57,6 +57,7 @@ from node.daemon.backoff import Backoff
 from node.daemon.faults import crash_point
 from node.daemon.metrics import AggregatorMetrics
 from node.daemon.peer import PeerDaemon
+from node.net.blobs import ServeLimits
 from node.net.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
 from node.net.member import SwarmMember
 from node.net.swarm import HEAD_TTL
@@ -95,7 +96,9 @@ class Aggregator(PeerDaemon):
         settings: AggregatorSettings | None = None,
     ) -> None:
         settings = settings or AggregatorSettings()
-        super().__init__(swarm, store, settings)
+        super().__init__(
+            swarm, store, settings, ServeLimits(max_upload_bytes=config.max_delta_bytes)
+        )
         if swarm.swarm_id != config.swarm_id:
             raise MergeswarmError(
                 f"the config is for swarm {config.swarm_id!r}, but this peer is in "

@@ -11,7 +11,7 @@ import pytest
 from node.net.blobs import Fetcher, providers
 from node.net.blobstore import BlobStore
 from protocol.delta import create_delta
-from protocol.ids import bytes_id
+from protocol.ids import base_id, bytes_id
 from protocol.records import DeltaAnnouncement, Head, Heartbeat
 from tests.swarm import run_cli, start_peer, wait_for
 
@@ -141,9 +141,9 @@ def test_a_client_mode_peer_pushes_its_delta_to_a_seed_that_then_serves_it(
         "1",
         "--no-mirror",
     )
-    delta = tmp_path / "delta.msd"
-    delta_id, header = create_delta(tiny_base, tiny_finetuned, delta, identity=identity)
     observer = local_peer("observer", join=[seed.maddrs[0]])
+    delta = tmp_path / "delta.msd"  # signed by the key that announces it, as volunteers do
+    delta_id, header = create_delta(tiny_base, tiny_finetuned, delta, identity=observer.identity)
     unannounced = tmp_path / "junk.bin"
     unannounced.write_bytes(os.urandom(MB))
     _add(volunteer, unannounced)  # not a delta: a seed would not take it, so it is not pushed
@@ -176,18 +176,51 @@ def test_a_client_mode_peer_pushes_its_delta_to_a_seed_that_then_serves_it(
     assert delta_id in listing.stdout
 
 
-def test_a_push_of_an_unannounced_blob_is_refused(tmp_path, local_peer):
+def test_a_push_is_taken_only_as_a_delta_signed_by_its_announcer_and_evicts_nothing_before(
+    tmp_path, local_peer, tiny_base, tiny_finetuned
+):
     from node.net.blobs import BlobService, push
+    from protocol.identity import Identity
 
     server = local_peer("server")
     client = local_peer("client", join=server.maddrs)
-    service = BlobService(server, BlobStore(tmp_path / "server" / "blobs"))
+    server_store = BlobStore(tmp_path / "server" / "blobs", quota_bytes=3 * MB)
+    old = server_store.add_bytes(os.urandom(3 * MB))  # unpinned, filling the quota
+    service = BlobService(server, server_store)
     service.register()
     store = BlobStore(tmp_path / "client" / "blobs")
-    blob_id = store.add_bytes(os.urandom(MB))
-    result = push(client, store, blob_id, "ab" * 32, server.peer_id)
+
+    def offer(path_or_bytes, signer_announces: bool = True) -> tuple[str, str]:
+        blob_id = (
+            store.add_file(path_or_bytes)
+            if not isinstance(path_or_bytes, bytes)
+            else store.add_bytes(path_or_bytes)
+        )
+        base = base_id(tiny_base)
+        body = DeltaAnnouncement(base_id=base, delta_id=blob_id, size=store.size(blob_id), round=0)
+        assert client.publish("announce", body, topic=base)
+        return blob_id, base
+
+    junk, base = offer(os.urandom(MB))  # announced, but not a delta
+    result = push(client, store, junk, base, server.peer_id)
+    assert not result.accepted and result.reason == "not a signed delta"
+    stranger = tmp_path / "stranger.msd"  # a real delta, signed by a key that did not announce it
+    create_delta(tiny_base, tiny_finetuned, stranger, identity=Identity.generate(), seed=1)
+    theirs, _ = offer(stranger)
+    result = push(client, store, theirs, base, server.peer_id)
+    assert not result.accepted and result.reason == "not a signed delta"
+    assert server_store.ids() == [old]  # refused pushes evicted nothing
+    unannounced = store.add_bytes(os.urandom(MB))
+    result = push(client, store, unannounced, "ab" * 32, server.peer_id)
     assert not result.accepted and result.reason == "not announced"
-    assert service.store.ids() == []
+
+    own = tmp_path / "own.msd"
+    create_delta(tiny_base, tiny_finetuned, own, identity=client.identity, seed=2)
+    mine, _ = offer(own)
+    result = push(client, store, mine, base, server.peer_id)
+    assert result.accepted, result.reason
+    assert mine in server_store.ids()
+    assert old not in server_store.ids()  # room was made once the delta had arrived
 
 
 def test_blob_get_of_an_unknown_id_fails_in_one_line(tmp_path):

@@ -22,6 +22,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from protocol import transfer_pb2 as pb
@@ -277,10 +278,24 @@ class BlobStore:
         return blob_id
 
     def receive(self, size: int) -> Incoming:
-        """Room for a blob of ``size`` bytes arriving in pieces (see :class:`Incoming`)."""
+        """A blob of ``size`` bytes arriving in pieces (see :class:`Incoming`). Nothing is
+        evicted yet: room is made once the bytes have arrived and passed their checks, so a
+        header alone (a push that never sends its data) costs the store nothing."""
         with self._lock:
-            self.make_room(size)
+            self.check_room(size)
         return Incoming(self, size)
+
+    def check_room(self, nbytes: int) -> None:
+        """Raise QuotaError unless ``nbytes`` more could fit once unpinned blobs were dropped."""
+        if not self.quota_bytes:
+            return
+        with self._lock:
+            kept = sum(self.size(i) for i in self.ids() if i in self._pins)
+            if kept + self._partial_bytes() + nbytes > self.quota_bytes:
+                raise QuotaError(
+                    f"no room for {nbytes:,} bytes: {kept:,} of {self.quota_bytes:,} held by "
+                    "pinned blobs and downloads"
+                )
 
     def _install(
         self, tmp: Path, blob_id: str, pin: str | None, hasher: BlobHasher | None = None
@@ -449,8 +464,16 @@ class Incoming:
         self._file.write(data)
         self.received += len(data)
 
-    def finish(self, blob_id: str, *, pin: str | None = None) -> None:
-        """Install the blob if it is whole and hashes to ``blob_id``; else discard it and raise."""
+    def finish(
+        self,
+        blob_id: str,
+        *,
+        pin: str | None = None,
+        check: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Install the blob if it is whole, hashes to ``blob_id`` and passes ``check`` (which
+        raises BlobError on what it refuses), making room for it only then; else discard it
+        and raise."""
         try:
             if self.received != self.size:
                 raise BlobError(f"{self.received} of {self.size} declared bytes arrived")
@@ -459,7 +482,11 @@ class Incoming:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self.store._install(self._tmp, blob_id, pin, self._hash)
+            if check is not None:
+                check(self._tmp)
+            with self.store._lock:
+                self.store.make_room(self.size)
+                self.store._install(self._tmp, blob_id, pin, self._hash)
         finally:
             self.discard()
 

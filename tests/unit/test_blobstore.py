@@ -200,3 +200,32 @@ def test_a_push_is_installed_only_when_whole_and_matching(tmp_path):
     incoming.finish(_id(data))
     assert store.ids() == [_id(data)]
     assert not [p for p in (tmp_path / "blobs").iterdir() if p.name.startswith(".")]
+
+
+def test_a_push_makes_room_only_once_its_bytes_arrived_and_passed_the_check(tmp_path):
+    store = BlobStore(tmp_path / "blobs", quota_bytes=6000)
+    old = store.add_bytes(os.urandom(6000))  # unpinned, filling the quota
+    data = os.urandom(5000)
+    incoming = store.receive(len(data))  # a header: nothing evicted yet
+    assert store.ids() == [old]
+    incoming.write(data)
+
+    def refuse(path):
+        assert path.read_bytes() == data  # the check sees the whole file before it is installed
+        raise BlobError("not what was announced")
+
+    with pytest.raises(BlobError, match="not what was announced"):
+        incoming.finish(_id(data), check=refuse)
+    assert store.ids() == [old]  # refused after arriving: still nothing evicted
+    incoming = store.receive(len(data))
+    incoming.write(data)
+    incoming.finish(_id(data), check=lambda path: None)
+    assert store.ids() == [_id(data)]
+
+
+def test_a_push_that_cannot_fit_beside_the_pinned_blobs_is_refused_at_its_header(tmp_path):
+    store = BlobStore(tmp_path / "blobs", quota_bytes=6000)
+    store.pin(store.add_bytes(os.urandom(4000)), "head")
+    with pytest.raises(QuotaError, match="pinned"):
+        store.receive(3000)
+    store.receive(2000).discard()

@@ -52,7 +52,8 @@ def push(swarm: Swarm, store: BlobStore, blob_id: str, base: str, peer: PeerID) 
                 return reply or pb.UploadResult(reason="the peer closed the stream")
             async for message in _upload_data(path):
                 await write_frame(writer, message)
-            writer.write_eof()
+            # No write_eof: the receiver stops at the declared size and answers on the open
+            # stream (a half-close through p2pd could close the stream before the answer).
             result = await read_frame(reader, pb.UploadResult, SMALL_FRAME, timeout=120)
         finally:
             writer.close()

@@ -48,12 +48,15 @@ from node.net.pieces import (
 )
 from node.net.swarm import Swarm
 from protocol import transfer_pb2 as pb
+from protocol.container import DeltaReader
+from protocol.errors import MergeswarmError
 from protocol.ids import is_id
 from protocol.records import ANNOUNCE
 
 logger = logging.getLogger(__name__)
 
 TRACKED_BLOBS = 64  # blobs whose per-piece send counts a provider keeps
+UPLOAD_WINDOW = 3600.0  # seconds over which a peer's pushed bytes count against its quota
 
 
 @dataclass
@@ -66,8 +69,10 @@ class ServeLimits:
     :param streams_per_peer: pieces streams one peer may hold open, idle ones included (a
         stream waits at most IDLE_BETWEEN_REQUESTS for its next request).
     :param peer_bytes_per_minute: bytes served to one peer per minute (0: no limit).
-    :param upload_bytes_per_peer: bytes one peer may push into this store (0: refuse pushes).
+    :param upload_bytes_per_peer: bytes one peer may push into this store per UPLOAD_WINDOW
+        (0: refuse pushes).
     :param upload_slots: pushes received at once.
+    :param max_upload_bytes: the largest push taken (a swarm's ``max_delta_bytes``).
     """
 
     slots: int = 4
@@ -77,6 +82,7 @@ class ServeLimits:
     peer_bytes_per_minute: int = 0
     upload_bytes_per_peer: int = 4 << 30
     upload_slots: int = 2
+    max_upload_bytes: int = 4 << 30
 
 
 class BlobService:
@@ -91,7 +97,7 @@ class BlobService:
         self._per_peer: dict[PeerID, int] = defaultdict(int)
         self._streams: dict[PeerID, int] = defaultdict(int)  # open pieces streams, per peer
         self._window: dict[PeerID, tuple[float, int]] = {}
-        self._uploaded: dict[PeerID, int] = defaultdict(int)
+        self._uploaded: dict[PeerID, tuple[float, int]] = {}  # peer -> (window start, bytes)
         self._uploading = 0
         self._sent_counts: dict[str, list[int]] = {}  # blob -> times each piece was sent
         self._sharing: dict[str, int] = defaultdict(int)  # blob -> its runs to sharing fetchers
@@ -306,7 +312,9 @@ class BlobService:
         """Accept a delta pushed by a peer that others cannot dial, if the swarm announced it.
 
         The first message names the blob (no data); ``go_ahead`` tells the uploader to send
-        the bytes once the push is accepted, so a refusal costs no transfer.
+        the bytes once the push is accepted, so a refusal costs no transfer. What arrives is
+        installed only if it hashes to its id and opens as a ``.msd`` signed by an author
+        who announced it against the base it names; only then does the store make room.
         """
         first = await anext(requests, None)
         if first is None:
@@ -317,27 +325,39 @@ class BlobService:
             return pb.UploadResult(reason=self._refuse("bad blob id"))
         if self.store.has(first.blob_id):
             return pb.UploadResult(accepted=True, reason="already held")
-        if first.size > self.limits.upload_bytes_per_peer - self._uploaded[peer]:
+        if first.size > self.limits.max_upload_bytes:
+            return pb.UploadResult(reason=self._refuse("too large"))
+        if first.size > self.limits.upload_bytes_per_peer - self._pushed(peer):
             return pb.UploadResult(reason=self._refuse("over the upload quota"))
         if self._uploading >= self.limits.upload_slots:
             return pb.UploadResult(reason=self._refuse("busy"))
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, self._announced, first):
+        authors = await loop.run_in_executor(None, self._announcers, first)
+        if not authors:
             return pb.UploadResult(reason=self._refuse("not announced"))
         self._uploading += 1
-        self._uploaded[peer] += first.size  # charged up front: parallel pushes share the quota
+        self._charge_push(peer, first.size)  # up front: parallel pushes share the quota
         incoming = None
         try:
             incoming = await loop.run_in_executor(None, self.store.receive, first.size)
             await go_ahead()
             async for message in requests:
                 await loop.run_in_executor(None, incoming.write, message.data)
-            await loop.run_in_executor(None, incoming.finish, first.blob_id)
+                if incoming.received >= first.size:  # the declared size ends it, not EOF:
+                    break  # a half-closed stream can take the answer down with it
+
+            def signed_by_an_announcer(path: Path) -> None:
+                _check_pushed_delta(path, first.base_id, authors)
+
+            await loop.run_in_executor(
+                None, lambda: incoming.finish(first.blob_id, check=signed_by_an_announcer)
+            )
         except QuotaError:
-            self._uploaded[peer] -= first.size
+            self._charge_push(peer, -first.size)
             return pb.UploadResult(reason=self._refuse("store full"))
+        except NotADelta:
+            return pb.UploadResult(reason=self._refuse("not a signed delta"))
         except BlobError:
-            self._uploaded[peer] -= first.size
             return pb.UploadResult(reason=self._refuse("bytes do not match"))
         finally:
             self._uploading -= 1
@@ -348,12 +368,40 @@ class BlobService:
         logger.info("accepted a pushed blob %s (%d bytes)", first.blob_id[:16], first.size)
         return pb.UploadResult(accepted=True)
 
-    def _announced(self, first: pb.Upload) -> bool:
-        """Whether a valid announcement under ``first.base_id`` names this delta and size."""
-        return any(
-            r.body.delta_id == first.blob_id and r.body.size == first.size
+    def _pushed(self, peer: PeerID) -> int:
+        """Bytes ``peer`` pushed in the current window."""
+        start, used = self._uploaded.get(peer, (0.0, 0))
+        return used if time.monotonic() - start < UPLOAD_WINDOW else 0
+
+    def _charge_push(self, peer: PeerID, nbytes: int) -> None:
+        start, used = self._uploaded.get(peer, (0.0, 0))
+        if time.monotonic() - start >= UPLOAD_WINDOW:
+            start, used = time.monotonic(), 0
+        self._uploaded[peer] = (start, max(used + nbytes, 0))
+
+    def _announcers(self, first: pb.Upload) -> set[str]:
+        """Authors of valid announcements under ``first.base_id`` naming this delta and size."""
+        return {
+            r.author
             for r in self.swarm.read(ANNOUNCE, topic=first.base_id)
-        )
+            if r.body.delta_id == first.blob_id
+            and r.body.size == first.size
+            and r.body.base_id == first.base_id
+        }
+
+
+class NotADelta(BlobError):
+    """A pushed blob is not a delta signed by one of its announcers."""
+
+
+def _check_pushed_delta(path: Path, base_id: str, authors: set[str]) -> None:
+    try:
+        with DeltaReader(path, expected_base_id=base_id) as reader:
+            author = reader.header.author
+    except MergeswarmError as exc:
+        raise NotADelta(str(exc)) from None
+    if author not in authors:
+        raise NotADelta(f"signed by {author[:16]}, who did not announce it")
 
 
 def _send_run(
