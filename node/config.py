@@ -190,6 +190,13 @@ class DaemonSettings(JoinSettings):
     metrics_host: str = Field(
         "127.0.0.1", json_schema_extra={"metavar": "HOST"}, description="address for --metrics-port"
     )
+    retention_hours: float = Field(
+        24.0,
+        ge=0,
+        json_schema_extra={"metavar": "HOURS"},
+        description="delete blobs that nothing pins (old deltas, mirrored copies) once unused "
+        "this long (0: keep them)",
+    )
 
 
 class VolunteerSettings(DaemonSettings, NodeSettings):

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_TTL = 60.0
 REFRESH_EVERY = 60.0  # owned records (TTL >= 300 s) are re-published this often
+COLLECT_EVERY = 600.0  # seconds between looks for blobs past their retention
 REACHABLE_ROLES = ("seed", "aggregator")
 
 
@@ -48,11 +49,14 @@ class PeerDaemon:
     ) -> None:
         self.swarm = swarm
         self.store = store
-        self.heartbeat_every = (settings or DaemonSettings()).heartbeat_every
+        settings = settings or DaemonSettings()
+        self.heartbeat_every = settings.heartbeat_every
+        self.retention = settings.retention_hours * 3600
         self.transfers = swarm.transfers(store, limits)
         self.started = time.monotonic()
         self.shared: set[str] = set()  # blobs announced (or pushed, in client mode)
         self._last_refresh = time.monotonic()
+        self._last_collect = time.monotonic()
         self._last_heartbeat = 0.0
         self.metrics = self.new_metrics()
         self._reported: dict[str, float] = {}  # counter totals already added to the metrics
@@ -70,6 +74,17 @@ class PeerDaemon:
         if now - self._last_refresh >= REFRESH_EVERY:
             self._last_refresh = now
             self.swarm.refresh()
+        if self.retention and now - self._last_collect >= COLLECT_EVERY:
+            self._last_collect = now
+            self.collect_garbage()
+
+    def collect_garbage(self) -> list[str]:
+        """Delete the blobs nothing pins that went unused for the retention period (deltas
+        of past rounds, mirrored copies); what the head needs stays pinned."""
+        dropped = self.store.collect(self.retention)  # their provider records: share_new_blobs
+        if dropped:
+            logger.info("collected %d blobs unused for %.0f h", len(dropped), self.retention / 3600)
+        return dropped
 
     def fetch(self, blob_id: str, **kwargs) -> object:
         """Download a blob into this peer's store, counting its bytes in this peer's stats."""

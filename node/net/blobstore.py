@@ -16,6 +16,7 @@ used unpinned blobs when a new one needs room under the quota; a pinned blob
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -373,6 +374,29 @@ class BlobStore:
                     "pinned blobs and downloads; raise the quota or unpin blobs"
                 )
             return dropped
+
+    def touch(self, blob_id: str) -> None:
+        """Mark ``blob_id`` used now (serving it counts as use; see :meth:`collect`)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(blob_id))
+
+    def collect(self, unused_for: float) -> list[str]:
+        """Delete the unpinned blobs unused for ``unused_for`` seconds (last written, read or
+        served); returns their ids. Downloads in progress are not blobs yet."""
+        limit = time.time() - unused_for
+        dropped = []
+        with self._lock:
+            for blob_id in self.ids():
+                if blob_id in self._pins:
+                    continue
+                try:
+                    st = self.path(blob_id).stat()
+                except FileNotFoundError:
+                    continue
+                if max(st.st_atime, st.st_mtime) < limit:
+                    self.delete(blob_id)
+                    dropped.append(blob_id)
+        return dropped
 
     def delete(self, blob_id: str) -> None:
         with self._lock:

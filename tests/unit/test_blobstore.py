@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from blake3 import blake3
@@ -229,3 +230,15 @@ def test_a_push_that_cannot_fit_beside_the_pinned_blobs_is_refused_at_its_header
     with pytest.raises(QuotaError, match="pinned"):
         store.receive(3000)
     store.receive(2000).discard()
+
+
+def test_collect_deletes_unpinned_blobs_unused_for_the_retention_period(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    old, pinned, served, fresh = (store.add_bytes(os.urandom(100)) for _ in range(4))
+    store.pin(pinned, "head")
+    long_ago = time.time() - 7200
+    for blob_id in (old, pinned, served):
+        os.utime(store.path(blob_id), (long_ago, long_ago))
+    store.touch(served)  # served a moment ago
+    assert store.collect(3600) == [old]
+    assert sorted(store.ids()) == sorted([pinned, served, fresh])

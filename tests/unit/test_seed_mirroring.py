@@ -4,6 +4,7 @@ it is not needed. With daemons on libp2p: tests/test_blob_exchange.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -44,6 +45,18 @@ def test_a_seed_follows_only_trusted_aggregators_and_mirrors_what_the_head_needs
     assert seed.store.pins(delta) == []
     assert seed.store.pins(agg.chain[agg.head.parent].snapshot_id) == []
     assert HEAD_PIN in seed.store.pins(agg.head.patch_id)
+
+    # A day later, what was let go of and not served since is collected; the head's blobs stay.
+    seed.tick()  # offering everything it holds
+    day_ago = time.time() - 25 * 3600
+    for blob_id in seed.store.ids():
+        os.utime(seed.store.path(blob_id), (day_ago, day_ago))
+    collected = seed.collect_garbage()
+    assert delta in collected and agg.chain[agg.head.parent].snapshot_id in collected
+    assert agg.head.patch_id in seed.store.ids()
+    assert delta in seed.shared
+    seed.tick()  # and it stops refreshing its offer of what it no longer holds
+    assert delta not in seed.shared
 
 
 def test_a_seed_without_mirroring_fetches_nothing(world):

@@ -229,6 +229,8 @@ class BlobService:
             await stream.call(stream.write_frame, pb.Piece(error=self._refuse(busy)))
             return False
         count = len(manifest.piece_hashes)
+        if partial is None:  # serving is use: retention keeps what others still fetch
+            self.store.touch(request.blob_id)
         if not 0 <= request.first < count:  # a run of nothing would only hold the stream
             await stream.call(stream.write_frame, pb.Piece(error=self._refuse("no such piece")))
             return False
