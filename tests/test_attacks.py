@@ -138,7 +138,8 @@ def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_
         attacker.run(flood(attacker))
     flooded = _timed_fetch(observer, tmp_path / "flooded", blob_id)
     print(f"clean {clean:.2f} s, under 90 idle streams {flooded:.2f} s")
-    assert flooded < 2 * clean + 1.0, f"{flooded:.1f} s against {clean:.1f} s clean"
+    # twice the clean time, plus 2 s of slack for a loaded machine (the old code: 29 s)
+    assert flooded < 2 * clean + 2.0, f"{flooded:.1f} s against {clean:.1f} s clean"
 
 
 def test_a_fetch_completes_under_a_flood_of_fake_provider_records_within_twice_its_clean_time(
@@ -167,4 +168,5 @@ def test_a_fetch_completes_under_a_flood_of_fake_provider_records_within_twice_i
     assert len(providers(observer, blob_id)) > 150
     flooded = _timed_fetch(observer, tmp_path / "flooded", blob_id)
     print(f"clean {clean:.2f} s, among 200 fake providers {flooded:.2f} s")
-    assert flooded < 2 * clean + 1.0, f"{flooded:.1f} s against {clean:.1f} s clean"
+    # twice the clean time, plus 2 s for reading the flood's records (the old code: no fetch)
+    assert flooded < 2 * clean + 2.0, f"{flooded:.1f} s against {clean:.1f} s clean"
