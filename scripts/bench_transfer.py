@@ -226,8 +226,10 @@ def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
             ):
                 time.sleep(0.2)
             start = time.perf_counter()
-            observer.publish(HEAD, Head(base_id="ab" * 32, round=1, deltas=0, snapshot_id=blob_id))
+            observer.publish(HEAD, Head(base_id="ab" * 32, round=0, deltas=0, snapshot_id=blob_id))
             while not all((d / "blobs" / blob_id).is_file() for d in dirs):
+                if time.perf_counter() - start > 600:
+                    raise SystemExit(f"{root}: the peers did not all get the blob in 10 minutes")
                 time.sleep(0.05)
             seconds = time.perf_counter() - start
             time.sleep(2.5)  # one more heartbeat from the origin
