@@ -51,7 +51,7 @@ from aggregator.screening import (
     weigh_round,
 )
 from node.chain.bases import Bases
-from node.chain.history import current_head, publish_head, sync_head
+from node.chain.history import current_head, head_blobs, publish_head, sync_head
 from node.config import AggregatorSettings
 from node.daemon.backoff import Backoff
 from node.daemon.faults import crash_point
@@ -607,6 +607,7 @@ class Aggregator(PeerDaemon):
         self._set_head(head)
         recent = self._recent(head)
         self.bases.keep_only({h.base_id for h in recent} | {recent[-1].parent or ""})
+        self.bases.release(head_blobs(recent + self._back_to_snapshot(head)))
         self._keep_momentum(recent)
         logger.info(
             "published head: round %d, base %s, %d deltas",
@@ -622,6 +623,14 @@ class Aggregator(PeerDaemon):
         while len(recent) < KEEP_BASES - 1 and (h := self.chain.get(recent[-1].parent or "")):
             recent.append(h)
         return recent
+
+    def _back_to_snapshot(self, head: Head) -> list[Head]:
+        """The head and its ancestors back to the nearest one with a snapshot (as far as this
+        aggregator knows them): what a newcomer needs to rebuild the head."""
+        chain = [head]
+        while chain[-1].snapshot_id is None and (h := self.chain.get(chain[-1].parent or "")):
+            chain.append(h)
+        return chain
 
     def _keep_momentum(self, recent: list[Head]) -> None:
         """Delete the momentum of older heads (4 bytes a parameter each): only aggregators

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from node.chain.history import current_head, find_config, trusted_authors
+from node.chain.history import chain_back, current_head, find_config, head_blobs, trusted_authors
 from node.config import SeedSettings
 from node.daemon.backoff import Backoff
 from node.daemon.peer import PeerDaemon
@@ -45,6 +45,7 @@ class Seed(PeerDaemon):
         self.mirror = settings.mirror
         self.upload = settings.upload
         self.retries = Backoff(first=60.0)  # blob ids that could not be fetched
+        self._chain: tuple[str, set[str]] = ("", set())  # (head, the blobs that rebuild it)
 
     def wanted(self) -> dict[str, tuple[str, int | None]]:
         """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
@@ -53,8 +54,9 @@ class Seed(PeerDaemon):
         head = self.head = current_head(self.swarm, trusted)  # heart-beaten: shows its lag
         if head is None:
             return {}
-        named = (head.patch_id, head.snapshot_id, head.momentum_id)  # momentum: for aggregators
-        wanted = {b: (HEAD_PIN, None) for b in named if b}
+        wanted = {b: (HEAD_PIN, None) for b in self._chain_blobs(head, trusted)}
+        if head.momentum_id:  # for aggregators
+            wanted[head.momentum_id] = (HEAD_PIN, None)
         limit = self.config.max_delta_bytes if self.config else None
         for record in self.swarm.read(ANNOUNCE, topic=head.base_id):  # one per author
             a = record.body
@@ -64,6 +66,18 @@ class Seed(PeerDaemon):
                 continue
             wanted[a.delta_id] = (DELTA_PIN, a.size)
         return wanted
+
+    def _chain_blobs(self, head: Head, trusted: set[str]) -> set[str]:
+        """The patches and snapshots that rebuild ``head`` from its nearest snapshot, which a
+        newcomer fetches (walked once per head; the head's own when the walk fails)."""
+        if self._chain[0] != head.base_id:
+            try:
+                chain = chain_back(self.swarm, head, trusted, held=lambda _: False)
+            except MergeswarmError as exc:
+                logger.info("the chain to round %d: %s", head.round, exc)
+                chain = [head]
+            self._chain = (head.base_id, head_blobs(chain))
+        return self._chain[1] | head_blobs([head])
 
     def mirror_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
         """The mirroring thread: housekeeping (heartbeats, records) goes on while it fetches."""

@@ -72,6 +72,13 @@ class Bases:
             f"cannot get base {head.base_id[:16]}: " + ("; ".join(errors) or "no patch or snapshot")
         )
 
+    def release(self, keep: set[str]) -> None:
+        """Unpin the head blobs (patches, snapshots) not in ``keep``: retention collects them
+        once unused (peers catching up may still fetch them meanwhile)."""
+        for blob in self.store.ids():
+            if blob not in keep and HEAD_PIN in self.store.pins(blob):
+                self.store.unpin(blob, HEAD_PIN)
+
     def keep_only(self, keep: set[str]) -> None:
         """Delete the bases not in ``keep`` (old rounds)."""
         for path in self.root.iterdir():

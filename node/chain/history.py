@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from node.chain.bases import Bases
@@ -123,6 +123,11 @@ def _parent(swarm: SwarmMember, head: Head, trusted: set[str]) -> Head:
             f"round {head.round} names a parent of round {parent.round}: not its chain"
         )
     return parent
+
+
+def head_blobs(heads: Iterable[Head]) -> set[str]:
+    """The patches and snapshots ``heads`` name: what a peer needs to rebuild them."""
+    return {b for h in heads for b in (h.patch_id, h.snapshot_id) if b}
 
 
 def sync_head(swarm: SwarmMember, bases: Bases, head: Head, trusted: set[str]) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from node.chain.bases import Bases
-from node.chain.history import current_head, find_config, sync_head, trusted_authors
+from node.chain.history import current_head, find_config, head_blobs, sync_head, trusted_authors
 from node.config import VolunteerSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import NodeMetrics
@@ -218,6 +218,7 @@ class Volunteer(PeerDaemon):
                 continue
             self.head = head
             self.bases.keep_only({head.base_id})  # the next patch needs this base only
+            self.bases.release(head_blobs([head]))  # older patches: retention collects them
             self._train_on(head, base, stop)
 
     def _train_on(self, head: Head, base: Path, stop: threading.Event) -> None:

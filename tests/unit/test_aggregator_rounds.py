@@ -54,6 +54,25 @@ def test_a_round_merges_the_announced_deltas_into_a_head_every_role_follows(worl
     assert sorted(p.beat.role for p in monitor.view.peers) == ["aggregator", "monitor"]
 
 
+def test_an_aggregator_keeps_pinned_only_what_rebuilds_its_recent_heads(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], snapshot_every=3, staleness=0), genesis=world.genesis
+    )
+    step(agg)
+    heads = [agg.head]
+    for r in range(1, 6):  # snapshots at rounds 0 and 3
+        base = agg.bases.path(agg.head.base_id)
+        world.announce_delta(finetunes[r % 3], base=base, head=agg.head, seed=r)
+        step(agg)
+        heads.append(agg.head)
+    assert [h.snapshot_id is not None for h in heads] == [True, False, False, True, False, False]
+    pinned = {b for b in agg.store.ids() if HEAD_PIN in agg.store.pins(b)}
+    # the last KEEP_BASES - 1 heads (4, 5) and the chain back to round 3's snapshot
+    assert pinned == {heads[5].patch_id, heads[4].patch_id, heads[3].patch_id, heads[3].snapshot_id}
+    released = {heads[0].snapshot_id, heads[1].patch_id, heads[2].patch_id}
+    assert released <= set(agg.store.ids())  # unpinned, kept until unused for the retention
+
+
 def test_the_earliest_claim_holds_the_lease_and_the_other_aggregator_stands_by(world, finetunes):
     config = world.config(["a", "b"])
     a = world.aggregator("a", config, genesis=world.genesis)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from node.config import VolunteerSettings
+from node.net.blobstore import HEAD_PIN
 from node.net.swarm import HEAD_TTL
 from node.seed import genesis_head
 from node.training.tiny_model import CORPUS
@@ -101,6 +102,10 @@ def test_a_new_head_mid_round_is_followed_as_configured(
         volunteer.tick()
         volunteer.paused.clear()
         wait_for(lambda: volunteer.head == newer, "the move to round 1")
+        assert HEAD_PIN in volunteer.store.pins(newer.snapshot_id)
+        wait_for(  # the old head's blob is left to retention
+            lambda: volunteer.store.pins(genesis.snapshot_id) == [], "the old snapshot unpinned"
+        )
         old = announced(volunteer, genesis.base_id)
         if policy == "restart":
             assert old == []  # the interrupted round published nothing
