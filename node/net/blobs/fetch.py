@@ -58,6 +58,7 @@ SAVE_EVERY = 32  # pieces between resume points (and fsyncs: the last one is sho
 PIECES_IN_FLIGHT = 2  # pieces of one stream being checked and written while the next is read
 PROBE_PARALLEL = 64  # providers asked for the manifest at once (records are free to forge)
 HAVE_TIMEOUT = 15.0  # seconds a provider has to answer Have
+WAVE_SECONDS = 2.0  # a batch of manifest probes has this long before the next one starts
 
 
 async def _close(writer: asyncio.StreamWriter | None, stream: DetachedStream | None) -> None:
@@ -163,13 +164,14 @@ class Fetcher:
         self.errors.append(f"{source.peer}: {why}")
         logger.info("fetch %s: dropped %s: %s", self.blob_id[:16], source.peer, why)
 
-    async def _candidates(self) -> list[PeerID]:
-        """Providers not banned, in the order to try them: those that answered already, then
-        peers this one is connected to, then the rest, each group shuffled.
+    async def _candidates(self) -> list[list[PeerID]]:
+        """Providers not banned, in waves to try one after the other: those that answered
+        already or that this peer is connected to, then the rest, each wave shuffled.
 
         Provider records cost a free key each, and a peer that does not exist is only found
         out by a failed dial; peers that answered, or that the swarm already put in touch
-        with this one, come first, so a flood of made-up records only delays the others.
+        with this one, are asked first and on their own, so a flood of made-up records
+        neither crowds them out nor slows their answers down.
         """
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
@@ -177,22 +179,23 @@ class Fetcher:
             connected = {info.peer_id for info in await self.swarm.p2p.list_peers()}
         except Exception:  # noqa: BLE001 - p2pd errors have no common base; order without it
             connected = set()
-        peers: dict[PeerID, int] = {}
+        known: set[PeerID] = set()
+        others: set[PeerID] = set()
         for p in found:
             try:
                 peer = PeerID.from_base58(p.peer_id)
             except Exception:  # noqa: BLE001 - a malformed peer id is just skipped
                 continue
             if peer not in self.banned:
-                rank = 0 if peer in self.answered else 1 if peer in connected else 2
-                peers[peer] = min(rank, peers.get(peer, 2))
-        order = list(peers)
-        random.shuffle(order)
-        return sorted(order, key=lambda peer: peers[peer])
+                (known if peer in self.answered or peer in connected else others).add(peer)
+        waves = [list(known), list(others - known)]
+        for wave in waves:
+            random.shuffle(wave)
+        return waves
 
     async def _refresh_sources(self) -> None:
         """Add providers (see :meth:`_candidates` for the order) up to ``max_sources``."""
-        for peer in await self._candidates():
+        for peer in [p for wave in await self._candidates() for p in wave]:
             if len(self.sources) >= self.max_sources:
                 break
             self.sources.setdefault(peer, _Source(peer))
@@ -243,32 +246,35 @@ class Fetcher:
 
     async def _find_manifest(self, deadline: float) -> pb.Manifest:
         """The blob's manifest from the first provider whose list of piece hashes adds up to
-        the id (a provider offering another is dropped). Providers are asked side by side,
-        PROBE_PARALLEL at a time, and the first valid answer wins; the probes still under way
-        go on, and the providers that answer join the sources."""
+        the id (a provider offering another is dropped).
+
+        Providers are asked side by side, PROBE_PARALLEL at a time, wave after wave
+        (:meth:`_candidates`); the next batch starts when this one has answered or after
+        WAVE_SECONDS, with its stragglers still heard. The first valid answer wins; the
+        probes still under way go on, and the providers that answer join the sources.
+        """
         loop = asyncio.get_running_loop()
         while loop.time() < deadline:
-            candidates = await self._candidates()
-            for start in range(0, len(candidates), PROBE_PARALLEL):
-                batch = [
-                    self.sources.get(peer) or _Source(peer)
-                    for peer in candidates[start : start + PROBE_PARALLEL]
-                ]
-                tasks = [
-                    asyncio.create_task(self._probe(s))
-                    for s in batch
-                    if s.bad_until <= time.monotonic()
-                ]
-                self._probes.update(tasks)
-                for next_done in asyncio.as_completed(
-                    tasks, timeout=max(deadline - loop.time(), 0)
-                ):
-                    try:
-                        manifest = await next_done
-                    except TimeoutError:
-                        break
-                    if manifest is not None:
-                        return manifest
+            batches = [
+                wave[start : start + PROBE_PARALLEL]
+                for wave in await self._candidates()
+                for start in range(0, len(wave), PROBE_PARALLEL)
+            ]
+            waiting: set[asyncio.Task] = set()
+            for peers in [*batches, []]:  # the last round only waits for the stragglers
+                for peer in peers:
+                    source = self.sources.get(peer) or _Source(peer)
+                    if source.bad_until <= time.monotonic():
+                        waiting.add(asyncio.create_task(self._probe(source)))
+                self._probes.update(waiting)
+                until = deadline if not peers else min(deadline, loop.time() + WAVE_SECONDS)
+                while waiting and loop.time() < until:
+                    done, waiting = await asyncio.wait(
+                        waiting, timeout=until - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        if not task.cancelled() and task.exception() is None and task.result():
+                            return task.result()
                 if loop.time() >= deadline:
                     break
             await asyncio.sleep(0.5)
