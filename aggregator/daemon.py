@@ -41,6 +41,7 @@ from aggregator.engine import REPORT_FILE, MergeInput, merge_models
 from aggregator.gate import EvalGate
 from aggregator.methods import Recipe
 from aggregator.outer import OuterStep, outer_lr
+from aggregator.reputation import Reputation
 from aggregator.screening import (
     Admitted,
     Candidate,
@@ -81,6 +82,7 @@ ADMIT_PARALLEL = 16  # candidates fetched at once (at least; max_deltas when tha
 CLOCK_SLACK = 5.0  # seconds two peers' clocks may differ (hivemind refuses more than 3)
 MAX_ROUND_SECONDS = 6 * 3600.0  # a lease claimed longer ago than this is no live round's
 BACKOFF_MAX = 3600.0  # seconds an unavailable delta is skipped at most before another try
+REPUTATION_FILE = "reputation.json"
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
 MOMENTUM_FILE = "momentum.safetensors"  # in scratch, from the merge until it is published
 
@@ -129,6 +131,8 @@ class Aggregator(PeerDaemon):
         self.admitted: dict[tuple[str, str], float] = {}  # arrived and inspected: its norm
         self.gains: dict[tuple[str, str, str], float] = {}  # (author, delta, head): loss gain
         self.volunteers = settings.allowed_volunteers()  # None: an open swarm
+        self.reputation = Reputation(self.root / REPUTATION_FILE)
+        self.authors: dict[str, str] = {}  # delta id -> its author, once admitted
         # (author, delta id) that did not arrive: skipped from a round period up
         self.unavailable = Backoff(first=config.round_period, cap=BACKOFF_MAX)
         self.status = "starting"
@@ -179,6 +183,23 @@ class Aggregator(PeerDaemon):
         self.head = head
         self.head_seen_at = time.monotonic()
         self.chain[head.base_id] = head
+        if head.merged:
+            self._credit(head)
+
+    def _credit(self, head: Head) -> None:
+        """Count the round for the authors of the deltas ``head`` merged: those this aggregator
+        admitted, else the one author that announced each (a delta announced by several, a
+        copy among them, is credited to nobody)."""
+        announced: dict[str, set[str]] = {}
+        if any(d not in self.authors for d in head.merged) and head.parent:
+            for record in self.swarm.read(ANNOUNCE, topic=head.parent):
+                announced.setdefault(record.body.delta_id, set()).add(record.author)
+        authors = []
+        for delta_id in head.merged:
+            by = {self.authors[delta_id]} if delta_id in self.authors else announced.get(delta_id)
+            if by and len(by) == 1:
+                authors.append(next(iter(by)))
+        self.reputation.credit(head.base_id, authors)
 
     def heartbeat(self):
         beat = super().heartbeat()
@@ -287,7 +308,8 @@ class Aggregator(PeerDaemon):
                 found.append(Candidate(record.author, record.body, age))
             parent = self.chain.get(base)
             base = parent.parent if parent else None
-        return rank_candidates(found, head.base_id)
+        known = {c.author for c in found if self.reputation.established(c.author)}
+        return rank_candidates(found, head.base_id, known)
 
     def _lease(self, head: Head) -> list[Admitted] | None:
         """The deltas to merge (with their norms) once this aggregator holds the round's
@@ -358,6 +380,7 @@ class Aggregator(PeerDaemon):
                         self._reject(c, "no_gain", f"held-out loss gain {gain:.4g} on the head")
                         continue
                     out[c.delta_id] = Admitted(c, norm, gain)
+                    self.authors[c.delta_id] = c.author  # inspected: its signer
                 return [out.get(c.delta_id) for c in batch]
 
             def copied(c: Candidate) -> None:
@@ -367,6 +390,8 @@ class Aggregator(PeerDaemon):
         live = {(c.author, c.delta_id) for c in ranked}
         self.admitted = {k: v for k, v in self.admitted.items() if k in live}
         self.gains = {k: v for k, v in self.gains.items() if k[:2] in live}
+        merged = {d for h in self._recent(head) for d in h.merged}
+        self.authors = {d: a for d, a in self.authors.items() if (a, d) in live or d in merged}
         return admitted
 
     def _score(self, head: Head, batch: list[Candidate]) -> dict[str, float]:
@@ -460,6 +485,12 @@ class Aggregator(PeerDaemon):
             norm_factor=cfg.norm_factor,
             norm_action=cfg.norm_action,
             gain_share=cfg.gain_share,
+            newcomers={
+                a.candidate.delta_id
+                for a in admitted
+                if not self.reputation.established(a.candidate.author)
+            },
+            newcomer_share=cfg.newcomer_share,
         )
         inputs = []
         for a in admitted:

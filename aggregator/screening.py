@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.reputation import newcomer_factor
 from protocol.constants import DELTA_REJECT_REASONS
 from protocol.container import DeltaReader
 from protocol.delta import check_fits
@@ -55,20 +56,25 @@ class Candidate:
         return self.announcement.delta_id
 
 
-def rank_candidates(announced: list[Candidate], beacon: str) -> list[Candidate]:
-    """One delta per author (the freshest, then the first in rank), freshest first, then in
-    an order drawn from ``beacon`` (the head's base id).
+def rank_candidates(
+    announced: list[Candidate], beacon: str, established: Collection[str] = ()
+) -> list[Candidate]:
+    """One delta per author (the freshest, then the first in rank), freshest first, then
+    those of ``established`` authors (aggregator.reputation), then in an order drawn from
+    ``beacon`` (the head's base id).
 
-    The order is the same for every aggregator, and a delta's place in it is the hash of
-    the beacon and its id: an author can grind ids for a small one only after the head
-    appeared, and a slot goes to a delta only once it has arrived and passed inspection
-    (the aggregator's admission), so made-up ids cannot crowd honest deltas out. A delta id
-    announced by several authors stays under each: inspection passes only its signer's.
+    The order is the same for every aggregator that knows the same reputations, and a
+    delta's place in it is the hash of the beacon and its id: an author can grind ids for a
+    small one only after the head appeared, and a slot goes to a delta only once it has
+    arrived and passed inspection (the aggregator's admission), so made-up ids cannot crowd
+    honest deltas out, nor can a crowd of new keys take the slots of the volunteers the
+    swarm knows. A delta id announced by several authors stays under each: inspection
+    passes only its signer's.
     """
 
-    def order(c: Candidate) -> tuple[int, bytes, str]:  # total: no input order leaks
+    def order(c: Candidate) -> tuple[int, bool, bytes, str]:  # total: no input order leaks
         draw = hashlib.sha256(f"{beacon}:{c.delta_id}".encode()).digest()
-        return (c.age, draw, c.author)
+        return (c.age, c.author not in established, draw, c.author)
 
     best: dict[str, Candidate] = {}
     for c in sorted(announced, key=order):
@@ -249,18 +255,26 @@ def weigh_round(
     norm_factor: float,
     norm_action: str,
     gain_share: float,
+    newcomers: set[str] = frozenset(),
+    newcomer_share: float = 1.0,
 ) -> dict[str, Weighed]:
     """Every admitted delta's weight in this round's merge (before staleness discounts).
 
     Without evaluation data (``gains`` None) the weight is the norm screen's. With it, a
-    delta that did not lower the held-out loss is out, the others weigh by
-    :func:`gain_weights`, and the norm screen's median counts deltas by those weights, so
-    that a crowd of near-empty deltas cannot drag it down and get honest ones refused.
+    delta that did not lower the held-out loss is out, and the others weigh by
+    :func:`gain_weights`. The deltas in ``newcomers`` (by authors none of whose deltas was
+    merged yet) together weigh at most ``newcomer_share`` of the round when established
+    authors take part (aggregator.reputation). The norm screen's median counts deltas by
+    those weights, so that a crowd of near-empty or new deltas cannot drag it down and get
+    honest ones refused.
     """
     by_gain = gain_weights(gains, gain_share) if gains is not None else None
     passed = {d: n for d, n in norms.items() if by_gain is None or by_gain.get(d) is not None}
-    reference = {d: by_gain[d] for d in passed} if by_gain is not None else None
-    screened = screen_norms(passed, norm_factor, norm_action, reference)
+    base = {d: by_gain[d] if by_gain is not None else 1.0 for d in passed}
+    capped = newcomer_factor(base, newcomers & set(passed), newcomer_share)
+    reference = {d: w * (capped if d in newcomers else 1.0) for d, w in base.items()}
+    weighted = by_gain is not None or capped < 1.0
+    screened = screen_norms(passed, norm_factor, norm_action, reference if weighted else None)
     out: dict[str, Weighed] = {}
     for delta_id, norm in norms.items():
         if delta_id not in passed:
@@ -268,6 +282,5 @@ def weigh_round(
         elif screened[delta_id] is None:
             out[delta_id] = Weighed(None, "norm", f"norm {norm:.4g} is far above the round's")
         else:
-            weight = screened[delta_id] * (by_gain[delta_id] if by_gain is not None else 1.0)
-            out[delta_id] = Weighed(weight)
+            out[delta_id] = Weighed(screened[delta_id] * reference[delta_id])
     return out

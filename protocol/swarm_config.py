@@ -139,6 +139,13 @@ class SwarmConfig(Body):
         description="aggregators with evaluation data: a delta whose loss gain is at least this "
         "share of the round's best weighs fully, less below it",
     )
+    newcomer_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="deltas by authors none of whose deltas was merged yet weigh together at "
+        "most this share of a round that established authors take part in (1: no cap)",
+    )
     max_delta_bytes: int = Field(
         1 << 32, ge=1 << 10, le=1 << 40, description="largest delta an aggregator fetches"
     )

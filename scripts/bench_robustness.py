@@ -21,11 +21,14 @@ trains the same way and then turns its delta into an attack:
   the round's median norm down so that honest deltas look too large.
 
 The first four come one attacker to four honest volunteers (one in five). Each round runs
-as the aggregator runs it (aggregator.round_rules): candidates ranked by the head's beacon,
-inspected, scored on the aggregator's evaluation data where it has some, weighed, merged
-with the swarm config's recipe and outer step. Twice: with evaluation data (the setting
-``mergeswarm init`` recommends for an open swarm) and without (``--no-eval`` rows), where
-only the norm screen, the per-entry bound and the merge stand in the way.
+as the aggregator runs it (aggregator.screening and aggregator.daemon): candidates ranked by
+the head's beacon, inspected, scored on the aggregator's evaluation data where it has some,
+weighed, merged with the swarm config's recipe and outer step. Three times: with
+evaluation data (the setting ``mergeswarm init`` recommends for an open swarm); without
+(``_no_eval``), where every author is new and only the norm screen, the per-entry bound and
+the merge stand in the way; and without, in a swarm where the honest volunteers had deltas
+merged before and the attackers' keys are new (``_no_eval_established``: the newcomers'
+share of a round is capped, aggregator.reputation).
 
 The figure per attack: the merged head's held-out loss (mean over the four domains'
 held-out blocks, which neither training nor the aggregator's evaluation saw) against the
@@ -175,7 +178,9 @@ class Decision:
     refused: dict[str, int]  # reason -> count
 
 
-def decide_round(genesis: Path, deltas: list[Delta], config, gate) -> Decision:
+def decide_round(
+    genesis: Path, deltas: list[Delta], config, gate, established: bool = False
+) -> Decision:
     """The aggregator's admission and weighing (aggregator.daemon's ``_admit`` and
     ``run_round``, without the network): rank, inspect, score, fill the slots, weigh."""
     from aggregator.screening import (
@@ -194,6 +199,7 @@ def decide_round(genesis: Path, deltas: list[Delta], config, gate) -> Decision:
 
     refused: dict[str, int] = {}
     paths: dict[str, Path] = {}
+    honest_paths = {d.path for d in deltas if d.honest}
     beacon = base_id(ModelDir(genesis))
     candidates = []
     for d in deltas:
@@ -239,7 +245,8 @@ def decide_round(genesis: Path, deltas: list[Delta], config, gate) -> Decision:
                     out.append(Admitted(c, norms[c.delta_id], gain))
             return out
 
-        ranked = rank_candidates(candidates, beacon)
+        known = {d.author for d in deltas if established and d.honest}
+        ranked = rank_candidates(candidates, beacon, known)
         admitted = fill_slots(ranked, check, config.max_deltas, 16, lambda c: refuse("copy"))
     refused["no slot"] = len(candidates) - len(admitted) - sum(refused.values())
     verdicts = weigh_round(
@@ -248,6 +255,8 @@ def decide_round(genesis: Path, deltas: list[Delta], config, gate) -> Decision:
         norm_factor=config.norm_factor,
         norm_action=config.norm_action,
         gain_share=config.gain_share,
+        newcomers={d for d in paths if not (established and paths[d] in honest_paths)},
+        newcomer_share=config.newcomer_share,
     )
     weights = []
     for delta_id, v in verdicts.items():
@@ -276,9 +285,11 @@ def merge_round(genesis: Path, decision: Decision, config, out: Path) -> Path:
     return out
 
 
-def run_round(genesis: Path, deltas: list[Delta], config, gate, out: Path):
-    """The aggregator's round over ``deltas``: (merged head, honest deltas merged, decision)."""
-    decision = decide_round(genesis, deltas, config, gate)
+def run_round(genesis: Path, deltas: list[Delta], config, gate, out: Path, established=False):
+    """The aggregator's round over ``deltas``: (merged head, honest deltas merged, decision).
+    ``established``: the honest volunteers had deltas merged before (aggregator.reputation);
+    otherwise every author is new, as in a swarm's first round."""
+    decision = decide_round(genesis, deltas, config, gate, established)
     shutil.rmtree(out, ignore_errors=True)
     merge_round(genesis, decision, config, out)
     merged = {p.name for p, _ in decision.weights}
@@ -381,15 +392,22 @@ def main(argv: list[str] | None = None) -> int:
           f"(entry_clip {config.entry_clip:g})")  # fmt: skip
     results: dict = {"model": args.model, "genesis_loss": round(genesis_loss, 4)}
     results["honest_largest_entry_ratio"] = round(ratio, 3)
-    for judge in (gate, None):
-        head, merged, _ = run_round(genesis, honest, config, judge, work / "clean")
+    settings = (
+        ("", gate, False, "with evaluation data"),
+        ("_no_eval", None, False, "without evaluation data, every author new"),
+        ("_no_eval_established", None, True, "without evaluation data, the honest established"),
+    )
+    for suffix, judge, established, title in settings:
+        head, merged, _ = run_round(genesis, honest, config, judge, work / "clean", established)
         clean = mean(domain_losses(head, evals))
         rows = {}
-        print(f"\n{'with' if judge else 'without'} evaluation data: clean round {clean:.4f} "
+        print(f"\n{title}: clean round {clean:.4f} "
               f"({merged}/{len(honest)} honest merged; genesis {genesis_loss:.4f})")  # fmt: skip
         print(f"{'attack':<14}{'loss':>9}{'vs clean':>10}{'honest':>9}  refused")
         for name, bad in attacks.items():
-            head, merged, decision = run_round(genesis, honest + bad, config, judge, work / name)
+            head, merged, decision = run_round(
+                genesis, honest + bad, config, judge, work / name, established
+            )
             loss = mean(domain_losses(head, evals))
             rows[name] = {
                 "loss": round(loss, 4),
@@ -401,9 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:<14}{loss:>9.4f}{loss / clean - 1:>+10.2%}{merged:>6}/{len(honest)}  {refused}"
             )
-        key = "attacks" if judge else "attacks_no_eval"
-        results["clean_loss" if judge else "clean_loss_no_eval"] = round(clean, 4)
-        results[key] = rows
+        results["clean_loss" + suffix] = round(clean, 4)
+        results["attacks" + suffix] = rows
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(f"\n{results['seconds']:.0f} s")
     if args.json:

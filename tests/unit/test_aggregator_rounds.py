@@ -73,6 +73,38 @@ def test_an_aggregator_keeps_pinned_only_what_rebuilds_its_recent_heads(world, f
     assert released <= set(agg.store.ids())  # unpinned, kept until unused for the retention
 
 
+def test_authors_whose_deltas_were_merged_are_established_on_every_aggregator_for_good(
+    world, finetunes
+):
+    a = world.aggregator("a", world.config(["a", "b"]), genesis=world.genesis)
+    b = world.aggregator("b", world.config(["a", "b"]))
+    step(a)
+    step(b)
+    merged = world.announce_delta(finetunes[0], seed=1)
+    world.announce_delta(finetunes[1], seed=2)
+    step(a)
+    author = world.author("author1")
+    assert merged in a.head.merged and a.reputation.established(author)
+    b.follow_head()  # the standby, which admitted nothing, credits them from the announcements
+    assert b.head == a.head and b.reputation.merged == a.reputation.merged
+    restarted = world.aggregator("a", world.config(["a", "b"]))  # same data dir
+    assert restarted.reputation.merged == a.reputation.merged
+    assert not restarted.reputation.established(world.author("stranger"))
+
+
+def test_established_volunteers_take_the_slots_before_a_crowd_of_new_keys(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], min_deltas=2, max_deltas=2), genesis=world.genesis
+    )
+    step(agg)
+    crowd = [world.announce_delta(finetunes[i % 3], seed=10 + i) for i in range(6)]
+    known = [world.announce_delta(finetunes[i], seed=i) for i in range(2)]  # author7, author8
+    agg.reputation.credit("an earlier head", [world.author("author7"), world.author("author8")])
+    step(agg)
+    assert sorted(agg.head.merged) == sorted(known)
+    assert not set(crowd) & set(agg.head.merged)
+
+
 def test_the_earliest_claim_holds_the_lease_and_the_other_aggregator_stands_by(world, finetunes):
     config = world.config(["a", "b"])
     a = world.aggregator("a", config, genesis=world.genesis)

@@ -386,3 +386,17 @@ def test_a_delta_sparsified_at_another_rate_than_the_swarms_is_rejected(
         with pytest.raises(Rejected) as info:  # denser than the swarm's 0.9: it would weigh more
             inspect_delta(path, candidate, md, max_bytes=MAX_BYTES, drop_rate=0.9)
     assert info.value.reason == "drop_rate"
+
+
+def test_rank_puts_established_authors_before_newcomers_of_the_same_age():
+    crowd = [_candidate(f"new{i}", _id(100 + i), 0) for i in range(16)]
+    known = [_candidate("alice", _id(1), 0), _candidate("bob", _id(2), 0)]
+    stale = _candidate("carol", _id(3), 1)
+    everyone = [*crowd, stale, *known]
+    ranked = rank_candidates(everyone, BASE, established={"alice", "bob", "carol"})
+    assert {c.author for c in ranked[:2]} == {"alice", "bob"}
+    assert ranked[-1].author == "carol"  # freshness still comes first
+    blind = rank_candidates(everyone, BASE)  # without reputation: the beacon's draw alone
+    assert [c.author for c in blind[:18]] == [
+        c.author for c in sorted([*crowd, *known], key=lambda c: _draw(BASE, c.delta_id))
+    ]
