@@ -46,6 +46,7 @@ def _unusual() -> SwarmConfig:
             norm_action="clip",
             entry_clip=0.0,
             gain_share=0.5,
+            newcomer_share=0.5,
             max_delta_bytes=123_456_789,
             snapshot_every=2,
             aggregators=["01" * 32, "fe" * 32],
