@@ -83,6 +83,9 @@ CLOCK_SLACK = 5.0  # seconds two peers' clocks may differ (hivemind refuses more
 MAX_ROUND_SECONDS = 6 * 3600.0  # a lease claimed longer ago than this is no live round's
 BACKOFF_MAX = 3600.0  # seconds an unavailable delta is skipped at most before another try
 REPUTATION_FILE = "reputation.json"
+# a delta merged at this weight or more (before staleness) establishes its author: one that a
+# cap or its small gain weighed down bought no influence (else a near-empty delta would)
+CREDIT_WEIGHT = 0.5
 KEEP_BASES = 3  # the head and its recent ancestors stay on disk (patches need the parent)
 MOMENTUM_FILE = "momentum.safetensors"  # in scratch, from the merge until it is published
 
@@ -132,7 +135,6 @@ class Aggregator(PeerDaemon):
         self.gains: dict[tuple[str, str, str], float] = {}  # (author, delta, head): loss gain
         self.volunteers = settings.allowed_volunteers()  # None: an open swarm
         self.reputation = Reputation(self.root / REPUTATION_FILE)
-        self.authors: dict[str, str] = {}  # delta id -> its author, once admitted
         # (author, delta id) that did not arrive: skipped from a round period up
         self.unavailable = Backoff(first=config.round_period, cap=BACKOFF_MAX)
         self.status = "starting"
@@ -183,23 +185,6 @@ class Aggregator(PeerDaemon):
         self.head = head
         self.head_seen_at = time.monotonic()
         self.chain[head.base_id] = head
-        if head.merged:
-            self._credit(head)
-
-    def _credit(self, head: Head) -> None:
-        """Count the round for the authors of the deltas ``head`` merged: those this aggregator
-        admitted, else the one author that announced each (a delta announced by several, a
-        copy among them, is credited to nobody)."""
-        announced: dict[str, set[str]] = {}
-        if any(d not in self.authors for d in head.merged) and head.parent:
-            for record in self.swarm.read(ANNOUNCE, topic=head.parent):
-                announced.setdefault(record.body.delta_id, set()).add(record.author)
-        authors = []
-        for delta_id in head.merged:
-            by = {self.authors[delta_id]} if delta_id in self.authors else announced.get(delta_id)
-            if by and len(by) == 1:
-                authors.append(next(iter(by)))
-        self.reputation.credit(head.base_id, authors)
 
     def heartbeat(self):
         beat = super().heartbeat()
@@ -380,7 +365,6 @@ class Aggregator(PeerDaemon):
                         self._reject(c, "no_gain", f"held-out loss gain {gain:.4g} on the head")
                         continue
                     out[c.delta_id] = Admitted(c, norm, gain)
-                    self.authors[c.delta_id] = c.author  # inspected: its signer
                 return [out.get(c.delta_id) for c in batch]
 
             def copied(c: Candidate) -> None:
@@ -390,8 +374,6 @@ class Aggregator(PeerDaemon):
         live = {(c.author, c.delta_id) for c in ranked}
         self.admitted = {k: v for k, v in self.admitted.items() if k in live}
         self.gains = {k: v for k, v in self.gains.items() if k[:2] in live}
-        merged = {d for h in self._recent(head) for d in h.merged}
-        self.authors = {d: a for d, a in self.authors.items() if (a, d) in live or d in merged}
         return admitted
 
     def _score(self, head: Head, batch: list[Candidate]) -> dict[str, float]:
@@ -493,6 +475,7 @@ class Aggregator(PeerDaemon):
             newcomer_share=cfg.newcomer_share,
         )
         inputs = []
+        earned = []  # authors whose delta weighs enough in this round to count (reputation)
         for a in admitted:
             c, verdict = a.candidate, verdicts[a.candidate.delta_id]
             if verdict.weight is None:  # this round's verdict: it may fit another round's deltas
@@ -502,6 +485,8 @@ class Aggregator(PeerDaemon):
                 logger.info(
                     "round %d: delta %s weighs %.3g", round_, c.delta_id[:16], verdict.weight
                 )
+            if verdict.weight >= CREDIT_WEIGHT:
+                earned.append(c.author)
             inputs.append(
                 MergeInput(
                     self.store.path(c.delta_id),
@@ -520,6 +505,7 @@ class Aggregator(PeerDaemon):
             return None
         merged = tuple(sorted(str(i.path.name) for i in inputs))
         new = self._publish_child(head, child_dir, merged)
+        self.reputation.credit(new.base_id, earned)
         self.metrics.deltas_accepted.inc(len(inputs))
         self.accepted += len(inputs)
         return new

@@ -5,9 +5,10 @@ Keys are free, so a crowd of new ones must not outweigh the volunteers the swarm
 knows. An author whose delta a head merged is *established*; the others are *newcomers*.
 :func:`newcomer_factor` scales the newcomers' weights in a round down so that together they
 weigh at most ``share`` of it, whenever established authors take part (a new swarm, where
-nobody is established yet, is not held back). The counts come from the heads this
-aggregator saw and the announcements that named their deltas' authors, and survive a
-restart in the aggregator's data directory.
+nobody is established yet, is not held back). Each aggregator counts the rounds it merged
+itself, crediting only deltas that weighed enough in them (aggregator.daemon's
+CREDIT_WEIGHT: a delta weighed down by the cap or by its small gain earns nothing), and
+keeps the counts in its data directory.
 """
 
 from __future__ import annotations

@@ -73,23 +73,27 @@ def test_an_aggregator_keeps_pinned_only_what_rebuilds_its_recent_heads(world, f
     assert released <= set(agg.store.ids())  # unpinned, kept until unused for the retention
 
 
-def test_authors_whose_deltas_were_merged_are_established_on_every_aggregator_for_good(
-    world, finetunes
-):
-    a = world.aggregator("a", world.config(["a", "b"]), genesis=world.genesis)
-    b = world.aggregator("b", world.config(["a", "b"]))
-    step(a)
-    step(b)
-    merged = world.announce_delta(finetunes[0], seed=1)
-    world.announce_delta(finetunes[1], seed=2)
-    step(a)
-    author = world.author("author1")
-    assert merged in a.head.merged and a.reputation.established(author)
-    b.follow_head()  # the standby, which admitted nothing, credits them from the announcements
-    assert b.head == a.head and b.reputation.merged == a.reputation.merged
-    restarted = world.aggregator("a", world.config(["a", "b"]))  # same data dir
-    assert restarted.reputation.merged == a.reputation.merged
-    assert not restarted.reputation.established(world.author("stranger"))
+def test_authors_whose_deltas_weighed_in_a_merge_are_established_for_good(world, finetunes):
+    config = world.config(["agg"], min_deltas=1, max_deltas=16)
+    agg = world.aggregator("agg", config, genesis=world.genesis)
+    step(agg)
+    world.announce_delta(finetunes[0], seed=1)
+    step(agg)  # a new swarm: nobody is held back, and author1 is established
+    assert agg.reputation.established(world.author("author1"))
+    known = [world.announce_delta(finetunes[i % 3], head=agg.head, base=_base(agg), seed=10 + i)
+             for i in range(2)]  # fmt: skip
+    agg.reputation.credit("an earlier head", [world.author("author2"), world.author("author3")])
+    crowd = [world.announce_delta(finetunes[i % 3], head=agg.head, base=_base(agg), seed=20 + i)
+             for i in range(8)]  # fmt: skip
+    step(agg)  # eight new keys share a quarter of the round: 1/12 of a delta each, too little
+    assert set(known + crowd) <= set(agg.head.merged)
+    assert not any(agg.reputation.established(world.author(f"author{i}")) for i in range(4, 12))
+    restarted = world.aggregator("agg", config)  # the same data directory
+    assert restarted.reputation.merged == agg.reputation.merged
+
+
+def _base(agg):
+    return agg.bases.path(agg.head.base_id)
 
 
 def test_established_volunteers_take_the_slots_before_a_crowd_of_new_keys(world, finetunes):
