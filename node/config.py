@@ -261,7 +261,7 @@ class AggregatorSettings(DaemonSettings):
         default_factory=list,
         json_schema_extra={"metavar": "AUTHOR|FILE"},
         description="a closed swarm: take deltas only from these volunteer keys (as each "
-        "daemon prints at start), or from the keys in FILE, one per line; repeatable",
+        "daemon prints at start), or from the keys in FILE, one per line",
     )
 
     def allowed_volunteers(self) -> frozenset[str] | None:

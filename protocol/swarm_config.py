@@ -143,8 +143,9 @@ class SwarmConfig(Body):
         0.25,
         gt=0,
         le=1,
-        description="deltas by authors none of whose deltas was merged yet weigh together at "
-        "most this share of a round that established authors take part in (1: no cap)",
+        description="deltas by new keys (none of their deltas weighed at least half in a merged "
+        "round) weigh together at most this share of a round that established authors take "
+        "part in (1: no cap)",
     )
     max_delta_bytes: int = Field(
         1 << 32, ge=1 << 10, le=1 << 40, description="largest delta an aggregator fetches"
