@@ -46,10 +46,11 @@ from aggregator.screening import (
     Admitted,
     Candidate,
     Rejected,
+    admit_scored,
     fill_slots,
     inspect_delta,
     rank_candidates,
-    weigh_round,
+    weigh_admitted,
 )
 from node.chain.bases import Bases
 from node.chain.history import current_head, head_blobs, publish_head, sync_head
@@ -358,13 +359,11 @@ class Aggregator(PeerDaemon):
                     norms = list(pool.map(lambda c: self._check(c, parent), batch))
                 passed = [(c, n) for c, n in zip(batch, norms, strict=True) if n is not None]
                 gains = self._score(head, [c for c, _ in passed])
-                out: dict[str, Admitted | None] = {}
-                for c, norm in passed:
-                    gain = gains.get(c.delta_id)
-                    if gain is not None and not gain > 0:
-                        self._reject(c, "no_gain", f"held-out loss gain {gain:.4g} on the head")
-                        continue
-                    out[c.delta_id] = Admitted(c, norm, gain)
+
+                def no_gain(c: Candidate, gain: float) -> None:
+                    self._reject(c, "no_gain", f"held-out loss gain {gain:.4g} on the head")
+
+                out = admit_scored(passed, gains, no_gain)
                 return [out.get(c.delta_id) for c in batch]
 
             def copied(c: Candidate) -> None:
@@ -461,18 +460,15 @@ class Aggregator(PeerDaemon):
         round_ = head.round + 1
         parent_dir = self.bases.path(head.base_id)
         cfg = self.config
-        verdicts = weigh_round(
-            {a.candidate.delta_id: a.norm for a in admitted},
-            {a.candidate.delta_id: a.gain for a in admitted} if self.gate is not None else None,
-            norm_factor=cfg.norm_factor,
-            norm_action=cfg.norm_action,
-            gain_share=cfg.gain_share,
+        verdicts = weigh_admitted(
+            admitted,
+            cfg,
+            scored=self.gate is not None,
             newcomers={
                 a.candidate.delta_id
                 for a in admitted
                 if not self.reputation.established(a.candidate.author)
             },
-            newcomer_share=cfg.newcomer_share,
         )
         inputs = []
         earned = []  # authors whose delta weighs enough in this round to count (reputation)

@@ -321,6 +321,18 @@ def merge_tensor(
     return merged.reshape(original_shape), stats
 
 
+def lower_weighted_median(pairs: Iterable[tuple[float, float]]) -> float | None:
+    """The lower weighted median of (value, weight) pairs; pairs without a positive weight do
+    not count, and None means none has one."""
+    items = sorted((v, w) for v, w in pairs if w > 0)
+    half, acc = sum(w for _, w in items) / 2, 0.0
+    for value, w in items:
+        acc += w
+        if acc >= half:
+            return value
+    return items[-1][0] if items else None
+
+
 def robust_scale(tvs: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> float:
     """The weighted median over inputs of each one's RMS over its nonzero entries (0: all
     empty; weights: the inputs' merge weights, all 1 when None).
@@ -334,17 +346,10 @@ def robust_scale(tvs: Sequence[torch.Tensor], weights: Sequence[float] | None = 
     scales = []
     for t, w in zip(tvs, weights, strict=True):
         n = int(torch.count_nonzero(t))
-        if n and w != 0:
+        if n:
             scales.append((math.sqrt(float(t.double().square().sum()) / n), abs(w)))
-    if not scales:
-        return 0.0
-    scales.sort()
-    half, acc = sum(w for _, w in scales) / 2, 0.0
-    for value, w in scales:
-        acc += w
-        if acc >= half:
-            return value
-    return scales[-1][0]
+    found = lower_weighted_median(scales)
+    return 0.0 if found is None else found
 
 
 def clip_entries(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.methods import lower_weighted_median
 from aggregator.reputation import newcomer_factor
 from protocol.constants import DELTA_REJECT_REASONS
 from protocol.container import DeltaReader
@@ -31,6 +32,7 @@ from protocol.errors import (
 )
 from protocol.model_dir import ModelDir
 from protocol.records import DeltaAnnouncement
+from protocol.swarm_config import SwarmConfig
 
 
 class Rejected(MergeswarmError):
@@ -208,16 +210,30 @@ def screen_norms(
 def weighted_median(values: dict[str, float], weights: dict[str, float]) -> float:
     """The lower weighted median of ``values`` (keys without a positive weight do not count;
     none with one: the plain median)."""
-    items = sorted((v, weights.get(k, 0.0)) for k, v in values.items())
-    total = sum(w for _, w in items if w > 0)
-    if total <= 0:
-        return statistics.median(values.values())
-    acc = 0.0
-    for value, w in items:
-        acc += max(w, 0.0)
-        if acc >= total / 2:
-            return value
-    return items[-1][0]
+    found = lower_weighted_median((v, weights.get(k, 0.0)) for k, v in values.items())
+    return statistics.median(values.values()) if found is None else found
+
+
+def bought_something(gain: float) -> bool:
+    """Whether a delta's held-out loss gain counts: finite and above zero."""
+    return math.isfinite(gain) and gain > 0
+
+
+def admit_scored(
+    passed: list[tuple[Candidate, float]],
+    gains: dict[str, float],
+    refuse: Callable[[Candidate, float], None],
+) -> dict[str, Admitted]:
+    """Delta id -> admission, for the inspected candidates (with their norms) whose gain, where
+    they were scored, bought something; ``refuse`` gets each other one and its gain."""
+    out: dict[str, Admitted] = {}
+    for c, norm in passed:
+        gain = gains.get(c.delta_id)
+        if gain is not None and not bought_something(gain):
+            refuse(c, gain)
+        else:
+            out[c.delta_id] = Admitted(c, norm, gain)
+    return out
 
 
 def gain_weights(gains: dict[str, float], share: float) -> dict[str, float | None]:
@@ -232,7 +248,7 @@ def gain_weights(gains: dict[str, float], share: float) -> dict[str, float | Non
     best = max((g for g in gains.values() if math.isfinite(g)), default=0.0)
     out: dict[str, float | None] = {}
     for delta_id, gain in gains.items():
-        if not (math.isfinite(gain) and gain > 0):
+        if not bought_something(gain):
             out[delta_id] = None
         else:
             out[delta_id] = min(1.0, gain / (share * best))
@@ -284,3 +300,19 @@ def weigh_round(
         else:
             out[delta_id] = Weighed(screened[delta_id] * reference[delta_id])
     return out
+
+
+def weigh_admitted(
+    admitted: list[Admitted], config: SwarmConfig, *, scored: bool, newcomers: set[str]
+) -> dict[str, Weighed]:
+    """:func:`weigh_round` for a round's admitted deltas under the swarm's rules (``scored``:
+    the aggregator has evaluation data, so their gains count)."""
+    return weigh_round(
+        {a.candidate.delta_id: a.norm for a in admitted},
+        {a.candidate.delta_id: a.gain for a in admitted} if scored else None,
+        norm_factor=config.norm_factor,
+        norm_action=config.norm_action,
+        gain_share=config.gain_share,
+        newcomers=newcomers,
+        newcomer_share=config.newcomer_share,
+    )

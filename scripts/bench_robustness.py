@@ -187,10 +187,11 @@ def decide_round(
         Admitted,
         Candidate,
         Rejected,
+        admit_scored,
         fill_slots,
         inspect_delta,
         rank_candidates,
-        weigh_round,
+        weigh_admitted,
     )
     from protocol.container import DeltaReader
     from protocol.ids import base_id
@@ -229,34 +230,23 @@ def decide_round(
                     )
                 except Rejected as exc:
                     refuse(exc.reason)
-            passed = [c for c in batch if c.delta_id in norms]
+            passed = [(c, norms[c.delta_id]) for c in batch if c.delta_id in norms]
             gains = {}
             if gate is not None and passed:
-                scored = gate.contributions(genesis, [paths[c.delta_id] for c in passed])
-                gains = {c.delta_id: g for c, g in zip(passed, scored.gains, strict=True)}
-            out: list[Admitted | None] = []
-            for c in batch:
-                gain = gains.get(c.delta_id)
-                if c.delta_id not in norms or (gain is not None and not gain > 0):
-                    if gain is not None and not gain > 0:
-                        refuse("no_gain")
-                    out.append(None)
-                else:
-                    out.append(Admitted(c, norms[c.delta_id], gain))
-            return out
+                scored = gate.contributions(genesis, [paths[c.delta_id] for c, _ in passed])
+                gains = {c.delta_id: g for (c, _), g in zip(passed, scored.gains, strict=True)}
+            out = admit_scored(passed, gains, lambda c, gain: refuse("no_gain"))
+            return [out.get(c.delta_id) for c in batch]
 
         known = {d.author for d in deltas if established and d.honest}
         ranked = rank_candidates(candidates, beacon, known)
         admitted = fill_slots(ranked, check, config.max_deltas, 16, lambda c: refuse("copy"))
     refused["no slot"] = len(candidates) - len(admitted) - sum(refused.values())
-    verdicts = weigh_round(
-        {a.candidate.delta_id: a.norm for a in admitted},
-        {a.candidate.delta_id: a.gain for a in admitted} if gate is not None else None,
-        norm_factor=config.norm_factor,
-        norm_action=config.norm_action,
-        gain_share=config.gain_share,
+    verdicts = weigh_admitted(
+        admitted,
+        config,
+        scored=gate is not None,
         newcomers={d for d in paths if not (established and paths[d] in honest_paths)},
-        newcomer_share=config.newcomer_share,
     )
     weights = []
     for delta_id, v in verdicts.items():

@@ -195,6 +195,8 @@ class Fetcher:
 
     async def _refresh_sources(self) -> None:
         """Add providers (see :meth:`_candidates` for the order) up to ``max_sources``."""
+        if len(self.sources) >= self.max_sources:  # full: no look at the records every 0.5 s
+            return
         for peer in [p for wave in await self._candidates() for p in wave]:
             if len(self.sources) >= self.max_sources:
                 break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -85,6 +86,31 @@ class ServeLimits:
     max_upload_bytes: int = 4 << 30
 
 
+class PeerWindow:
+    """Bytes each peer used in its current window of ``seconds``, which starts with the first
+    use after the last window ended."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._windows: dict[PeerID, tuple[float, int]] = {}  # peer -> (window start, bytes)
+
+    def lapsed(self, peer: PeerID) -> bool:
+        """Whether ``peer`` had a window and it ended."""
+        start = self._windows.get(peer, (time.monotonic(), 0))[0]
+        return time.monotonic() - start >= self.seconds
+
+    def used(self, peer: PeerID) -> int:
+        start, used = self._windows.get(peer, (-math.inf, 0))
+        return used if time.monotonic() - start < self.seconds else 0
+
+    def charge(self, peer: PeerID, nbytes: int) -> None:
+        """Add ``nbytes`` (negative: give back) to the peer's current window."""
+        start, used = self._windows.get(peer, (-math.inf, 0))
+        if time.monotonic() - start >= self.seconds:
+            start, used = time.monotonic(), 0
+        self._windows[peer] = (start, max(used + nbytes, 0))
+
+
 class BlobService:
     """Serves this peer's blobs (complete and partial) and accepts pushed uploads."""
 
@@ -96,8 +122,8 @@ class BlobService:
         self._active = 0
         self._per_peer: dict[PeerID, int] = defaultdict(int)
         self._streams: dict[PeerID, int] = defaultdict(int)  # open pieces streams, per peer
-        self._window: dict[PeerID, tuple[float, int]] = {}
-        self._uploaded: dict[PeerID, tuple[float, int]] = {}  # peer -> (window start, bytes)
+        self._served = PeerWindow(60.0)  # bytes served to each peer this minute
+        self._pushed = PeerWindow(UPLOAD_WINDOW)  # bytes each peer pushed
         self._uploading = 0
         self._sent_counts: dict[str, list[int]] = {}  # blob -> times each piece was sent
         self._sharing: dict[str, int] = defaultdict(int)  # blob -> its runs to sharing fetchers
@@ -244,7 +270,7 @@ class BlobService:
             if not self._within_budget(peer, size):
                 refusal = pb.Piece(index=index, error=self._refuse("peer byte budget"))
                 break
-            self._charge(peer, size)
+            self._served.charge(peer, size)
             headers.append(pb.Piece(index=index, size=size))
         path = self.store.path(request.blob_id) if partial is None else partial.path
         loop = asyncio.get_running_loop()
@@ -293,17 +319,9 @@ class BlobService:
 
     def _within_budget(self, peer: PeerID, nbytes: int) -> bool:
         limit = self.limits.peer_bytes_per_minute
-        if not limit:
+        if not limit or self._served.lapsed(peer):  # a new minute: its first piece goes out
             return True
-        start, used = self._window.get(peer, (time.monotonic(), 0))
-        if time.monotonic() - start >= 60:
-            self._window[peer] = (time.monotonic(), 0)
-            return True
-        return used + nbytes <= limit
-
-    def _charge(self, peer: PeerID, nbytes: int) -> None:
-        start, used = self._window.get(peer, (time.monotonic(), 0))
-        self._window[peer] = (start, used + nbytes)
+        return self._served.used(peer) + nbytes <= limit
 
     async def _upload(
         self,
@@ -329,7 +347,7 @@ class BlobService:
             return pb.UploadResult(accepted=True, reason="already held")
         if first.size > self.limits.max_upload_bytes:
             return pb.UploadResult(reason=self._refuse("too large"))
-        if first.size > self.limits.upload_bytes_per_peer - self._pushed(peer):
+        if first.size > self.limits.upload_bytes_per_peer - self._pushed.used(peer):
             return pb.UploadResult(reason=self._refuse("over the upload quota"))
         if self._uploading >= self.limits.upload_slots:
             return pb.UploadResult(reason=self._refuse("busy"))
@@ -338,7 +356,7 @@ class BlobService:
         if not authors:
             return pb.UploadResult(reason=self._refuse("not announced"))
         self._uploading += 1
-        self._charge_push(peer, first.size)  # up front: parallel pushes share the quota
+        self._pushed.charge(peer, first.size)  # up front: parallel pushes share the quota
         incoming = None
         try:
             incoming = await loop.run_in_executor(None, self.store.receive, first.size)
@@ -355,7 +373,7 @@ class BlobService:
                 None, lambda: incoming.finish(first.blob_id, check=signed_by_an_announcer)
             )
         except QuotaError:
-            self._charge_push(peer, -first.size)
+            self._pushed.charge(peer, -first.size)
             return pb.UploadResult(reason=self._refuse("store full"))
         except NotADelta:
             return pb.UploadResult(reason=self._refuse("not a signed delta"))
@@ -369,17 +387,6 @@ class BlobService:
         await loop.run_in_executor(None, announce, self.swarm, first.blob_id, True)
         logger.info("accepted a pushed blob %s (%d bytes)", first.blob_id[:16], first.size)
         return pb.UploadResult(accepted=True)
-
-    def _pushed(self, peer: PeerID) -> int:
-        """Bytes ``peer`` pushed in the current window."""
-        start, used = self._uploaded.get(peer, (0.0, 0))
-        return used if time.monotonic() - start < UPLOAD_WINDOW else 0
-
-    def _charge_push(self, peer: PeerID, nbytes: int) -> None:
-        start, used = self._uploaded.get(peer, (0.0, 0))
-        if time.monotonic() - start >= UPLOAD_WINDOW:
-            start, used = time.monotonic(), 0
-        self._uploaded[peer] = (start, max(used + nbytes, 0))
 
     def _announcers(self, first: pb.Upload) -> set[str]:
         """Authors of valid announcements under ``first.base_id`` naming this delta and size."""
