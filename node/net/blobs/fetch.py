@@ -46,12 +46,13 @@ from node.net.pieces import (
 from node.net.swarm import Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
-from protocol.records import PROVIDER
+from protocol.records import PROVIDER, Provider
 
 logger = logging.getLogger(__name__)
 
 HAVE_REUSE_SECONDS = 0.05  # a source's answer to Have is used this long without asking again
 PROVIDER_LOOK_SECONDS = 0.5  # between looks for new providers while downloading
+RECORDS_REREAD_SECONDS = 5.0  # provider records are read again after this long, not sooner
 LOOP_TICK_SECONDS = 0.05  # between the download loop's looks at its workers and saves
 MAX_FAILURES = 5  # a source failing this often is dropped for the rest of the fetch
 SAVE_EVERY = 32  # pieces between resume points (and fsyncs: the last one is short)
@@ -111,6 +112,8 @@ class Fetcher:
         self.banned: set[PeerID] = set()
         self.answered: set[PeerID] = set()  # providers that answered Have with this blob
         self._probes: set[asyncio.Task] = set()  # manifest probes still under way
+        self._records: list[Provider] = []  # provider records as last read, and when
+        self._records_at = -RECORDS_REREAD_SECONDS
         self.in_flight: set[int] = set()
         self.partial: Partial | None = None
         self.errors: list[str] = []
@@ -174,7 +177,13 @@ class Fetcher:
         neither crowds them out nor slows their answers down.
         """
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
+        # Reading and checking a flood of records takes a while and holds the GIL that the
+        # pieces' threads need: read them again every few seconds, or when none was left.
+        stale = loop.time() - self._records_at >= RECORDS_REREAD_SECONDS
+        if stale or not self._unbanned(self._records):
+            self._records = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
+            self._records_at = loop.time()
+        found = self._records
         try:
             connected = {info.peer_id for info in await self.swarm.p2p.list_peers()}
         except Exception:  # noqa: BLE001 - p2pd errors have no common base; order without it
@@ -192,6 +201,11 @@ class Fetcher:
         for wave in waves:
             random.shuffle(wave)
         return waves
+
+    def _unbanned(self, records: list[Provider]) -> bool:
+        """Whether some record names a provider that this fetch has not dropped."""
+        banned = {peer.to_base58() for peer in self.banned}
+        return any(p.peer_id not in banned for p in records)
 
     async def _refresh_sources(self) -> None:
         """Add providers (see :meth:`_candidates` for the order) up to ``max_sources``."""
