@@ -53,7 +53,7 @@ from aggregator.screening import (
     weigh_admitted,
 )
 from node.chain.bases import Bases
-from node.chain.history import current_head, head_blobs, publish_head, sync_head
+from node.chain.history import base_record, current_head, head_blobs, publish_head, sync_head
 from node.config import AggregatorSettings
 from node.daemon.backoff import Backoff
 from node.daemon.faults import crash_point
@@ -84,6 +84,7 @@ CLOCK_SLACK = 5.0  # seconds two peers' clocks may differ (hivemind refuses more
 MAX_ROUND_SECONDS = 6 * 3600.0  # a lease claimed longer ago than this is no live round's
 BACKOFF_MAX = 3600.0  # seconds an unavailable delta is skipped at most before another try
 REPUTATION_FILE = "reputation.json"
+REPUTATION_WALK = 64  # rounds walked back from a head to count the reputation its chain gives
 # a delta merged at this weight or more (before staleness) establishes its author: one that a
 # cap or its small gain weighed down bought no influence (else a near-empty delta would)
 CREDIT_WEIGHT = 0.5
@@ -186,6 +187,20 @@ class Aggregator(PeerDaemon):
         self.head = head
         self.head_seen_at = time.monotonic()
         self.chain[head.base_id] = head
+        self._credit_chain(head)
+
+    def _credit_chain(self, head: Head) -> None:
+        """Count the reputation that ``head`` gives and that its ancestors not counted yet
+        gave (whoever merged them: a standby, or an aggregator that was down, learns whom the
+        swarm knows), walking back REPUTATION_WALK rounds at most."""
+        h: Head | None = head
+        for _ in range(REPUTATION_WALK):
+            if h is None or not self.reputation.credit(h.base_id, h.credited) or not h.parent:
+                return
+            parent = self.chain.get(h.parent) or base_record(
+                self.swarm, h.parent, set(self.config.aggregators)
+            )
+            h = parent if parent is not None and parent.round == h.round - 1 else None
 
     def heartbeat(self):
         beat = super().heartbeat()
@@ -277,23 +292,26 @@ class Aggregator(PeerDaemon):
 
     def candidates(self, head: Head) -> list[Candidate]:
         """Deltas announced against the head and its ancestors within the staleness window,
-        ranked (:func:`rank_candidates`); refused ones and those backing off left out."""
+        ranked (:func:`rank_candidates`); refused ones, those backing off and those a head
+        since merged left out."""
         found: list[Candidate] = []
+        merged: set[str] = set()  # by the heads since: a stale delta is merged once, not again
         base: str | None = head.base_id
         for age in range(self.config.staleness + 1):
             if base is None:
                 break
+            at = self.chain.get(base)  # the head that made this base: what it merged came before
+            merged.update(at.merged if at else ())
             for record in self.swarm.read(ANNOUNCE, topic=base):
                 key = (record.author, record.body.delta_id)
-                if record.body.base_id != base:  # filed under another base than it names
-                    continue
+                if record.body.base_id != base or record.body.delta_id in merged:
+                    continue  # filed under another base than it names, or merged already
                 if key in self.refused or not self.unavailable.ready(key):
                     continue
                 if self.volunteers is not None and record.author not in self.volunteers:
                     continue  # a closed swarm: not one of the keys it takes deltas from
                 found.append(Candidate(record.author, record.body, age))
-            parent = self.chain.get(base)
-            base = parent.parent if parent else None
+            base = at.parent if at else None
         known = {c.author for c in found if self.reputation.established(c.author)}
         return rank_candidates(found, head.base_id, known)
 
@@ -500,8 +518,7 @@ class Aggregator(PeerDaemon):
         if self.gate is not None and not self._gate_passes(parent_dir, child_dir):
             return None
         merged = tuple(sorted(str(i.path.name) for i in inputs))
-        new = self._publish_child(head, child_dir, merged)
-        self.reputation.credit(new.base_id, earned)
+        new = self._publish_child(head, child_dir, merged, tuple(sorted(set(earned))))
         self.metrics.deltas_accepted.inc(len(inputs))
         self.accepted += len(inputs)
         return new
@@ -567,7 +584,9 @@ class Aggregator(PeerDaemon):
             logger.warning("round refused: evaluation loss %.4f -> %.4f", *verdict.losses)
         return verdict.passed
 
-    def _publish_child(self, head: Head, child_dir: Path, merged: tuple[str, ...]) -> Head:
+    def _publish_child(
+        self, head: Head, child_dir: Path, merged: tuple[str, ...], credited: tuple[str, ...]
+    ) -> Head:
         round_ = head.round + 1
         self.status = f"round {round_}: publishing"
         child = ModelDir(child_dir)
@@ -598,6 +617,7 @@ class Aggregator(PeerDaemon):
             momentum_id=momentum,
             recipe=self.recipe_text(),
             created=round(get_dht_time(), 3),
+            credited=credited,
         )
         self._announce_head(new)
         self.metrics.round.set(round_)

@@ -5,16 +5,19 @@ Keys are free, so a crowd of new ones must not outweigh the volunteers the swarm
 knows. An author whose delta a head merged is *established*; the others are *newcomers*.
 :func:`newcomer_factor` scales the newcomers' weights in a round down so that together they
 weigh at most ``share`` of it, whenever established authors take part (a new swarm, where
-nobody is established yet, is not held back). Each aggregator counts the rounds it merged
-itself, crediting only deltas that weighed enough in them (aggregator.daemon's
-CREDIT_WEIGHT: a delta weighed down by the cap or by its small gain earns nothing), and
-keeps the counts in its data directory.
+nobody is established yet, is not held back). Only deltas that weighed enough in their
+round earn it (aggregator.daemon's CREDIT_WEIGHT: a delta weighed down by the cap or by its
+small gain earns nothing); the aggregator that merged the round names their authors in the
+head it signs (``Head.credited``), and every aggregator counts the heads it follows, and
+their ancestors, from those signed records, so all of them know the same established keys.
+Each keeps its counts in its data directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +35,7 @@ class Reputation:
         self.path = path
         self.merged: dict[str, int] = {}
         self._credited: list[str] = []  # base ids of the heads counted, oldest first
+        self._lock = threading.Lock()  # heads are counted by the round and by following
         if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -46,15 +50,16 @@ class Reputation:
     def credit(self, head_id: str, authors: Iterable[str]) -> bool:
         """Count one round for each of ``authors`` (whose deltas head ``head_id`` merged);
         False when that head was counted already."""
-        if head_id in self._credited:
-            return False
-        for author in set(authors):
-            self.merged[author] = self.merged.get(author, 0) + 1
-        self._credited = [*self._credited, head_id][-REMEMBERED_HEADS:]
-        if self.path is not None:
-            data = {"merged": self.merged, "heads": self._credited}
-            write_atomic(self.path, json.dumps(data, sort_keys=True).encode())
-        return True
+        with self._lock:
+            if head_id in self._credited:
+                return False
+            for author in set(authors):
+                self.merged[author] = self.merged.get(author, 0) + 1
+            self._credited = [*self._credited, head_id][-REMEMBERED_HEADS:]
+            if self.path is not None:
+                data = {"merged": self.merged, "heads": self._credited}
+                write_atomic(self.path, json.dumps(data, sort_keys=True).encode())
+            return True
 
 
 def newcomer_factor(weights: dict[str, float], newcomers: set[str], share: float) -> float:

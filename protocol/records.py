@@ -96,6 +96,9 @@ class Head(Body):
     momentum_id: Hex64 | None = None  # blob of the outer optimizer's momentum after this round
     recipe: ShortText = ""  # how they were merged, e.g. "ties density=0.5 lambda=1"
     created: float | None = None  # DHT time it was published (for the time since the last head)
+    # authors whose deltas weighed enough in the merge to earn reputation (aggregator.reputation):
+    # every aggregator that follows the head counts them, so a standby knows whom the swarm knows
+    credited: tuple[Hex64, ...] = Field(default=(), max_length=MAX_MERGED)
 
 
 Reason = Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,32}$")]

@@ -92,6 +92,38 @@ def test_authors_whose_deltas_weighed_in_a_merge_are_established_for_good(world,
     assert restarted.reputation.merged == agg.reputation.merged
 
 
+def test_a_delta_merged_in_one_round_is_not_merged_again_as_a_stale_one(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], min_deltas=1, staleness=2), genesis=world.genesis
+    )
+    step(agg)
+    first = world.announce_delta(finetunes[0], seed=1)  # against the genesis
+    step(agg)
+    assert agg.head.merged == (first,)
+    second = world.announce_delta(finetunes[1], head=agg.head, base=_base(agg), seed=2)
+    step(agg)  # the first is still within the staleness window, but round 1 merged it
+    assert agg.head.merged == (second,)
+    third = world.announce_delta(finetunes[2], head=agg.head, base=_base(agg), seed=3)
+    step(agg)
+    assert agg.head.merged == (third,)
+
+
+def test_every_aggregator_counts_the_reputation_the_signed_heads_give(world, finetunes):
+    config = world.config(["a", "b"], min_deltas=1, max_deltas=16)
+    a = world.aggregator("a", config, genesis=world.genesis)
+    step(a)
+    credited = []
+    for r in range(1, 3):  # one new volunteer a round, each merged and credited in its head
+        world.announce_delta(finetunes[r], head=a.head, base=_base(a), seed=r)
+        step(a)
+        credited += a.head.credited
+    assert a.head.round == 2 and len(set(credited)) == 2 and len(a.head.merged) == 1
+    b = world.aggregator("b", config)  # joins after both rounds, with no history of its own
+    b.follow_head()
+    assert b.head == a.head
+    assert b.reputation.merged == a.reputation.merged == {author: 1 for author in credited}
+
+
 def _base(agg):
     return agg.bases.path(agg.head.base_id)
 
