@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,7 +54,14 @@ from aggregator.screening import (
     weigh_admitted,
 )
 from node.chain.bases import Bases
-from node.chain.history import base_record, current_head, head_blobs, publish_head, sync_head
+from node.chain.history import (
+    base_record,
+    config_chain,
+    current_head,
+    head_blobs,
+    publish_head,
+    sync_head,
+)
 from node.config import AggregatorSettings
 from node.daemon.backoff import Backoff
 from node.daemon.faults import crash_point
@@ -65,16 +73,18 @@ from node.net.member import SwarmMember
 from node.net.swarm import HEAD_TTL
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import head_order
+from protocol.handover import Handover, config_digest, follow_handovers
 from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
 from protocol.momentum import momentum_size
 from protocol.patch import write_patch
-from protocol.records import ANNOUNCE, BASE, CONFIG, LEASE, Head, Lease
+from protocol.records import ANNOUNCE, BASE, CONFIG, HANDOVER, LEASE, Head, Lease
 from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
 
 CONFIG_TTL = 3600.0
+CONFIG_LOOK_SECONDS = 60.0  # between looks for a handover of the swarm's config
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 ADMIT_TIMEOUT = 60.0  # seconds a candidate delta has to arrive before its slot goes on
@@ -101,7 +111,10 @@ class Aggregator(PeerDaemon):
         store: BlobStore,
         config: SwarmConfig,
         settings: AggregatorSettings | None = None,
+        handovers: Sequence[Handover] = (),
     ) -> None:
+        """``config``: the swarm's first config (epoch 0); ``handovers``: those that follow it,
+        in order (protocol.handover). The last config is the one the aggregator runs by."""
         settings = settings or AggregatorSettings()
         super().__init__(
             swarm, store, settings, ServeLimits(max_upload_bytes=config.max_delta_bytes)
@@ -111,7 +124,15 @@ class Aggregator(PeerDaemon):
                 f"the config is for swarm {config.swarm_id!r}, but this peer is in "
                 f"{swarm.swarm_id!r}; use another --data-dir"
             )
-        self.config = config
+        if config.epoch != 0:
+            raise MergeswarmError(
+                f"the config is epoch {config.epoch}: give the swarm's first config (epoch 0) "
+                "with --config and each handover after it with --handover, in order"
+            )
+        self.root_config = config
+        self.handovers = list(handovers)
+        self.config = follow_handovers(config, self.handovers)[-1]
+        self.config_read_at = time.monotonic()
         self.settings = settings
         self.lease_seconds = settings.lease_seconds
         self.lease_settle = LEASE_SETTLE
@@ -147,7 +168,7 @@ class Aggregator(PeerDaemon):
         self.merge_seconds: float | None = None
         if settings.genesis is not None:
             self._adopt_genesis(settings.genesis)
-        self.swarm.publish(CONFIG, config, ttl=CONFIG_TTL)
+        self._publish_config()
 
     def new_metrics(self) -> AggregatorMetrics:
         return AggregatorMetrics()
@@ -168,6 +189,7 @@ class Aggregator(PeerDaemon):
 
     def tick(self) -> None:
         super().tick()
+        self.follow_handovers()
         self.follow_head()
         if self.holding is not None:  # keep the lease alive while the round runs
             self.swarm.publish(LEASE, self.holding, ttl=self.lease_seconds)
@@ -175,8 +197,54 @@ class Aggregator(PeerDaemon):
         if self.head is not None:
             self.metrics.head_round.set(self.head.round)
 
+    def _publish_config(self) -> None:
+        """Keep the first config and every handover after it in the DHT (a handover signed by
+        aggregators that have since retired lives on in the records of those still here)."""
+        self.swarm.publish(CONFIG, self.root_config, ttl=CONFIG_TTL)
+        previous = self.root_config
+        for handover in self.handovers:
+            self.swarm.publish(HANDOVER, handover, topic=config_digest(previous), ttl=CONFIG_TTL)
+            previous = handover.config
+
+    def follow_handovers(self) -> None:
+        """Take up a handover of the swarm that the aggregators endorsed since this one
+        started (read every CONFIG_LOOK_SECONDS)."""
+        if time.monotonic() - self.config_read_at < CONFIG_LOOK_SECONDS:
+            return
+        self.config_read_at = time.monotonic()
+        chain = config_chain(self.swarm)
+        if chain is None or chain[0] != self.root_config or len(chain[1]) <= len(self.handovers):
+            return
+        self.handovers = chain[1]
+        self.config = self.handovers[-1].config
+        self._publish_config()
+        logger.warning(
+            "the swarm was handed over: epoch %d, %d aggregators%s",
+            self.config.epoch,
+            len(self.config.aggregators),
+            "" if self.merges else "; this one is not among them and merges no more",
+        )
+
+    def _carry_over(self) -> Head | None:
+        """The newest head of the epoch before, signed again by this aggregator: the swarm was
+        just handed over and no aggregator of this epoch has published a head yet (heads of
+        retired aggregators count no more, so one of this epoch must take the chain up)."""
+        before = self.root_config if len(self.handovers) == 1 else self.handovers[-2].config
+        head = current_head(self.swarm, before.aggregators)
+        if head is not None:
+            logger.info("taking up round %d from the aggregators of the epoch before", head.round)
+            publish_head(self.swarm, head, HEAD_TTL)
+        return head
+
+    @property
+    def merges(self) -> bool:
+        """Whether this aggregator is one of the swarm's (config's) aggregators."""
+        return not self.config.aggregators or self.swarm.identity.author in self.config.aggregators
+
     def follow_head(self) -> None:
         head = current_head(self.swarm, self.config.aggregators)
+        if head is None and self.head is None and self.handovers and self.merges:
+            head = self._carry_over()
         if head is None:
             return
         if self.head is None or head_order(head) > head_order(self.head):
@@ -238,6 +306,12 @@ class Aggregator(PeerDaemon):
             # and a restarted aggregator holding the genesis must not republish round 0 over
             # its own newer head record.
             self.follow_head()
+        if not self.merges:
+            self.status = (
+                f"not an aggregator of epoch {self.config.epoch} of the swarm's config: "
+                "waiting for a handover that names this key"
+            )
+            return
         if self.head is None:
             if self.bases.has(self.config.genesis_id):
                 self._publish_genesis()

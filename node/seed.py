@@ -49,7 +49,10 @@ class Seed(PeerDaemon):
 
     def wanted(self) -> dict[str, tuple[str, int | None]]:
         """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
-        self.config = self.config or find_config(self.swarm)
+        # read each time, only forward: the config may be handed over (protocol.handover)
+        found = find_config(self.swarm)
+        if found is not None and (self.config is None or found.epoch >= self.config.epoch):
+            self.config = found
         trusted = trusted_authors(self.swarm, self.config, self.settings.trusted_aggregators)
         head = self.head = current_head(self.swarm, trusted)  # heart-beaten: shows its lag
         if head is None:

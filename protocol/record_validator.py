@@ -15,7 +15,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from protocol.records import MAX_RECORD_BYTES, RecordError, open_record
+from protocol.records import MAX_HANDOVER_BYTES, RecordError, open_record
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         return True
 
     def _check(self, record: DHTRecord) -> None:
-        if len(record.value) > MAX_RECORD_BYTES + 64:  # msgpack framing of the envelope
+        if len(record.value) > MAX_HANDOVER_BYTES + 64:  # msgpack framing; open_record caps by kind
             raise RecordError("oversized", f"record value of {len(record.value)} bytes")
         try:
             value = MSGPackSerializer.loads(record.value)

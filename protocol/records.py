@@ -28,12 +28,15 @@ from typing import Annotated, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from protocol.errors import MergeswarmError, one_line
+from protocol.handover import Handover
 from protocol.identity import Identity, verify
 from protocol.schema import SWARM_ID_PATTERN, Body, Hex64, Maddr, ShortText, SwarmId
 from protocol.swarm_config import SwarmConfig
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # well under hivemind's ~16 KiB host-pipe limit
+# a handover carries a whole config and up to 16 endorsements (and is one record an epoch)
+MAX_HANDOVER_BYTES = 8192
 MAX_MERGED = 32  # delta ids a head names (a round merges at most this many)
 MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 _KEY_PREFIX = "mergeswarm/"
@@ -160,9 +163,10 @@ HEAD = Kind("head", Head)
 BASE = Kind("base", Head)  # under topic <base id>: a past head, for walking the chain back
 HEARTBEAT = Kind("heartbeat", Heartbeat)
 LEASE = Kind("lease", Lease)
-CONFIG = Kind("config", SwarmConfig)
+CONFIG = Kind("config", SwarmConfig)  # epoch 0: the config the swarm id's anchor commits to
+HANDOVER = Kind("handover", Handover)  # under topic <digest of the config it follows>
 KINDS: dict[str, Kind] = {
-    k.name: k for k in (ANNOUNCE, PROVIDER, HEAD, BASE, HEARTBEAT, LEASE, CONFIG)
+    k.name: k for k in (ANNOUNCE, PROVIDER, HEAD, BASE, HEARTBEAT, LEASE, CONFIG, HANDOVER)
 }
 BODIES: dict[str, type[Body]] = {name: kind.body for name, kind in KINDS.items()}
 
@@ -212,6 +216,10 @@ class Envelope(BaseModel):
         return _canonical(self.model_dump())
 
 
+def _cap(kind: str) -> int:
+    return MAX_HANDOVER_BYTES if kind == HANDOVER.name else MAX_RECORD_BYTES
+
+
 def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
@@ -234,7 +242,7 @@ def sign_record(
     }
     sig = identity.sign(_canonical(unsigned)).hex()
     data = _canonical(unsigned | {"sig": sig})
-    if len(data) > MAX_RECORD_BYTES:
+    if len(data) > _cap(kind):
         raise RecordError("oversized", f"a {kind} record of {len(data)} bytes is over the cap")
     return key, data
 
@@ -255,13 +263,15 @@ def open_record(
     :param key: the plain key it was read from, when the caller knows it.
     :param swarm_id: the caller's swarm, when it has one.
     """
-    if len(data) > MAX_RECORD_BYTES:
-        raise RecordError("oversized", f"record of {len(data)} bytes (cap {MAX_RECORD_BYTES})")
+    if len(data) > MAX_HANDOVER_BYTES:
+        raise RecordError("oversized", f"record of {len(data)} bytes (cap {MAX_HANDOVER_BYTES})")
     try:
         env = Envelope.model_validate_json(data)
     except ValidationError as exc:
         raise RecordError("malformed", f"malformed record: {one_line(exc)}") from None
     swarm, kind, topic = _parse_key(env.key)
+    if len(data) > _cap(kind):
+        raise RecordError("oversized", f"a {kind} record of {len(data)} bytes (cap {_cap(kind)})")
     if swarm != env.swarm or (swarm_id is not None and env.swarm != swarm_id):
         raise RecordError("wrong_swarm", f"record for swarm {env.swarm!r} under {env.key!r}")
     if kind != env.kind or (key is not None and key != env.key):

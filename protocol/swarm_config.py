@@ -13,7 +13,8 @@ anchor does not validate, so no config record a stranger publishes can name
 other aggregators: a peer that joins with nothing but the swarm id (learned
 from the peer it joins through, and checked by every record's key) follows
 only the aggregators the swarm was made with. Ids without an anchor (older
-swarms) keep the old rule: the config of the smallest trusted author.
+swarms) keep the old rule: the config of the smallest trusted author. Later configs (epochs
+1, 2, ...) are handed over by the aggregators of the one before (protocol.handover).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class SwarmConfig(Body):
     version: Literal[1] = Field(CONFIG_VERSION, json_schema_extra={"cli": False})
     swarm_id: SwarmId = Field(json_schema_extra={"cli": False})
     genesis_id: Hex64 = Field(json_schema_extra={"cli": False})
+    # 0: the config the swarm id's anchor commits to; each handover (protocol.handover) adds one
+    epoch: int = Field(0, ge=0, le=1024, json_schema_extra={"cli": False})
     # Defaults of the recipe and outer step: the best of scripts/bench_quality.py on
     # SmolLM2-135M (docs/benchmarks.md). TIES did far worse on DARE-sparse deltas: their
     # random masks rarely overlap, and its disjoint mean keeps a lone entry whole where
@@ -165,7 +168,13 @@ class SwarmConfig(Body):
         if self.min_deltas > self.max_deltas:
             raise ValueError(f"min_deltas {self.min_deltas} exceeds max_deltas {self.max_deltas}")
         anchor = swarm_anchor(self.swarm_id)
-        if anchor is not None and anchor != trust_anchor(self.genesis_id, self.aggregators):
+        if self.epoch > 0 and anchor is None:
+            raise ValueError("only a swarm whose id carries a trust anchor has epochs past 0")
+        if (  # a later epoch is checked against the one before it (protocol.handover)
+            anchor is not None
+            and self.epoch == 0
+            and anchor != trust_anchor(self.genesis_id, self.aggregators)
+        ):
             raise ValueError(
                 f"the genesis and aggregators do not match swarm {self.swarm_id}'s trust anchor"
             )

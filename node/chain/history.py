@@ -10,7 +10,8 @@ from node.chain.bases import Bases
 from node.net.member import SwarmMember
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
-from protocol.records import BASE, CONFIG, HEAD, Head
+from protocol.handover import MAX_EPOCHS, Handover, config_digest, next_config
+from protocol.records import BASE, CONFIG, HANDOVER, HEAD, Head
 from protocol.swarm_config import SwarmConfig, swarm_anchor
 
 logger = logging.getLogger(__name__)
@@ -19,18 +20,44 @@ MAX_CHAIN = 10_000  # rounds walked back at most (a loop of forged parents ends 
 
 
 def find_config(swarm: SwarmMember) -> SwarmConfig | None:
-    """The swarm's config as published by its aggregators, or None.
+    """The swarm's config as its aggregators published it and handed it over, or None.
 
-    A config is taken only from an author it names as an aggregator (or from anyone, for an
-    open swarm that names none). Where the swarm id carries a trust anchor, a config that
-    names other aggregators than the swarm was made with does not even validate (see
-    protocol.swarm_config); where it does not, the smallest author wins, so every reader
-    picks the same one. Pin a config file to trust nothing read here.
+    The root is a config record of epoch 0. Where the swarm id carries a trust anchor, only
+    the config the swarm was made with validates (protocol.swarm_config), whoever stored it;
+    where it does not, the root is taken only from an author it names as an aggregator (or
+    from anyone, for an open swarm that names none), the smallest one, so every reader picks
+    the same. From the root, each handover that most of the aggregators before it endorsed
+    leads to the next config (protocol.handover). Pin a config file to trust nothing here.
     """
-    for record in swarm.read(CONFIG):  # sorted by author
-        if record.body.swarm_id == swarm.swarm_id and record.body.trusts(record.author):
-            return record.body
-    return None
+    chain = config_chain(swarm)
+    return (chain[1][-1].config if chain[1] else chain[0]) if chain else None
+
+
+def config_chain(swarm: SwarmMember) -> tuple[SwarmConfig, list[Handover]] | None:
+    """The root config and the handovers that follow it, as far as they are in sight."""
+    anchored = swarm_anchor(swarm.swarm_id) is not None
+    root = next(
+        (
+            r.body
+            for r in swarm.read(CONFIG)  # sorted by author
+            if r.body.swarm_id == swarm.swarm_id
+            and r.body.epoch == 0
+            and (anchored or r.body.trusts(r.author))
+        ),
+        None,
+    )
+    if root is None:
+        return None
+    handovers: list[Handover] = []
+    config = root
+    while anchored and config.aggregators and len(handovers) < MAX_EPOCHS:
+        offered = swarm.read(HANDOVER, topic=config_digest(config))
+        found = next_config(config, (r.body for r in offered))
+        if found is None:
+            break
+        handovers.append(found)
+        config = found.config
+    return root, handovers
 
 
 def trusted_authors(

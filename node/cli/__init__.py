@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from node.daemon import logs
 from protocol.errors import MergeswarmError
 
-from . import blob, delta, demo, genesis, merge, node, rounds, seed, watch
+from . import blob, delta, demo, genesis, handover, merge, node, rounds, seed, watch
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     blob.register(sub)
     node.register(sub)
     rounds.register(sub)
+    handover.register(sub)
     watch.register(sub)
     return parser
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from node.data_dir import DataDir
 
 from .daemon import add_daemon_args, add_data_dir_arg, load_daemon_settings, run_daemon
+from .handover import add_config_args
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "deltas volunteers announced, then publish the new head as a patch. Several "
         "aggregators may run: one holds the round's lease, the others stand by.",
     )
-    a.add_argument(
-        "--config", type=Path, required=True, metavar="swarm.toml", help="from mergeswarm init"
-    )
+    add_config_args(a)
     add_data_dir_arg(a, "identity, blobs and bases")
     add_daemon_args(a, AggregatorSettings, settings_flag="--settings", skip=frozenset({"swarm_id"}))
     a.set_defaults(run=run_aggregator)
@@ -142,9 +141,12 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from node.net.blobstore import BlobStore
     from node.training.data import read_examples
     from protocol.errors import MergeswarmError
+    from protocol.handover import follow_handovers, load_handover
     from protocol.swarm_config import load_swarm_config
 
     config = load_swarm_config(args.config)
+    handovers = [load_handover(path) for path in args.handover]
+    follow_handovers(config, handovers)  # a wrong file fails here, in one line
     settings = load_daemon_settings(AggregatorSettings, args)
     for path in settings.eval_data:  # fail before joining, not at the first merge
         read_examples(path)
@@ -159,7 +161,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
         )
 
     def build(swarm, closers):
-        return Aggregator(swarm, BlobStore(DataDir(args.data_dir).blobs), config, settings)
+        store = BlobStore(DataDir(args.data_dir).blobs)
+        return Aggregator(swarm, store, config, settings, handovers)
 
     return run_daemon(
         settings, args.data_dir, build, work="run_rounds", interval=1.0, swarm_id=config.swarm_id

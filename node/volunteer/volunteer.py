@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 ANNOUNCE_TTL = 6 * 3600.0  # refreshed while the daemon runs; well under the 24 h cap
 STATE_FILE = "node.json"
 CONFIG_FILE = "swarm.toml"  # the swarm's config, as adopted (or pinned)
+CONFIG_LOOK_SECONDS = 60.0  # between looks for a handover of an adopted config
 LOG_EVERY = 10  # steps between training log lines when no progress bar is shown
 
 
@@ -55,6 +56,7 @@ class Volunteer(PeerDaemon):
         self.settings = settings
         self.root = swarm.data_dir
         self.config = self._pinned_config()
+        self.config_read_at = time.monotonic()  # when the swarm's records were last looked at
         self.bases = Bases(self.root / "bases", store, lambda blob: self.fetch(blob, timeout=600))
         self.scratch = self.root / "tmp"  # half-written files of a killed run are dropped here
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -89,13 +91,26 @@ class Volunteer(PeerDaemon):
         return config
 
     def adopt_config(self) -> None:
-        if self.config is not None:
+        """Take the swarm's config once it is in sight, and each handover of it after that
+        (looked for every CONFIG_LOOK_SECONDS; never with a pinned --swarm-config)."""
+        if self.settings.swarm_config is not None:
             return
+        if self.config is not None and time.monotonic() - self.config_read_at < CONFIG_LOOK_SECONDS:
+            return
+        self.config_read_at = time.monotonic()
         config = find_config(self.swarm)
-        if config is not None:
-            write_atomic(self.root / CONFIG_FILE, config.to_toml().encode())
-            self.config = config
+        if config is None or (self.config is not None and config.epoch <= self.config.epoch):
+            return  # only forward: a handover record out of sight does not undo one
+        write_atomic(self.root / CONFIG_FILE, config.to_toml().encode())
+        if self.config is None:
             logger.info("adopted the config of swarm %s", config.swarm_id)
+        else:
+            logger.warning(
+                "the swarm was handed over: config epoch %d, %d aggregators",
+                config.epoch,
+                len(config.aggregators),
+            )
+        self.config = config
 
     @property
     def trusted(self) -> set[str] | None:

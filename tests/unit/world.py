@@ -7,6 +7,7 @@ the DHT and the streams are in memory (node.net.memory), so a round takes millis
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from aggregator.daemon import Aggregator
@@ -15,6 +16,7 @@ from node.data_dir import DataDir
 from node.net.blobstore import BlobStore
 from node.net.memory import MemoryNet, MemorySwarm
 from protocol.delta import create_delta
+from protocol.handover import Handover
 from protocol.identity import Identity
 from protocol.ids import base_id
 from protocol.records import ANNOUNCE, DeltaAnnouncement, Head
@@ -59,9 +61,11 @@ class World:
         }
         return parse_config(values | rules, "test")
 
-    def aggregator(self, name: str, config: SwarmConfig, **settings) -> Aggregator:
+    def aggregator(
+        self, name: str, config: SwarmConfig, handovers: Sequence[Handover] = (), **settings
+    ) -> Aggregator:
         """An aggregator on the peer ``name`` (give ``genesis=world.genesis`` to the first)."""
-        agg = Aggregator(*self.peer(name), config, AggregatorSettings(**settings))
+        agg = Aggregator(*self.peer(name), config, AggregatorSettings(**settings), handovers)
         agg.lease_settle = 0.0  # one process: every claim is visible at once
         return agg
 
