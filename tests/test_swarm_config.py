@@ -50,6 +50,8 @@ def _unusual() -> SwarmConfig:
             max_delta_bytes=123_456_789,
             snapshot_every=2,
             aggregators=["01" * 32, "fe" * 32],
+            swarm_id="test-swarm-t0123456789abcdef",  # epochs past 0 need an anchored id
+            epoch=2,  # handed over twice (checked against the configs before, not here)
         ),
         "test",
     )
@@ -66,7 +68,7 @@ def test_unusual_config_differs_from_the_defaults_in_every_field():
     # keeps the round-trip test honest: no field of _unusual() hides behind its default
     defaults, unusual = parse_config(_required(), "d"), _unusual()
     same = [f for f in SwarmConfig.model_fields if getattr(defaults, f) == getattr(unusual, f)]
-    assert same == ["version", "swarm_id", "genesis_id"]
+    assert same == ["version", "genesis_id"]
 
 
 def test_flag_strings_and_lists_are_coerced():
@@ -123,6 +125,11 @@ def test_a_wrong_value_in_a_file_is_refused_with_its_path(tmp_path):
     path.write_text(parse_config(_required(), "d").to_toml().replace("lam = 1.0", "lam = 11.0"))
     with pytest.raises(SwarmConfigError, match=f"{path}: lam"):
         load_swarm_config(path)
+
+
+def test_an_epoch_past_0_needs_an_anchored_swarm_id():
+    with pytest.raises(SwarmConfigError, match="trust anchor"):
+        parse_config(_required(epoch=1), "test")
 
 
 def test_no_aggregators_trusts_anyone():
@@ -192,3 +199,24 @@ def test_init_writes_a_config_that_loads_with_the_given_flags(tiny_base, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("mergeswarm: error:"), again.stderr
     assert str(output) in lines[0]
     assert output.read_text() == written
+
+
+def test_a_handover_of_sixteen_aggregators_travels_through_a_real_dht(local_peer):
+    from node.chain.history import find_config
+    from protocol.handover import Handover, config_digest, endorse
+    from protocol.records import CONFIG, HANDOVER
+    from protocol.swarm_config import anchored_swarm_id
+
+    keys = [Identity.generate() for _ in range(16)]
+    authors = [k.author for k in keys]
+    swarm_id = anchored_swarm_id("test-swarm", GENESIS, authors)
+    root = parse_config({"swarm_id": swarm_id, "genesis_id": GENESIS, "aggregators": authors}, "t")
+    successors = sorted(Identity.generate().author for _ in range(16))
+    values = root.model_dump(mode="json") | {"epoch": 1, "aggregators": successors}
+    nxt = parse_config(values, "next")
+    handover = Handover(config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys))
+    writer = local_peer("writer", swarm_id=swarm_id)
+    assert writer.publish(CONFIG, root, ttl=600)
+    assert writer.publish(HANDOVER, handover, topic=config_digest(root), ttl=600)
+    reader = local_peer("reader", swarm_id=swarm_id, join=writer.maddrs[:1])
+    assert find_config(reader) == nxt
