@@ -6,9 +6,11 @@ base id. The rule is a total order on what the records say, so every peer
 that sees the same heads picks the same one.
 
 Only what a head can show counts: the deltas it names (not the count it
-claims), and a head past round 0 counts only when it names a parent other
-than itself; walking the chain back then checks that each parent is exactly
-one round older (node.chain.history).
+claims, which must agree), and a head past round 0 counts only when it names a
+parent other than itself; walking the chain back then checks that each parent
+is exactly one round older (node.chain.history). A head dated more than
+MAX_AHEAD_SECONDS after the reader's clock is not followed (its date opens the
+next round's leases: one from the future would stall them).
 """
 
 from __future__ import annotations
@@ -23,18 +25,26 @@ def head_order(head: Head) -> tuple[int, int, int]:
     return head.round, len(head.merged), -int(head.base_id, 16)
 
 
-def well_formed(head: Head) -> bool:
+MAX_AHEAD_SECONDS = 60.0
+
+
+def well_formed(head: Head, now: float | None = None) -> bool:
     """A head that can be followed: round 0 (a genesis, or a stand-in head), or a later
-    round that names a parent other than itself."""
-    return head.round == 0 or (head.parent is not None and head.parent != head.base_id)
+    round that names a parent other than itself and as many deltas as it claims; and, given
+    the reader's DHT time ``now``, not dated after it by more than MAX_AHEAD_SECONDS."""
+    if now is not None and head.created is not None and head.created > now + MAX_AHEAD_SECONDS:
+        return False
+    if head.round == 0:
+        return True
+    return head.parent not in (None, head.base_id) and head.deltas == len(head.merged)
 
 
 def choose_head(
-    heads: Iterable[tuple[str, Head]], trusted: Collection[str] = ()
+    heads: Iterable[tuple[str, Head]], trusted: Collection[str] = (), now: float | None = None
 ) -> tuple[str, Head] | None:
     """The (author, head) to follow, among well-formed heads by ``trusted`` authors (all
     when empty)."""
-    eligible = [(a, h) for a, h in heads if (not trusted or a in trusted) and well_formed(h)]
+    eligible = [(a, h) for a, h in heads if (not trusted or a in trusted) and well_formed(h, now)]
     if not eligible:
         return None
     return max(eligible, key=lambda item: head_order(item[1]))

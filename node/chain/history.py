@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
+from hivemind.utils import get_dht_time
+
 from node.chain.bases import Bases
 from node.net.member import SwarmMember
 from protocol.errors import MergeswarmError
@@ -79,7 +81,7 @@ def current_head(swarm: SwarmMember, trusted: Collection[str] | None) -> Head | 
         records = [r for author in sorted(trusted) for r in swarm.read(HEAD, topic=author)]
     else:
         records = swarm.read(HEAD)
-    chosen = choose_head([(r.author, r.body) for r in records], trusted)
+    chosen = choose_head([(r.author, r.body) for r in records], trusted, get_dht_time())
     return chosen[1] if chosen else None
 
 

@@ -162,6 +162,14 @@ def test_fork_choice_counts_the_deltas_a_head_names_not_the_count_it_claims():
     assert choose_head([("honest", named), ("boaster", boast)])[0] == "honest"
 
 
+def test_fork_choice_ignores_a_head_dated_in_the_future_until_then():
+    now = 1_000_000.0
+    on_time = Head(base_id="aa" * 32, round=1, parent="ff" * 32, deltas=0, created=now + 30)
+    ahead = Head(base_id="bb" * 32, round=2, parent="aa" * 32, deltas=0, created=now + 3600)
+    assert choose_head([("a", on_time), ("b", ahead)], now=now)[0] == "a"
+    assert choose_head([("a", on_time), ("b", ahead)], now=now + 3600)[0] == "b"
+
+
 def test_fork_choice_ignores_a_later_round_without_a_parent_or_its_own_parent():
     genesis = Head(base_id="cc" * 32, round=0, deltas=0)
     orphan = Head(base_id="aa" * 32, round=999999, deltas=0)
