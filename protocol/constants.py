@@ -10,7 +10,8 @@ from typing import Literal, get_args
 
 # 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256; 4: heads name a momentum
 # blob; 5: heads also stand under their author's own key (records.OWN_TOPIC_KINDS); 6: config
-# fields for robust merging and admission; 7: heads name the authors they credit
+# fields for robust merging and admission; 7: heads name the authors they credit, configs
+# have epochs and handovers, provider records carry the peer's binding (protocol.peer_binding)
 PROTOCOL_VERSION = "7"
 
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from protocol.errors import MergeswarmError, one_line
 from protocol.handover import Handover
 from protocol.identity import Identity, verify
+from protocol.peer_binding import PeerBinding, bound
 from protocol.schema import SWARM_ID_PATTERN, Body, Hex64, Maddr, ShortText, SwarmId
 from protocol.swarm_config import SwarmConfig
 
@@ -52,6 +53,7 @@ REJECT_REASONS = (  # every RecordError reason: a bounded metric label set
     "bad_expiration",
     "expired",
     "bad_signature",
+    "unbound_peer",
 )
 
 
@@ -78,12 +80,15 @@ class DeltaAnnouncement(Body):
 
 
 class Provider(Body):
-    """The author's peer serves blob ``blob_id`` (``complete`` False: still fetching it)."""
+    """The author's peer serves blob ``blob_id`` (``complete`` False: still fetching it). Only
+    the author's own peer: the record is refused unless ``binding`` shows that peer vouching
+    for the author (protocol.peer_binding)."""
 
     blob_id: Hex64
     peer_id: Annotated[str, StringConstraints(pattern=r"^[1-9A-HJ-NP-Za-km-z]{20,80}$")]
     maddrs: tuple[Maddr, ...] = Field(default=(), max_length=8)
     complete: bool = True
+    binding: PeerBinding  # the peer's libp2p key vouches for the record's author
 
 
 class Head(Body):
@@ -296,6 +301,8 @@ def open_record(
         body = BODIES[kind].model_validate_json(_canonical(env.body))
     except (ValidationError, ValueError) as exc:
         raise RecordError("malformed", f"malformed {kind} record: {one_line(exc)}") from None
+    if isinstance(body, Provider) and not bound(body.binding, body.peer_id, env.author):
+        raise RecordError("unbound_peer", "a provider record names a peer not bound to its author")
     return env, body
 
 

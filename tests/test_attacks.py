@@ -145,24 +145,29 @@ def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_
 def test_a_fetch_completes_under_a_flood_of_fake_provider_records_within_twice_its_clean_time(
     tmp_path, local_peer
 ):
-    import os
-
-    from hivemind.p2p import PeerID
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
     from node.net.blobs import providers
+    from protocol.peer_binding import bind, peer_id_of
     from protocol.records import PROVIDER, Provider
 
     origin, observer, blob_id, clean = _serving_a_blob(tmp_path, local_peer)
 
-    # 200 throwaway keys each file a provider record naming a peer that does not exist.
+    # 200 throwaway keys each file a provider record naming a peer that does not exist (with
+    # a libp2p key made up for it: a record may only name a peer whose key vouches for it).
     attacker = local_peer("attacker", join=[origin.maddrs[0]])
     own = attacker.identity
     try:
         for _ in range(200):
             attacker.identity = Identity.generate()
-            nobody = PeerID(b"\x12\x20" + os.urandom(32)).to_base58()
-            body = Provider(blob_id=blob_id, peer_id=nobody, complete=True)
+            binding = bind(rsa.generate_private_key(65537, 1024), attacker.identity.author)
+            body = Provider(blob_id=blob_id, peer_id=peer_id_of(binding), binding=binding)
             assert attacker.publish(PROVIDER, body, topic=blob_id, ttl=600)
+        # ... and one names the origin with the binding copied from the origin's own record:
+        # it vouches for the origin's author, not this one, and every DHT node refuses it
+        (real,) = [p for p in providers(observer, blob_id) if origin.maddrs[0].endswith(p.peer_id)]
+        stolen = real.model_copy(update={"complete": False})
+        assert not attacker.publish(PROVIDER, stolen, topic=blob_id, ttl=600)
     finally:
         attacker.identity = own
     assert len(providers(observer, blob_id)) > 150

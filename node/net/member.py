@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, overload
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from node.config import SwarmOptions
 from protocol.errors import MergeswarmError
 from protocol.identity import Identity
+from protocol.peer_binding import PeerBinding, bind
 from protocol.records import BODIES, B, Kind, RecordError, open_record, record_key, sign_record
 from protocol.schema import Body
 
@@ -60,7 +62,18 @@ class SwarmMember(ABC):
     peer_id: PeerID
     maddrs: list[str]  # where others dial it (empty where nobody can)
 
+    p2p_key: rsa.RSAPrivateKey  # the libp2p key the peer id hashes from
+
+    @property
+    def binding(self) -> PeerBinding:
+        """This peer's libp2p key vouching for its author (provider records carry it)."""
+        author = self.identity.author
+        if self._binding is None or self._binding[0] != author:  # made once per author
+            self._binding = (author, bind(self.p2p_key, author))
+        return self._binding[1]
+
     def __init__(self) -> None:
+        self._binding: tuple[str, PeerBinding] | None = None
         self.rejected: dict[str, int] = {}  # records dropped on read, by reason
         self._owned: dict[tuple[str, str], tuple[Body, float]] = {}
         self._lock = threading.Lock()

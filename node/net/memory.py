@@ -20,7 +20,6 @@ pieces, streams, timing and bandwidth (the piece policy is tested on its own,
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from pathlib import Path
@@ -38,6 +37,7 @@ from node.net.blobstore import BlobStore
 from node.net.member import SwarmError, SwarmMember
 from protocol import transfer_pb2 as pb
 from protocol.identity import Identity
+from protocol.peer_binding import load_p2p_key, peer_id_of, write_p2p_key
 from protocol.records import ANNOUNCE, PROVIDER, RecordError, open_record
 
 DEFAULT_SWARM_ID = "memory-swarm"
@@ -100,8 +100,12 @@ class MemorySwarm(SwarmMember):
         self.data_dir = Path(options.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(DataDir(self.data_dir).identity)
-        digest = hashlib.sha256(bytes.fromhex(self.identity.author)).digest()
-        self.peer_id = PeerID(b"\x12\x20" + digest)  # a sha2-256 multihash, as libp2p's ids are
+        key_path = DataDir(self.data_dir).p2p_key
+        # a libp2p key file as a real peer keeps (1024 bits: made fast, still checked)
+        self.p2p_key = (
+            load_p2p_key(key_path) if key_path.is_file() else write_p2p_key(key_path, 1024)
+        )
+        self.peer_id = PeerID.from_base58(peer_id_of(self.binding))
         self.swarm_id = net.swarm_id
         self.maddrs: list[str] = []
         self.online = True

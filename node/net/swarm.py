@@ -32,6 +32,7 @@ from protocol import transfer_pb2 as pb
 from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
 from protocol.identity import Identity
+from protocol.peer_binding import load_p2p_key, peer_id_of
 from protocol.record_validator import SwarmRecordValidator, rejection_counts
 from protocol.records import is_swarm_id
 
@@ -69,6 +70,9 @@ class Swarm(SwarmMember):
         try:
             self.p2p: P2P = self.run(self.dht.replicate_p2p())
             self.peer_id: PeerID = self.dht.peer_id
+            self.p2p_key = load_p2p_key(DataDir(self.data_dir).p2p_key)
+            if peer_id_of(self.binding) != self.peer_id.to_base58():
+                raise SwarmError(f"{DataDir(self.data_dir).p2p_key} is not this peer's key")
             self.swarm_id = self._settle_swarm_id()
             self.run(
                 self.p2p.add_protobuf_handler(SWARM_INFO, self._swarm_info, pb.SwarmInfoRequest)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 from protocol.forkchoice import choose_head
 from protocol.identity import Identity
+from protocol.peer_binding import bind, peer_id_of
 from protocol.record_validator import SwarmRecordValidator
 from protocol.records import (
     BASE,
@@ -109,14 +111,46 @@ def test_bodies_reject_unknown_fields_and_wrong_types():
         Provider(blob_id="xyz", peer_id="QmPeer")
 
 
-def test_the_largest_valid_bodies_fit_under_the_cap(alice):
+@pytest.fixture(scope="module")
+def libp2p_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(65537, 2048)  # the size hivemind makes
+
+
+def test_the_largest_valid_bodies_fit_under_the_cap(alice, libp2p_key):
+    binding = bind(libp2p_key, alice.author)
     provider = Provider(
-        blob_id="aa" * 32, peer_id="Qm" + "a" * 78, maddrs=tuple("/" + "x" * 255 for _ in range(8))
+        blob_id="aa" * 32,
+        peer_id=peer_id_of(binding),
+        maddrs=tuple("/" + "x" * 255 for _ in range(8)),
+        binding=binding,
     )
     announcement = _announcement().model_copy(update={"tags": tuple("t" * 128 for _ in range(16))})
     for kind, body in (("provider", provider), ("announce", announcement)):
         _, data = sign_record(alice, SWARM, kind, "aa" * 32, body, NOW + 60)
         assert len(data) <= MAX_RECORD_BYTES
+
+
+def test_a_provider_record_names_only_the_peer_whose_key_vouches_for_its_author(alice, libp2p_key):
+    bob = Identity.generate()
+    mine = bind(libp2p_key, alice.author)
+    peer = peer_id_of(mine)
+    honest = Provider(blob_id="aa" * 32, peer_id=peer, binding=mine)
+    _, data = _signed(alice, honest, kind="provider")
+    assert open_record(data, subkey=alice.author, expiration=NOW + 60, now=NOW)[1] == honest
+    other_peer = bind(rsa.generate_private_key(65537, 1024), alice.author)
+    forged = [
+        (bob, honest),  # alice's binding copied into bob's record
+        (alice, honest.model_copy(update={"peer_id": peer_id_of(other_peer)})),  # another peer
+        (
+            alice,
+            honest.model_copy(update={"binding": mine.model_copy(update={"sig": "AAAA" * 64})}),
+        ),
+    ]
+    for author, body in forged:
+        _, data = _signed(author, body, kind="provider")
+        with pytest.raises(RecordError) as err:
+            open_record(data, subkey=author.author, expiration=NOW + 60, now=NOW)
+        assert err.value.reason == "unbound_peer"
 
 
 def _dht_record(key: str, subkey: str, value: bytes, expiration: float) -> DHTRecord:

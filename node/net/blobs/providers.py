@@ -20,6 +20,7 @@ def announce(swarm: SwarmMember, blob_id: str, complete: bool = True) -> bool:
         peer_id=swarm.peer_id.to_base58(),
         maddrs=tuple(swarm.maddrs[:8]),
         complete=complete,
+        binding=swarm.binding,
     )
     return swarm.publish(PROVIDER, body, topic=blob_id, ttl=PROVIDER_TTL)
 
