@@ -316,7 +316,12 @@ class Aggregator(PeerDaemon):
             if self.bases.has(self.config.genesis_id):
                 self._publish_genesis()
             else:
-                self.status = "waiting for a head"
+                self.waiting(
+                    "waiting for a head",
+                    "this swarm has no head in sight and this aggregator no genesis: start the "
+                    "swarm's first aggregator with --genesis MODEL_DIR (the model given to "
+                    "`mergeswarm init --genesis`), or check that --join reaches a running swarm",
+                )
             return
         head = self.head
         if not self.bases.has(head.base_id):

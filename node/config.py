@@ -75,10 +75,11 @@ class JoinSettings(BaseModel):
         description="address others should dial when it differs from the listening one "
         "(public IP or forwarded port; not port 0)",
     )
-    client_mode: bool = Field(
-        False,
+    client_mode: bool | None = Field(
+        None,
         description="for peers others cannot reach (behind NAT): serve no DHT requests; "
-        "blobs are pushed to a reachable seed or aggregator",
+        "blobs are pushed to a reachable seed or aggregator (unset: volunteers take it up "
+        "when the peer they join through cannot open a connection to them)",
     )
     relay: bool = Field(True, description="dial peers behind NAT through relays")
     auto_relay: bool = Field(
@@ -100,7 +101,7 @@ class JoinSettings(BaseModel):
             swarm_id=self.swarm_id,
             host_maddrs=list(self.host_maddr),
             announce_maddrs=list(self.announce_maddr),
-            client_mode=self.client_mode,
+            client_mode=bool(self.client_mode),
             use_relay=self.relay,
             use_auto_relay=self.auto_relay,
             p2p_metrics_addr=self.p2p_metrics,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0etransfer.proto\x12\x13mergeswarm.transfer\"\x12\n\x10SwarmInfoRequest\">\n\tSwarmInfo\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06maddrs\x18\x03 \x03(\t\"S\n\x08Manifest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\npiece_size\x18\x03 \x01(\r\x12\x14\n\x0cpiece_hashes\x18\x04 \x03(\x0c\"U\n\x0bHaveRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x15\n\rwith_manifest\x18\x03 \x01(\x08\x12\x0c\n\x04mine\x18\x04 \x01(\x0c\"~\n\x0cHaveResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.mergeswarm.transfer.Manifest\x12\x0c\n\x04have\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06served\x18\x04 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\"_\n\x0cPieceRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0e\n\x06shares\x18\x05 \x01(\x08\"3\n\x05Piece\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"X\n\x06Upload\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0f\n\x07\x62\x61se_id\x18\x05 \x01(\t\"0\n\x0cUploadResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0etransfer.proto\x12\x13mergeswarm.transfer\"%\n\x10SwarmInfoRequest\x12\x11\n\tdial_back\x18\x01 \x03(\t\"q\n\tSwarmInfo\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06maddrs\x18\x03 \x03(\t\x12\x0c\n\x04time\x18\x04 \x01(\x01\x12\x10\n\x08observed\x18\x05 \x01(\t\x12\x11\n\treachable\x18\x06 \x03(\t\"S\n\x08Manifest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\npiece_size\x18\x03 \x01(\r\x12\x14\n\x0cpiece_hashes\x18\x04 \x03(\x0c\"U\n\x0bHaveRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x15\n\rwith_manifest\x18\x03 \x01(\x08\x12\x0c\n\x04mine\x18\x04 \x01(\x0c\"~\n\x0cHaveResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.mergeswarm.transfer.Manifest\x12\x0c\n\x04have\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06served\x18\x04 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\"_\n\x0cPieceRequest\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0e\n\x06shares\x18\x05 \x01(\x08\"3\n\x05Piece\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"X\n\x06Upload\x12\x10\n\x08swarm_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0f\n\x07\x62\x61se_id\x18\x05 \x01(\t\"0\n\x0cUploadResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SWARMINFOREQUEST']._serialized_start=39
-  _globals['_SWARMINFOREQUEST']._serialized_end=57
-  _globals['_SWARMINFO']._serialized_start=59
-  _globals['_SWARMINFO']._serialized_end=121
-  _globals['_MANIFEST']._serialized_start=123
-  _globals['_MANIFEST']._serialized_end=206
-  _globals['_HAVEREQUEST']._serialized_start=208
-  _globals['_HAVEREQUEST']._serialized_end=293
-  _globals['_HAVERESPONSE']._serialized_start=295
-  _globals['_HAVERESPONSE']._serialized_end=421
-  _globals['_PIECEREQUEST']._serialized_start=423
-  _globals['_PIECEREQUEST']._serialized_end=518
-  _globals['_PIECE']._serialized_start=520
-  _globals['_PIECE']._serialized_end=571
-  _globals['_UPLOAD']._serialized_start=573
-  _globals['_UPLOAD']._serialized_end=661
-  _globals['_UPLOADRESULT']._serialized_start=663
-  _globals['_UPLOADRESULT']._serialized_end=711
+  _globals['_SWARMINFOREQUEST']._serialized_end=76
+  _globals['_SWARMINFO']._serialized_start=78
+  _globals['_SWARMINFO']._serialized_end=191
+  _globals['_MANIFEST']._serialized_start=193
+  _globals['_MANIFEST']._serialized_end=276
+  _globals['_HAVEREQUEST']._serialized_start=278
+  _globals['_HAVEREQUEST']._serialized_end=363
+  _globals['_HAVERESPONSE']._serialized_start=365
+  _globals['_HAVERESPONSE']._serialized_end=491
+  _globals['_PIECEREQUEST']._serialized_start=493
+  _globals['_PIECEREQUEST']._serialized_end=588
+  _globals['_PIECE']._serialized_start=590
+  _globals['_PIECE']._serialized_end=641
+  _globals['_UPLOAD']._serialized_start=643
+  _globals['_UPLOAD']._serialized_end=731
+  _globals['_UPLOADRESULT']._serialized_start=733
+  _globals['_UPLOADRESULT']._serialized_end=781
 # @@protoc_insertion_point(module_scope)

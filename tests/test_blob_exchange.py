@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 
@@ -223,24 +224,25 @@ def test_a_push_is_taken_only_as_a_delta_signed_by_its_announcer_and_evicts_noth
     assert old not in server_store.ids()  # room was made once the delta had arrived
 
 
-def test_blob_get_of_an_unknown_id_fails_in_one_line(tmp_path):
+def test_blob_get_of_an_id_nobody_offers_says_so_within_seconds(tmp_path):
     seed = start_peer(tmp_path / "seed", "--no-mirror")
-    out = run_cli(
-        "blob",
-        "get",
-        "cd" * 32,
-        "--join",
-        seed.maddrs[0],
-        "-o",
-        str(tmp_path / "x"),
-        "--host-maddr",
-        "/ip4/127.0.0.1/tcp/0",
-        "--timeout",
-        "3",
-    )
+    get = ["blob", "get", "cd" * 32, "--join", seed.maddrs[0], "-o", str(tmp_path / "x"),
+           "--host-maddr", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
+    started = time.monotonic()
+    out = run_cli(*get)  # the default --timeout is 60 s
+    took = time.monotonic() - started
     assert out.returncode == 1
-    assert out.stderr.startswith("mergeswarm: error: blob cdcdcdcdcdcdcdcd: no provider")
-    assert len(out.stderr.strip().splitlines()) == 1
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith("mergeswarm: error: nobody offers cdcdcdcdcdcdcdcd... within 10 s")
+    assert error.endswith("give --wait to wait for a provider up to --timeout")
+    assert took < 40, f"{took:.0f} s"  # a peer's start, then 10 s of looking
+    waited = run_cli(*get, "--wait", "--timeout", "3")
+    assert waited.returncode == 1
+    assert (
+        waited.stderr.strip()
+        .splitlines()[-1]
+        .startswith("mergeswarm: error: blob cdcdcdcdcdcdcdcd: no provider")
+    )
     assert not (tmp_path / "x").exists()
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from node.daemon import logs
 from protocol.errors import MergeswarmError
 
-from . import blob, delta, demo, genesis, handover, merge, node, rounds, seed, watch
+from . import blob, delta, demo, doctor, genesis, handover, merge, node, rounds, seed, watch
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.register(sub)
     handover.register(sub)
     watch.register(sub)
+    doctor.register(sub)
     return parser
 
 

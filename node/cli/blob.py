@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from node.data_dir import DataDir
 
 from . import common
 from .daemon import add_join_args, swarm_options
+
+NO_PROVIDER_SECONDS = 10.0  # without --wait: nobody offering the blob this long is an error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     get = bsub.add_parser("get", help="fetch a blob from whoever provides it and verify it")
     get.add_argument("blob_id", metavar="ID")
     get.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
-    get.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    get.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up after this long (default 60; raise it for big blobs on slow links)",
+    )
+    get.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"wait for a provider up to --timeout (without it, nobody offering the blob "
+        f"within {NO_PROVIDER_SECONDS:g} s is an error)",
+    )
     add_join_args(get, data_dir=False)
     get.add_argument(
         "--data-dir", type=Path, help="keep the peer's state here (default: a temporary one)"
@@ -47,7 +62,7 @@ def run_blob_add(args: argparse.Namespace) -> int:
 
 
 def run_blob_get(args: argparse.Namespace) -> int:
-    from node.net.blobs import fetch
+    from node.net.blobs import FetchError, fetch
     from node.net.blobstore import BlobStore
     from node.net.swarm import Swarm
     from node.settings import SettingsError
@@ -62,7 +77,24 @@ def run_blob_get(args: argparse.Namespace) -> int:
         swarm = Swarm(options)
         try:
             store = BlobStore(DataDir(data_dir).blobs)
-            fetch(swarm, store, args.blob_id, timeout=args.timeout, serve_while_fetching=False)
+            looking = None if args.wait else NO_PROVIDER_SECONDS
+            print(f"looking for providers of {args.blob_id[:16]}...", file=sys.stderr, flush=True)
+            try:
+                fetch(
+                    swarm,
+                    store,
+                    args.blob_id,
+                    timeout=args.timeout,
+                    serve_while_fetching=False,
+                    manifest_timeout=looking,
+                )
+            except FetchError as exc:
+                if args.wait or "no provider" not in str(exc):
+                    raise
+                raise FetchError(
+                    f"nobody offers {args.blob_id[:16]}... within {looking:g} s ({exc}); "
+                    "give --wait to wait for a provider up to --timeout"
+                ) from None
         finally:
             swarm.shutdown()
         part = args.output.with_name(f".{args.output.name}.part-{os.getpid()}")

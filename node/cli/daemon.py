@@ -4,6 +4,7 @@ stop signal, the join line it prints, and one lifecycle (:func:`run_daemon`)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 from node.data_dir import DataDir
 
 from . import common
+
+logger = logging.getLogger(__name__)
 
 
 def add_data_dir_arg(
@@ -105,6 +108,40 @@ def print_join_line(swarm) -> None:
         print(f"  --join {maddr}", flush=True)
 
 
+def settle_mode(swarm: Any, settings: Any, *, switch: bool) -> Any:
+    """Say how the swarm sees this peer (printed and logged), and with ``switch`` (a peer
+    that needs no inbound connections, whose --client-mode was not given) restart it in
+    client mode when the peer it joined through could not open a connection to it. The
+    swarm to use from here on."""
+    from node.net.reach import clock_verdict, verdict
+    from node.net.swarm import Swarm
+
+    r = swarm.reachability
+    if r is None:  # started a swarm, or nobody answered: nothing to tell yet
+        return swarm
+    clock_ok, clock_line = clock_verdict(r)
+    if not clock_ok:
+        logger.error(clock_line)
+        print(clock_line, flush=True)
+    if swarm.options.client_mode:
+        line = "client mode: serves nobody, fetches from and pushes to reachable peers"
+        why = "(--client-mode)" if settings.client_mode else "(the swarm cannot reach this peer)"
+        logger.info("%s %s", line, why)
+        print(f"{line} {why}", flush=True)
+        return swarm
+    reachable, line = verdict(r)
+    if reachable or not switch or settings.client_mode is not None:
+        (logger.info if reachable else logger.warning)(line)
+        print(line, flush=True)
+        return swarm
+    logger.warning("%s; restarting in client mode", line)
+    print(f"{line}; restarting in client mode", flush=True)
+    options = swarm.options
+    swarm.shutdown()
+    options.client_mode = True
+    return settle_mode(Swarm(options), settings, switch=False)
+
+
 def run_daemon(
     settings: Any,
     data_dir: Path,
@@ -114,6 +151,7 @@ def run_daemon(
     interval: float = 2.0,
     join_timeout: float = 60.0,
     swarm_id: str | None = None,
+    auto_client_mode: bool = False,
 ) -> int:
     """The life of every daemon command, in one place.
 
@@ -122,7 +160,8 @@ def run_daemon(
     the join line, run its ``work`` method (which takes the stop event) in a thread while
     this thread ticks its housekeeping, and on SIGTERM or SIGINT let the work finish (up to
     ``join_timeout``), close everything and leave the swarm. A failing work loop stops the
-    daemon and is raised, so the command exits non-zero.
+    daemon and is raised, so the command exits non-zero. ``auto_client_mode``: see
+    :func:`settle_mode`.
     """
     from node.daemon.peer import run_until
     from node.net.swarm import Swarm
@@ -130,7 +169,7 @@ def run_daemon(
     options = settings.options(data_dir)
     if swarm_id is not None:  # named by the swarm's config
         options.swarm_id = swarm_id
-    swarm = Swarm(options)
+    swarm = settle_mode(Swarm(options), settings, switch=auto_client_mode)
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     closers: list[Callable[[], None]] = []
     failure: list[BaseException] = []
@@ -140,6 +179,7 @@ def run_daemon(
         if server is not None:
             closers.append(server.close)
         print_join_line(swarm)
+        swarm.write_multiaddrs()  # up: what launchers wait for
         worker = None
         if work is not None:
 

@@ -104,5 +104,11 @@ def run_node(args: argparse.Namespace) -> int:
 
     # the current step finishes and a checkpoint is written before it leaves
     return run_daemon(
-        settings, args.data_dir, build, work="train_forever", join_timeout=120, swarm_id=swarm_id
+        settings,
+        args.data_dir,
+        build,
+        work="train_forever",
+        join_timeout=120,
+        swarm_id=swarm_id,
+        auto_client_mode=True,  # a volunteer needs no inbound connections: it pushes
     )

@@ -23,6 +23,7 @@ HEARTBEAT_TTL = 60.0
 REFRESH_EVERY = 60.0  # owned records (TTL >= 300 s) are re-published this often
 COLLECT_EVERY = 600.0  # seconds between looks for blobs past their retention
 REACHABLE_ROLES = ("seed", "aggregator")
+NOTICE_EVERY = 60.0  # seconds between reminders of what a waiting daemon waits for
 
 
 def package_version() -> str:
@@ -60,6 +61,16 @@ class PeerDaemon:
         self._last_heartbeat = 0.0
         self.metrics = self.new_metrics()
         self._reported: dict[str, float] = {}  # counter totals already added to the metrics
+        self._notice = ("", 0.0)  # the last wait told to the operator, and when
+
+    def waiting(self, status: str, advice: str) -> None:
+        """Set ``status`` and tell the operator what the daemon waits for and what to do:
+        now, and again every NOTICE_EVERY seconds while it lasts (no waiting in silence)."""
+        now = time.monotonic()
+        if status != self._notice[0] or now - self._notice[1] >= NOTICE_EVERY:
+            logger.warning("%s: %s", status, advice)
+            self._notice = (status, now)
+        self.status = status
 
     def new_metrics(self) -> PeerMetrics:
         return PeerMetrics(self.role)

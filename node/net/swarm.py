@@ -28,6 +28,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from node.config import SwarmOptions
 from node.data_dir import DataDir
 from node.net.member import Record, SwarmError, SwarmMember
+from node.net.reach import MAX_DIAL_BACK, Reachability, dial_back
 from protocol import transfer_pb2 as pb
 from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
@@ -49,11 +50,19 @@ DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process co
 TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
 T = TypeVar("T")
+
+
+class ProtocolMismatch(SwarmError):
+    """The peer joined through speaks another mergeswarm protocol version."""
+
+
 __all__ = ["HEAD_TTL", "Record", "Swarm", "SwarmError"]
 
 
 class Swarm(SwarmMember):
     """A running peer's view of its swarm. Call :meth:`shutdown` when done."""
+
+    reachability: Reachability | None = None  # what the --join peer said of this one
 
     def __init__(self, options: SwarmOptions) -> None:
         super().__init__()
@@ -73,17 +82,20 @@ class Swarm(SwarmMember):
             self.p2p_key = load_p2p_key(DataDir(self.data_dir).p2p_key)
             if peer_id_of(self.binding) != self.peer_id.to_base58():
                 raise SwarmError(f"{DataDir(self.data_dir).p2p_key} is not this peer's key")
+            self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
             self.swarm_id = self._settle_swarm_id()
             self.run(
                 self.p2p.add_protobuf_handler(SWARM_INFO, self._swarm_info, pb.SwarmInfoRequest)
             )
-            self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-            write_atomic(
-                DataDir(self.data_dir).multiaddrs, "".join(m + "\n" for m in self.maddrs).encode()
-            )
         except BaseException:
             self.shutdown()
             raise
+
+    def write_multiaddrs(self) -> None:
+        """Write this peer's multiaddrs to DATA_DIR/multiaddrs: a daemon does once it is up
+        (its handlers registered, its stop signal caught), and launchers wait for the file."""
+        text = "".join(m + "\n" for m in self.maddrs)
+        write_atomic(DataDir(self.data_dir).multiaddrs, text.encode())
 
     def _start_dht(self) -> DHT:
         for attempt in range(TAKEN_RETRIES + 1):
@@ -125,8 +137,15 @@ class Swarm(SwarmMember):
         saved_path = DataDir(self.data_dir).swarm_id
         saved = saved_path.read_text().strip() if saved_path.is_file() else None
         swarm_id = self.options.swarm_id
-        if swarm_id is None and self.options.join:
-            swarm_id = self._ask_swarm_id()
+        if self.options.join:
+            try:
+                swarm_id = swarm_id or self.ask_join_peer().swarm_id
+            except ProtocolMismatch:
+                raise
+            except SwarmError as exc:
+                if swarm_id is None:
+                    raise SwarmError(f"{exc}; pass --swarm-id") from None
+                logger.info("could not ask how the swarm sees this peer: %s", exc)
         swarm_id = swarm_id or saved or f"swarm-{secrets.token_hex(6)}"
         if not is_swarm_id(swarm_id):
             raise SwarmError(f"swarm id {swarm_id!r}: use 3-64 of a-z, 0-9 and '-'")
@@ -139,17 +158,22 @@ class Swarm(SwarmMember):
             write_atomic(saved_path, swarm_id.encode() + b"\n")
         return swarm_id
 
-    def _ask_swarm_id(self) -> str:
+    def ask_join_peer(self) -> pb.SwarmInfo:
+        """Ask the first --join peer that answers for its swarm id, and how it sees this peer
+        (sets :attr:`reachability`); SwarmError when none answers."""
         errors = []
         for maddr in self.options.join:
             peer = maddr.rsplit("/p2p/", 1)[-1] if "/p2p/" in maddr else None
             if peer is None:
                 errors.append(f"{maddr} has no /p2p/<peer id>")
                 continue
+            announced = [] if self.options.client_mode else self.maddrs
+            request = pb.SwarmInfoRequest(dial_back=announced[:MAX_DIAL_BACK])
             try:
+                asked_at = time.time()
                 info = self.run(
                     self.p2p.call_protobuf_handler(
-                        PeerID.from_base58(peer), SWARM_INFO, pb.SwarmInfoRequest(), pb.SwarmInfo
+                        PeerID.from_base58(peer), SWARM_INFO, request, pb.SwarmInfo
                     ),
                     timeout=15,
                 )
@@ -158,21 +182,36 @@ class Swarm(SwarmMember):
                 continue
             if info.version != PROTOCOL_VERSION:
                 # Blob ids would not add up between the two: every fetch would fail later.
-                raise SwarmError(
+                raise ProtocolMismatch(
                     f"{maddr} speaks mergeswarm protocol {info.version or '1'}, this peer "
                     f"speaks {PROTOCOL_VERSION}; install the mergeswarm version the swarm runs"
                 )
-            if is_swarm_id(info.swarm_id):
-                return info.swarm_id
-            errors.append(f"{maddr} answered with an invalid swarm id")
-        raise SwarmError(
-            "no --join peer told its swarm id (" + "; ".join(errors) + "); pass --swarm-id"
-        )
+            if not is_swarm_id(info.swarm_id):
+                errors.append(f"{maddr} answered with an invalid swarm id")
+                continue
+            # the other's clock against the middle of the call (what the wire took is split)
+            skew = info.time - (asked_at + time.time()) / 2 if info.time else None
+            self.reachability = Reachability(
+                maddr, announced[:MAX_DIAL_BACK], list(info.reachable), info.observed, skew
+            )
+            return info
+        raise SwarmError("no --join peer answered (" + "; ".join(errors) + ")")
 
-    async def _swarm_info(
-        self, _request: pb.SwarmInfoRequest, _context: P2PContext
-    ) -> pb.SwarmInfo:
-        return pb.SwarmInfo(swarm_id=self.swarm_id, version=PROTOCOL_VERSION, maddrs=self.maddrs)
+    async def _swarm_info(self, request: pb.SwarmInfoRequest, context: P2PContext) -> pb.SwarmInfo:
+        observed = ""
+        with contextlib.suppress(Exception):  # p2pd errors have no common base: unknown
+            for info in await self.p2p.list_peers():
+                if info.peer_id == context.remote_id and info.addrs:
+                    observed = str(info.addrs[0])
+        reachable = await dial_back(list(request.dial_back), observed) if observed else []
+        return pb.SwarmInfo(
+            swarm_id=self.swarm_id,
+            version=PROTOCOL_VERSION,
+            maddrs=self.maddrs,
+            time=time.time(),
+            observed=observed,
+            reachable=reachable,
+        )
 
     # -- the asyncio loop ------------------------------------------------------
 
@@ -195,12 +234,12 @@ class Swarm(SwarmMember):
             future = self.dht.store(
                 key, value, expires, subkey=self.identity.author, return_future=True
             )
-        return bool(_answer(future, what))
+        return bool(self._answer(future, what))
 
     def _get(self, key: str, what: str) -> dict[object, tuple[object, float]]:
         with self._pipe:
             future = self.dht.get(key, latest=True, return_future=True)
-        found = _answer(future, what)
+        found = self._answer(future, what)
         if found is None or not isinstance(found.value, dict):
             return {}
         return {sub: (item.value, item.expiration_time) for sub, item in found.value.items()}
@@ -208,7 +247,7 @@ class Swarm(SwarmMember):
     def _store_rejections(self) -> dict[str, int]:
         with self._pipe:
             future = self.dht.run_coroutine(rejection_counts, return_future=True)
-        return dict(_answer(future, "counting rejected records"))
+        return dict(self._answer(future, "counting rejected records"))
 
     def transfers(self, store: BlobStore, limits: ServeLimits | None = None) -> Transfers:
         from node.net.blobs.transfers import P2PTransfers  # it builds on this module
@@ -228,16 +267,27 @@ class Swarm(SwarmMember):
                     logger.debug("p2p replica shutdown: %s", exc)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
-        self.dht.shutdown()
+        try:
+            self.dht.shutdown()
+        except Exception as exc:  # noqa: BLE001 - a DHT process already gone (SIGTERM to all)
+            logger.debug("DHT shutdown: %s", exc)
 
-
-def _answer(future: Any, what: str) -> Any:
-    """The result of a DHT call, or SwarmError when the DHT process does not answer (it died)."""
-    try:
-        return future.result(timeout=DHT_TIMEOUT)
-    except TimeoutError:
-        future.cancel()
-        raise SwarmError(f"{what}: the DHT did not answer in {DHT_TIMEOUT:.0f} s") from None
+    def _answer(self, future: Any, what: str) -> Any:
+        """The result of a DHT call; SwarmError when the DHT process does not answer in
+        DHT_TIMEOUT or is gone (a SIGTERM to the whole process group ends it first)."""
+        deadline = time.monotonic() + DHT_TIMEOUT
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if not self.dht.is_alive():
+                    future.cancel()
+                    raise SwarmError(f"{what}: the DHT process has ended") from None
+                if time.monotonic() > deadline:
+                    future.cancel()
+                    raise SwarmError(
+                        f"{what}: the DHT did not answer in {DHT_TIMEOUT:.0f} s"
+                    ) from None
 
 
 async def _exit_with_host(_dht: object, node: Any) -> None:

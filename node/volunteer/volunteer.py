@@ -214,11 +214,26 @@ class Volunteer(PeerDaemon):
             self._data = load_dataset(self.settings.data, tokenizer, seq_len=self.settings.seq_len)
         return self._data
 
+    def _wait_for_head(self) -> None:
+        if self.trusted is None:
+            self.waiting(
+                "waiting for the swarm's config",
+                "no config from the aggregators this swarm was made with is in sight: check "
+                "that an aggregator runs and that --join reaches the swarm",
+            )
+        else:
+            who = f"{len(self.trusted)} aggregator(s)" if self.trusted else "any aggregator"
+            self.waiting(
+                "waiting for a head",
+                f"no head from {who} yet: the swarm's first aggregator publishes round 0 once "
+                "started with --genesis",
+            )
+
     def train_forever(self, stop: threading.Event) -> None:
         """Train round after round on the newest head until ``stop`` is set."""
         while not stop.is_set():
             if self.latest is None:
-                self.status = "waiting for a head"
+                self._wait_for_head()
                 stop.wait(1.0)
                 continue
             self.new_head.clear()
