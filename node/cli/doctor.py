@@ -47,8 +47,11 @@ def run_doctor(args: argparse.Namespace) -> int:
         try:
             swarm = Swarm(options)
         except SwarmError as exc:
-            _show(Check("join", "FAIL", f"{exc}; check the multiaddr (it ends with "
-                        "/p2p/<peer id>), that the peer runs, and that its port is open"))  # fmt: skip
+            if str(exc).startswith("clock: "):  # hivemind refuses to start beside them
+                _show(Check("clock", "FAIL", str(exc)))
+            else:
+                _show(Check("join", "FAIL", f"{exc}; check the multiaddr (it ends with "
+                            "/p2p/<peer id>), that the peer runs, and that its port is open"))  # fmt: skip
             return 1
         try:
             checks = diagnose(swarm)

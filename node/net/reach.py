@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS
@@ -98,11 +99,30 @@ def clock_verdict(r: Reachability) -> tuple[bool, str]:
     """(clock within hivemind's tolerance, one line for the operator)."""
     if r.skew is None:
         return True, "clock: not checked (the peer did not say its time)"
-    if abs(r.skew) <= CLOCK_TOLERANCE:
-        return True, f"clock: {abs(r.skew):.1f} s from {r.asked}'s"
-    side = "behind" if r.skew > 0 else "ahead of"
+    return clock_check(r.skew, f"{r.asked}'s")
+
+
+def clock_check(skew: float, whose: str) -> tuple[bool, str]:
+    """(within tolerance, the line) for a clock ``skew`` seconds behind ``whose`` clock
+    (negative: ahead of it)."""
+    if abs(skew) <= CLOCK_TOLERANCE:
+        return True, f"clock: {abs(skew):.1f} s from {whose}"
+    side = "behind" if skew > 0 else "ahead of"
     return False, (
-        f"clock: {abs(r.skew):.0f} s {side} {r.asked}'s, more than the {CLOCK_TOLERANCE:g} s "
+        f"clock: {abs(skew):.0f} s {side} {whose}, more than the {CLOCK_TOLERANCE:g} s "
         "the DHT tolerates (records would be refused): set the clock (enable NTP, e.g. "
         "`timedatectl set-ntp true`)"
     )
+
+
+_HIVEMIND_SKEW = re.compile(r"local: ([0-9.e+-]+), peer: ([0-9.e+-]+)")
+
+
+def refused_clock(message: str) -> str | None:
+    """The operator's line for hivemind's refusal to start beside peers whose clocks differ
+    (``message``: its error), or None for another error."""
+    found = _HIVEMIND_SKEW.search(message)
+    if "local time must be within" not in message or found is None:
+        return None
+    local, peer = (float(x) for x in found.groups())
+    return clock_check(peer - local, "the swarm's peers' clocks")[1]

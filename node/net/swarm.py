@@ -28,7 +28,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from node.config import SwarmOptions
 from node.data_dir import DataDir
 from node.net.member import Record, SwarmError, SwarmMember
-from node.net.reach import MAX_DIAL_BACK, Reachability, dial_back
+from node.net.reach import MAX_DIAL_BACK, Reachability, dial_back, refused_clock
 from protocol import transfer_pb2 as pb
 from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
@@ -126,6 +126,9 @@ class Swarm(SwarmMember):
                 startup_timeout=o.startup_timeout,
             )
         except Exception as exc:  # noqa: BLE001 - hivemind raises bare Exceptions here
+            clock = refused_clock(str(exc))
+            if clock is not None:
+                raise SwarmError(clock) from None
             hint = (
                 " Check that the --join multiaddrs are reachable from here and include /p2p/<peer id>."
                 if o.join

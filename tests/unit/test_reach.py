@@ -12,6 +12,7 @@ from node.net.reach import (
     clock_verdict,
     dial_back,
     dialable,
+    refused_clock,
     tcp_address,
     verdict,
 )
@@ -64,3 +65,11 @@ def test_a_clock_off_by_more_than_the_dht_allows_is_named_with_the_fix():
     assert not ok and line.startswith("clock: 42 s ahead of seed's") and "NTP" in line
     ok, line = clock_verdict(Reachability("seed", [], skew=42.0))
     assert not ok and line.startswith("clock: 42 s behind seed's")
+
+
+def test_hiveminds_refusal_of_a_wrong_clock_becomes_the_operators_line():
+    refusal = ("local time must be within 3 seconds  of others(local: 1796425273.24145, "
+               "peer: 1796425213.24585)")  # fmt: skip
+    line = refused_clock(refusal)
+    assert line is not None and line.startswith("clock: 60 s ahead of the swarm's peers' clocks")
+    assert refused_clock("could not connect to any initial peer") is None
