@@ -153,16 +153,16 @@ def main() -> int:
     why = lab_unavailable()
     if why:
         raise SystemExit(f"bench_lab: {why}")
-    lab = Lab()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-lab-") as tmp:
-            work = Path(tmp)
-            (work / "nat").mkdir()
-            (work / "blob").mkdir()
+    with tempfile.TemporaryDirectory(prefix="bench-lab-") as tmp:
+        work = Path(tmp)
+        (work / "nat").mkdir()
+        (work / "blob").mkdir()
+        lab = Lab()
+        try:  # the lab's processes end before their directories go
             first_merge = nat_to_first_merge(lab, work / "nat")
             fetched, copied = blob_over_lossy_link(lab, work / "blob", args.mb)
-    finally:
-        lab.close()
+        finally:
+            lab.close()
     figures = {
         "nat_volunteer_seconds_to_first_merge": round(first_merge, 1),
         "lossy_link": lab.shaping,

@@ -123,22 +123,39 @@ class Lab:
         return host
 
     def lossy(self) -> str:
-        """A public host on a slow, lossy link (LOSSY): netem where the kernel has it, else a
-        token bucket for the rate and random drops for the loss (no added delay)."""
-        host = self.public()
+        """A public host on a slow, lossy link (LOSSY, shaped both ways: on the host's side
+        for what it sends, on the bridge's side for what it receives): netem where the
+        kernel has it (half the delay each way), else a token bucket for the rate and random
+        drops for the loss, with no added delay."""
+        self._publics += 1
+        host = f"pub{self._publics}"
+        self._netns(host)
+        side = self._plug(host, "pub", f"{PUBLIC_NET}.{self._publics + 1}")
         d, loss, rate = LOSSY["delay_ms"], LOSSY["loss"], LOSSY["rate_mbit"]
-        netem = ("netem", "delay", f"{d}ms", "loss", f"{loss * 100:g}%", "rate", f"{rate}mbit")
-        if self.sh(
-            host, "tc", "qdisc", "add", "dev", "eth0", "root", *netem, check=False
-        ).returncode:
-            self.sh(host, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
-                    f"{rate}mbit", "burst", "64kbit", "latency", "400ms")  # fmt: skip
-            for chain in ("INPUT", "OUTPUT"):
-                self.sh(host, "iptables", "-A", chain, "-m", "statistic", "--mode", "random",
-                        "--probability", f"{loss}", "-j", "DROP")  # fmt: skip
-            self.shaping = f"{rate} Mbit/s, {loss:.0%} loss each way (no netem here: no delay)"
-        else:
-            self.shaping = f"{d} ms, {loss:.0%} loss, {rate} Mbit/s (netem)"
+        ends = ((self.ns(host), "eth0"), (self.ns("pub"), side))
+        netem = (
+            "netem",
+            "delay",
+            f"{d / 2:g}ms",
+            "loss",
+            f"{loss * 100:g}%",
+            "rate",
+            f"{rate}mbit",
+        )
+        if all(
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *netem,
+                 check=False).returncode == 0
+            for ns, dev in ends
+        ):  # fmt: skip
+            self.shaping = f"{d} ms round trip, {loss:.0%} loss and {rate} Mbit/s each way (netem)"
+            return host
+        for ns, dev in ends:
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                 "rate", f"{rate}mbit", "burst", "64kbit", "latency", "400ms")  # fmt: skip
+        for chain in ("INPUT", "OUTPUT"):
+            self.sh(host, "iptables", "-A", chain, "-m", "statistic", "--mode", "random",
+                    "--probability", f"{loss}", "-j", "DROP")  # fmt: skip
+        self.shaping = f"{rate} Mbit/s and {loss:.0%} loss each way (no netem here: no delay)"
         return host
 
     def cut(self, host: str) -> None:
