@@ -190,7 +190,7 @@ class Lab:
             argv,
             data_dir=data_dir,
             log=data_dir.with_suffix(".log"),
-            env=env,
+            env=os.environ | env if env else None,  # added to this process's, not instead
             timeout=120,
             started=started,
         )

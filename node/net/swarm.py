@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 SWARM_INFO = "mergeswarm.SwarmInfo"
 HEAD_TTL = 3600.0  # seconds a head record lives; its publisher refreshes it while it runs
 DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process counts as stuck
+REJOIN_SECONDS = 10.0  # between looks at whether the DHT node has lost every other node
 TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
 T = TypeVar("T")
@@ -73,6 +75,8 @@ class Swarm(SwarmMember):
         self._pipe = threading.Lock()
         self.dht = self._start_dht()
         self.dht.run_coroutine(_exit_with_host)
+        if options.join:
+            self.dht.run_coroutine(functools.partial(_rejoin_when_alone, list(options.join)))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
         self._thread.start()
@@ -315,6 +319,28 @@ async def _exit_with_host(_dht: object, node: Any) -> None:
             os._exit(0)
 
     node.mergeswarm_watchdog = asyncio.get_running_loop().create_task(watch())
+
+
+async def _rejoin_when_alone(join: list[str], _dht: object, node: Any) -> None:
+    """For ``DHT.run_coroutine``: whenever the DHT node knows no other node (a link that was
+    down long enough for every connection and routing entry to go), dial the --join peers
+    again and ping them back into the routing table: hivemind bootstraps only at start, so a
+    healed partition would otherwise leave the peer alone for good."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(REJOIN_SECONDS)
+            if node.protocol.routing_table.uid_to_peer_id:
+                continue
+            for maddr in join:
+                address, _, peer = maddr.rpartition("/p2p/")
+                with contextlib.suppress(Exception):  # still cut off: try again later
+                    peer_id = PeerID.from_base58(peer)
+                    await node.p2p._client.connect(peer_id, [Multiaddr(address)])
+                    await node.protocol.call_ping(peer_id)
+
+    node.mergeswarm_rejoin = asyncio.get_running_loop().create_task(watch())
 
 
 def _serve_p2pd_metrics(addr: str) -> None:
