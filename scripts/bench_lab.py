@@ -26,23 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.demo.lab import MERGESWARM, PORT, Lab, lab_unavailable  # noqa: E402
+from node.demo.lab import (  # noqa: E402
+    MERGESWARM,
+    PORT,
+    TRAIN,
+    Lab,
+    lab_unavailable,
+    log_records,
+)
 
-TRAIN = ("--round-steps", "8", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4",
-         "--lr", "2e-3", "--warmup-steps", "2", "--heartbeat-every", "1")  # fmt: skip
 COPY_PORT = PORT + 2
-
-
-def _json_lines(log: Path, message: str) -> list[dict]:
-    found = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and str(entry.get("msg", "")).startswith(message):
-            found.append(entry)
-    return found
 
 
 def _wait(check, timeout: float, what: str):
@@ -71,7 +64,7 @@ def nat_to_first_merge(lab: Lab, work: Path) -> float:
     join = lab.maddr(seed_host, seed.peer_id)
     agg = lab.launch(agg_host, work / "agg", "aggregator", "--config", str(config),
                      "--genesis", str(genesis), "--join", join)  # fmt: skip
-    _wait(lambda: _json_lines(agg.log, "published head: round 0"), 120, "the genesis head")
+    _wait(lambda: log_records(agg.log, "published head: round 0"), 120, "the genesis head")
     data = work / "data.jsonl"
     from node.training.tiny_model import CORPUS
 
@@ -81,8 +74,8 @@ def nat_to_first_merge(lab: Lab, work: Path) -> float:
                            *TRAIN)  # fmt: skip
 
     def merged():
-        mine = {a.get("delta_id") for a in _json_lines(volunteer.log, "round ")}
-        return any(set(h.get("merged", [])) & mine for h in _json_lines(agg.log, "published"))
+        mine = {a.get("delta_id") for a in log_records(volunteer.log, "round ")}
+        return any(set(h.get("merged", [])) & mine for h in log_records(agg.log, "published"))
 
     _wait(merged, 600, "the NATed volunteer's first merged delta")
     took = time.monotonic() - started

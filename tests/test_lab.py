@@ -1,4 +1,4 @@
-"""The swarm across real networks (tests/lab.py): volunteers behind a NAT and on a slow,
+"""The swarm across real networks (node/demo/lab.py): volunteers behind a NAT and on a slow,
 lossy link get their deltas merged, and a partitioned aggregator's round is finished by the
 other. Every daemon is the real CLI in its own network namespace."""
 
@@ -13,7 +13,15 @@ import pytest
 
 from node.daemon.faults import PAUSE_ENV
 from node.daemon.launch import PeerStartError
-from node.demo.lab import MERGESWARM, PORT, Lab, lab_unavailable, leftovers
+from node.demo.lab import (
+    MERGESWARM,
+    PORT,
+    TRAIN,
+    Lab,
+    lab_unavailable,
+    leftovers,
+    log_records,
+)
 from node.training.tiny_model import CORPUS
 from protocol.swarm_config import load_swarm_config
 from tests.swarm import register_process, run_cli, wait_for
@@ -23,8 +31,6 @@ pytestmark = [
     pytest.mark.timeout(600),
     pytest.mark.skipif(lab_unavailable() is not None, reason=str(lab_unavailable())),
 ]
-TRAIN = ("--round-steps", "8", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4",
-         "--lr", "2e-3", "--warmup-steps", "2", "--heartbeat-every", "1")  # fmt: skip
 
 
 @pytest.fixture
@@ -48,19 +54,6 @@ def _volunteer(lab: Lab, host: str, tmp_path: Path, join: str):
     data = tmp_path / f"{host}.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS * 2))
     return _daemon(lab, host, tmp_path / host, "node", "--join", join, "--data", str(data), *TRAIN)
-
-
-def _records(log: Path, message: str) -> list[dict]:
-    """The structured fields of the log lines of a daemon that start with ``message``."""
-    found = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and str(entry.get("msg", "")).startswith(message):
-            found.append(entry)  # the call's fields stand beside "msg" (node.daemon.logs)
-    return found
 
 
 def _swarm(lab: Lab, tmp_path: Path, tiny_base: Path, aggregators: int, *rules: str):
@@ -90,10 +83,10 @@ def test_volunteers_behind_a_nat_and_on_a_lossy_link_get_their_deltas_merged(
                   for host in (lab.home(), lab.home(), lab.lossy())}  # fmt: skip
 
     def everyone_merged_then_trained_on() -> bool:
-        merged_in = {d: h["round"] for h in _records(agg.log, "published head")
+        merged_in = {d: h["round"] for h in log_records(agg.log, "published head")
                      for d in h.get("merged", [])}  # fmt: skip
         for v in volunteers.values():
-            mine = _records(v.log, "round ")  # "round N: delta ... announced"
+            mine = log_records(v.log, "round ")  # "round N: delta ... announced"
             rounds = [merged_in[a["delta_id"]] for a in mine if a.get("delta_id") in merged_in]
             if not rounds or not any(a.get("round", -1) >= min(rounds) for a in mine):
                 return False
@@ -134,7 +127,7 @@ def test_a_partitioned_lease_holders_round_is_finished_by_the_other_and_all_agre
     lab.cut(host1)  # mid-round: it stalls with the deltas it took, then cannot be heard
 
     def finished_by_the_other():
-        return [h for h in _records(other.log, "published head") if h["round"] == 1]
+        return [h for h in log_records(other.log, "published head") if h["round"] == 1]
 
     (round1,) = wait_for(finished_by_the_other, 180, "the other to finish round 1")
     # the lapsed lease's deltas, each one or the newer delta its volunteer replaced it with

@@ -14,6 +14,7 @@ every process inside and deletes every namespace, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,9 @@ MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
 PORT = 31337  # every host listens here: each namespace has its own ports
 NAT_PUBLIC_IP = f"{PUBLIC_NET}.254"
 LOSSY = {"delay_ms": 80, "loss": 0.01, "rate_mbit": 20}
+# a volunteer's flags for short rounds on the tiny model
+TRAIN = ("--round-steps", "8", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4",
+         "--lr", "2e-3", "--warmup-steps", "2", "--heartbeat-every", "1")  # fmt: skip
 
 
 def lab_unavailable() -> str | None:
@@ -211,3 +215,17 @@ def leftovers(tag: str) -> list[str]:
     """Namespaces of a lab tagged ``tag`` that still exist."""
     names = _run("ip", "netns", "list", check=False).stdout.split("\n")
     return [n.split()[0] for n in names if n.startswith(f"{tag}-")]
+
+
+def log_records(log: Path, message: str) -> list[dict]:
+    """The JSON log lines of a daemon (its ``log`` file) whose message starts with
+    ``message``, each with the call's fields beside "msg" (node.daemon.logs)."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and str(entry.get("msg", "")).startswith(message):
+            found.append(entry)
+    return found
