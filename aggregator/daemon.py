@@ -55,8 +55,8 @@ from aggregator.screening import (
 )
 from node.chain.bases import Bases
 from node.chain.history import (
+    ConfigWatch,
     base_record,
-    config_chain,
     current_head,
     head_blobs,
     publish_head,
@@ -84,7 +84,6 @@ from protocol.swarm_config import SwarmConfig
 logger = logging.getLogger(__name__)
 
 CONFIG_TTL = 3600.0
-CONFIG_LOOK_SECONDS = 60.0  # between looks for a handover of the swarm's config
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 ADMIT_TIMEOUT = 60.0  # seconds a candidate delta has to arrive before its slot goes on
@@ -132,7 +131,8 @@ class Aggregator(PeerDaemon):
         self.root_config = config
         self.handovers = list(handovers)
         self.config = follow_handovers(config, self.handovers)[-1]
-        self.config_read_at = time.monotonic()
+        self.configs = ConfigWatch(swarm)
+        self.configs.read_at = time.monotonic()  # the one it was started with is fresh
         self.settings = settings
         self.lease_seconds = settings.lease_seconds
         self.lease_settle = LEASE_SETTLE
@@ -208,15 +208,12 @@ class Aggregator(PeerDaemon):
 
     def follow_handovers(self) -> None:
         """Take up a handover of the swarm that the aggregators endorsed since this one
-        started (read every CONFIG_LOOK_SECONDS)."""
-        if time.monotonic() - self.config_read_at < CONFIG_LOOK_SECONDS:
+        started (node.chain.history.ConfigWatch)."""
+        chain = self.configs.newer(self.config)
+        if chain is None or chain.root != self.root_config:
             return
-        self.config_read_at = time.monotonic()
-        chain = config_chain(self.swarm)
-        if chain is None or chain[0] != self.root_config or len(chain[1]) <= len(self.handovers):
-            return
-        self.handovers = chain[1]
-        self.config = self.handovers[-1].config
+        self.handovers = chain.handovers
+        self.config = chain.latest
         self._publish_config()
         logger.warning(
             "the swarm was handed over: epoch %d, %d aggregators%s",

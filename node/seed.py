@@ -14,7 +14,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from node.chain.history import chain_back, current_head, find_config, head_blobs, trusted_authors
+from node.chain.history import (
+    ConfigWatch,
+    chain_back,
+    current_head,
+    head_blobs,
+    trusted_authors,
+)
 from node.config import SeedSettings
 from node.daemon.backoff import Backoff
 from node.daemon.peer import PeerDaemon
@@ -42,6 +48,7 @@ class Seed(PeerDaemon):
         super().__init__(swarm, store, settings)
         self.settings = settings
         self.config: SwarmConfig | None = None  # the swarm's, once in sight
+        self.configs = ConfigWatch(swarm)
         self.mirror = settings.mirror
         self.upload = settings.upload
         self.retries = Backoff(first=60.0)  # blob ids that could not be fetched
@@ -49,10 +56,9 @@ class Seed(PeerDaemon):
 
     def wanted(self) -> dict[str, tuple[str, int | None]]:
         """Blob id -> (pin reason, size when a record states it), for what the swarm needs."""
-        # read each time, only forward: the config may be handed over (protocol.handover)
-        found = find_config(self.swarm)
-        if found is not None and (self.config is None or found.epoch >= self.config.epoch):
-            self.config = found
+        chain = self.configs.newer(self.config)  # the config may be handed over
+        if chain is not None:
+            self.config = chain.latest
         trusted = trusted_authors(self.swarm, self.config, self.settings.trusted_aggregators)
         head = self.head = current_head(self.swarm, trusted)  # heart-beaten: shows its lag
         if head is None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
@@ -21,6 +24,21 @@ logger = logging.getLogger(__name__)
 MAX_CHAIN = 10_000  # rounds walked back at most (a loop of forged parents ends here)
 
 
+CONFIG_LOOK_SECONDS = 60.0  # between looks for a handover of a config already known
+
+
+@dataclass(frozen=True)
+class ConfigChain:
+    """The swarm's first config and the handovers that follow it (protocol.handover)."""
+
+    root: SwarmConfig
+    handovers: list[Handover]
+
+    @property
+    def latest(self) -> SwarmConfig:
+        return self.handovers[-1].config if self.handovers else self.root
+
+
 def find_config(swarm: SwarmMember) -> SwarmConfig | None:
     """The swarm's config as its aggregators published it and handed it over, or None.
 
@@ -32,10 +50,10 @@ def find_config(swarm: SwarmMember) -> SwarmConfig | None:
     leads to the next config (protocol.handover). Pin a config file to trust nothing here.
     """
     chain = config_chain(swarm)
-    return (chain[1][-1].config if chain[1] else chain[0]) if chain else None
+    return chain.latest if chain else None
 
 
-def config_chain(swarm: SwarmMember) -> tuple[SwarmConfig, list[Handover]] | None:
+def config_chain(swarm: SwarmMember) -> ConfigChain | None:
     """The root config and the handovers that follow it, as far as they are in sight."""
     anchored = swarm_anchor(swarm.swarm_id) is not None
     root = next(
@@ -59,7 +77,28 @@ def config_chain(swarm: SwarmMember) -> tuple[SwarmConfig, list[Handover]] | Non
             break
         handovers.append(found)
         config = found.config
-    return root, handovers
+    return ConfigChain(root, handovers)
+
+
+class ConfigWatch:
+    """A role's look at the swarm's config as it is handed over: at once while the role knows
+    none, then at most every CONFIG_LOOK_SECONDS, and only ever forward (a handover record
+    out of sight does not undo one)."""
+
+    def __init__(self, swarm: SwarmMember) -> None:
+        self.swarm = swarm
+        self.read_at = -math.inf  # when the records were last read (time.monotonic)
+
+    def newer(self, current: SwarmConfig | None) -> ConfigChain | None:
+        """The chain, when its latest config is past ``current`` (any, for None) and a look
+        is due; else None."""
+        if current is not None and time.monotonic() - self.read_at < CONFIG_LOOK_SECONDS:
+            return None
+        self.read_at = time.monotonic()
+        chain = config_chain(self.swarm)
+        if chain is None or (current is not None and chain.latest.epoch <= current.epoch):
+            return None
+        return chain
 
 
 def trusted_authors(

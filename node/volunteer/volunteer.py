@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from node.chain.bases import Bases
-from node.chain.history import current_head, find_config, head_blobs, sync_head, trusted_authors
+from node.chain.history import ConfigWatch, current_head, head_blobs, sync_head, trusted_authors
 from node.config import VolunteerSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import NodeMetrics
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 ANNOUNCE_TTL = 6 * 3600.0  # refreshed while the daemon runs; well under the 24 h cap
 STATE_FILE = "node.json"
 CONFIG_FILE = "swarm.toml"  # the swarm's config, as adopted (or pinned)
-CONFIG_LOOK_SECONDS = 60.0  # between looks for a handover of an adopted config
 LOG_EVERY = 10  # steps between training log lines when no progress bar is shown
 
 
@@ -56,7 +55,8 @@ class Volunteer(PeerDaemon):
         self.settings = settings
         self.root = swarm.data_dir
         self.config = self._pinned_config()
-        self.config_read_at = time.monotonic()  # when the swarm's records were last looked at
+        self.configs = ConfigWatch(swarm)
+        self.configs.read_at = time.monotonic()  # the pinned or adopted one is fresh
         self.bases = Bases(self.root / "bases", store, lambda blob: self.fetch(blob, timeout=600))
         self.scratch = self.root / "tmp"  # half-written files of a killed run are dropped here
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -92,15 +92,13 @@ class Volunteer(PeerDaemon):
 
     def adopt_config(self) -> None:
         """Take the swarm's config once it is in sight, and each handover of it after that
-        (looked for every CONFIG_LOOK_SECONDS; never with a pinned --swarm-config)."""
+        (node.chain.history.ConfigWatch; never with a pinned --swarm-config)."""
         if self.settings.swarm_config is not None:
             return
-        if self.config is not None and time.monotonic() - self.config_read_at < CONFIG_LOOK_SECONDS:
+        chain = self.configs.newer(self.config)
+        if chain is None:
             return
-        self.config_read_at = time.monotonic()
-        config = find_config(self.swarm)
-        if config is None or (self.config is not None and config.epoch <= self.config.epoch):
-            return  # only forward: a handover record out of sight does not undo one
+        config = chain.latest
         write_atomic(self.root / CONFIG_FILE, config.to_toml().encode())
         if self.config is None:
             logger.info("adopted the config of swarm %s", config.swarm_id)

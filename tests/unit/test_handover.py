@@ -133,7 +133,7 @@ def test_every_role_follows_the_handover_and_the_retired_aggregator_stops(handed
     c = world.aggregator("c", root, [handover])  # started with the handover: publishes it
     observer, _ = world.peer("observer")
     assert find_config(observer) == handover.config
-    a.config_read_at = volunteer.config_read_at = 0.0  # their next look is due
+    a.configs.read_at = volunteer.configs.read_at = 0.0  # their next look is due
     a.tick()
     volunteer.tick()
     assert a.config == volunteer.config == handover.config and not a.merges

@@ -41,7 +41,7 @@ def test_a_volunteer_says_whether_it_waits_for_the_config_or_for_a_head(
         volunteer._wait_for_head()
         assert volunteer.status == "waiting for the swarm's config"
         agg = world.aggregator("agg", world.config(["agg"]))  # publishes the config, no head
-        volunteer.config_read_at = 0.0
+        volunteer.configs.read_at = 0.0
         volunteer.tick()
         volunteer._wait_for_head()
     said = _warnings(caplog)
