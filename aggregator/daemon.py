@@ -59,7 +59,9 @@ from node.chain.history import (
     base_record,
     current_head,
     head_blobs,
+    publish_both,
     publish_head,
+    read_owned,
     sync_head,
 )
 from node.config import AggregatorSettings
@@ -69,7 +71,7 @@ from node.daemon.metrics import AggregatorMetrics
 from node.daemon.peer import PeerDaemon
 from node.net.blobs import ServeLimits
 from node.net.blobstore import HEAD_PIN, MOMENTUM_PIN, BlobStore
-from node.net.member import SwarmMember
+from node.net.member import Record, SwarmMember
 from node.net.swarm import HEAD_TTL
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import head_order
@@ -78,12 +80,24 @@ from protocol.ids import base_id
 from protocol.model_dir import ModelDir, write_model_dir
 from protocol.momentum import momentum_size
 from protocol.patch import write_patch
-from protocol.records import ANNOUNCE, BASE, CONFIG, HANDOVER, LEASE, Head, Lease
+from protocol.records import (
+    ANNOUNCE,
+    CONFIG,
+    HANDOVER,
+    LEASE,
+    MAX_AUTHORS_PER_KEY,
+    DeltaAnnouncement,
+    Head,
+    Lease,
+    owned_topic,
+)
 from protocol.swarm_config import SwarmConfig
 
 logger = logging.getLogger(__name__)
 
 CONFIG_TTL = 3600.0
+CROWDED = MAX_AUTHORS_PER_KEY // 2  # announcers under one base past which a crowd may hide some
+OWNED_ANNOUNCE_READS = 64  # established authors whose owned announcements are read then
 LEASE_SETTLE = 2.0  # seconds between claiming a lease and trusting that it won
 FETCH_TIMEOUT = 300.0
 ADMIT_TIMEOUT = 60.0  # seconds a candidate delta has to arrive before its slot goes on
@@ -192,7 +206,7 @@ class Aggregator(PeerDaemon):
         self.follow_handovers()
         self.follow_head()
         if self.holding is not None:  # keep the lease alive while the round runs
-            self.swarm.publish(LEASE, self.holding, ttl=self.lease_seconds)
+            self._claim(self.holding)
         self.metrics.lease_held.set(1 if self.holding else 0)
         if self.head is not None:
             self.metrics.head_round.set(self.head.round)
@@ -200,7 +214,8 @@ class Aggregator(PeerDaemon):
     def _publish_config(self) -> None:
         """Keep the first config and every handover after it in the DHT (a handover signed by
         aggregators that have since retired lives on in the records of those still here)."""
-        self.swarm.publish(CONFIG, self.root_config, ttl=CONFIG_TTL)
+        if self.root_config.trusts(self.swarm.identity.author):  # the only ones DHT nodes keep
+            self.swarm.publish(CONFIG, self.root_config, ttl=CONFIG_TTL)
         previous = self.root_config
         for handover in self.handovers:
             self.swarm.publish(HANDOVER, handover, topic=config_digest(previous), ttl=CONFIG_TTL)
@@ -378,7 +393,7 @@ class Aggregator(PeerDaemon):
                 break
             at = self.chain.get(base)  # the head that made this base: what it merged came before
             merged.update(at.merged if at else ())
-            for record in self.swarm.read(ANNOUNCE, topic=base):
+            for record in self._announcements(base):
                 key = (record.author, record.body.delta_id)
                 if record.body.base_id != base or record.body.delta_id in merged:
                     continue  # filed under another base than it names, or merged already
@@ -390,6 +405,19 @@ class Aggregator(PeerDaemon):
             base = at.parent if at else None
         known = {c.author for c in found if self.reputation.established(c.author)}
         return rank_candidates(found, head.base_id, known)
+
+    def _announcements(self, base: str) -> list[Record[DeltaAnnouncement]]:
+        """The announcements against ``base``: the shared key's, and when a crowd fills it
+        (DHT nodes keep MAX_AUTHORS_PER_KEY authors there, first come), the owned topics of
+        the authors with the most rounds merged, which no crowd can fill."""
+        found = self.swarm.read(ANNOUNCE, topic=base)
+        if len(found) >= CROWDED:
+            seen = {r.author for r in found}
+            known = self.reputation.most_merged(OWNED_ANNOUNCE_READS)
+            found += [
+                r for r in read_owned(self.swarm, ANNOUNCE, known, base) if r.author not in seen
+            ]
+        return found
 
     def _lease(self, head: Head) -> list[Admitted] | None:
         """The deltas to merge (with their norms) once this aggregator holds the round's
@@ -427,11 +455,11 @@ class Aggregator(PeerDaemon):
             claimed_at=get_dht_time(),
             deltas=tuple(a.candidate.delta_id for a in admitted),
         )
-        self.swarm.publish(LEASE, claim, ttl=self.lease_seconds)
+        self._claim(claim)
         time.sleep(self.lease_settle)
         live = self._live_leases(head)
         if not live or live[0][0] != self.swarm.identity.author:
-            self.swarm.withdraw(LEASE)
+            self._withdraw_claim()
             return None
         self.holding = claim
         self.metrics.lease_held.set(1)
@@ -533,20 +561,27 @@ class Aggregator(PeerDaemon):
         earliest = max(now - MAX_ROUND_SECONDS, (head.created or 0.0) - CLOCK_SLACK)
         leases = [
             (r.author, r.body)
-            for r in self.swarm.read(LEASE)
+            for r in read_owned(self.swarm, LEASE, self.config.aggregators)
             if r.body.round == head.round + 1
             and r.body.parent == head.base_id
             and earliest <= r.body.claimed_at <= now + CLOCK_SLACK
         ]
-        if self.config.aggregators:
-            leases = [(a, b) for a, b in leases if a in self.config.aggregators]
         return sorted(leases, key=lambda item: (item[1].claimed_at, item[0]))
 
     def _release(self) -> None:
         if self.holding is not None:
             self.holding = None
             self.metrics.lease_held.set(0)
-            self.swarm.withdraw(LEASE)
+            self._withdraw_claim()
+
+    def _claim(self, lease: Lease) -> None:
+        """Publish (or keep alive) a lease claim: where the config names the aggregators, under
+        this one's owned topic, which they read (a crowd of claims cannot hide it there)."""
+        publish_both(self.swarm, LEASE, lease, ttl=self.lease_seconds)
+
+    def _withdraw_claim(self) -> None:
+        self.swarm.withdraw(LEASE)
+        self.swarm.withdraw(LEASE, topic=owned_topic(self.swarm.identity.author))
 
     def run_round(self, head: Head, admitted: list[Admitted]) -> Head | None:
         """Weigh the admitted deltas (norms, and gains where there is evaluation data), merge,
@@ -710,7 +745,6 @@ class Aggregator(PeerDaemon):
 
     def _announce_head(self, head: Head) -> None:
         self.share_new_blobs()  # provider records before the head that names the blobs
-        self.swarm.publish(BASE, head, topic=head.base_id, ttl=HEAD_TTL)
         publish_head(self.swarm, head, HEAD_TTL)
         self.metrics.heads_published.inc()
         self._set_head(head)

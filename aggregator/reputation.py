@@ -47,6 +47,12 @@ class Reputation:
     def established(self, author: str) -> bool:
         return self.merged.get(author, 0) > 0
 
+    def most_merged(self, n: int) -> list[str]:
+        """The ``n`` authors with the most rounds merged (the smaller key first on a tie)."""
+        with self._lock:
+            ranked = sorted(self.merged.items(), key=lambda item: (-item[1], item[0]))
+        return [author for author, _ in ranked[:n]]
+
     def credit(self, head_id: str, authors: Iterable[str]) -> bool:
         """Count one round for each of ``authors`` (whose deltas head ``head_id`` merged);
         False when that head was counted already."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # 2: blob ids hash a list of piece hashes; 3: BLAKE3, not SHA-256; 4: heads name a momentum
-# blob; 5: heads also stand under their author's own key (records.OWN_TOPIC_KINDS); 6: config
-# fields for robust merging and admission; 7: heads name the authors they credit, configs
-# have epochs and handovers, provider records carry the peer's binding (protocol.peer_binding)
-PROTOCOL_VERSION = "7"
+# blob; 5: heads also stand under their author's own key; 6: config fields for robust merging
+# and admission; 7: heads name the authors they credit, configs have epochs and handovers,
+# provider records carry the peer's binding (protocol.peer_binding); 8: owned topics
+# ``<subject>~<author>`` (records.owned_topic) for heads, bases and leases, config records only
+# from an aggregator they name, handovers carry the config they follow
+PROTOCOL_VERSION = "8"
 
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)
 CodecName = Literal["bf16", "fp16", "fp32", "int8"]

@@ -7,7 +7,7 @@ To add or retire an aggregator, or to change a rule, the operators write the nex
 (``epoch`` one higher, same swarm id and genesis) and more than half of the current
 aggregators each sign it with their keys (:func:`endorse`). A :class:`Handover` carries the
 next config and those endorsements; anyone may store it (record kind ``handover``, under the
-previous config's digest), and a reader that trusts the previous config takes the next one
+previous config's digest, carrying that config so that every DHT node checks it on store), and a reader that trusts the previous config takes the next one
 only if the endorsements check out (:func:`check_handover`). Walking from the root, every
 reader arrives at the same config (:func:`follow_handovers`), whoever published what.
 
@@ -58,8 +58,10 @@ class Endorsement(Body):
 
 
 class Handover(Body):
-    """The config that follows the one whose digest it is filed under, and its endorsements."""
+    """The config that follows ``previous`` (filed under its digest), and its endorsements.
+    Carrying ``previous`` lets every DHT node check the endorsements before storing it."""
 
+    previous: SwarmConfig
     config: SwarmConfig
     endorsements: tuple[Endorsement, ...] = Field(default=(), max_length=16)
 
@@ -100,6 +102,8 @@ def enough(previous: SwarmConfig, signed: set[str]) -> bool:
 def check_handover(previous: SwarmConfig, handover: Handover) -> SwarmConfig:
     """The next config, if ``handover`` may follow ``previous``; HandoverError otherwise."""
     nxt = handover.config
+    if handover.previous != previous:
+        raise HandoverError(f"the handover follows another config than epoch {previous.epoch}")
     check_successor(previous, nxt)
     signed = endorsers(previous, handover)
     if not enough(previous, signed):

@@ -68,13 +68,13 @@ class SwarmRecordValidator(RecordValidatorBase):
 
 async def rejection_counts(_dht: object, node: object) -> dict[str, int]:
     """For ``DHT.run_coroutine``: rejected records by reason, and the accepted count."""
-    validator = _find(node.protocol.record_validator)  # type: ignore[attr-defined]
+    validator = find_validator(node.protocol.record_validator)  # type: ignore[attr-defined]
     if validator is None:
         return {}
     return dict(validator.rejected) | {"accepted": validator.accepted}
 
 
-def _find(validator: RecordValidatorBase | None) -> SwarmRecordValidator | None:
+def find_validator(validator: RecordValidatorBase | None) -> SwarmRecordValidator | None:
     if isinstance(validator, SwarmRecordValidator):
         return validator
     for inner in getattr(validator, "_validators", ()):

@@ -5,6 +5,19 @@ Every record lives under a key namespaced by the swarm id,
 digits) as its subkey, so each author owns one entry per key and a second
 swarm on the same DHT never reads the first one's keys.
 
+Keys are open: anyone may add an entry under a shared key, so a crowd of throwaway keys can
+crowd a key (every DHT node caps the authors it keeps under one key, node.net.key_cap). What a
+reader needs from known authors therefore stands where a crowd cannot reach it:
+
+- an *owned* topic, ``[<subject>]~<author>`` (:func:`owned_topic`), holds only that author's
+  record: heads, bases and leases of the aggregators a config names are read there;
+- a ``config`` record counts only from an aggregator it names itself, and in a swarm whose id
+  carries a trust anchor only the anchored aggregators can be named (protocol.swarm_config);
+- a ``handover`` record carries the config it follows and stands only under that config's
+  digest, endorsed by most of its aggregators (protocol.handover).
+
+All three are checked by every DHT node on store, so a flood there is refused, not kept.
+
 The stored value is an envelope, canonical JSON (sorted keys, no spaces)::
 
     {"v": 1, "swarm": ..., "kind": ..., "key": <the plain DHT key>,
@@ -22,13 +35,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from protocol.errors import MergeswarmError, one_line
-from protocol.handover import Handover
+from protocol.handover import Handover, HandoverError, check_handover, config_digest
 from protocol.identity import Identity, verify
 from protocol.peer_binding import PeerBinding, bound
 from protocol.schema import SWARM_ID_PATTERN, Body, Hex64, Maddr, ShortText, SwarmId
@@ -40,6 +54,11 @@ MAX_RECORD_BYTES = 4096  # well under hivemind's ~16 KiB host-pipe limit
 MAX_HANDOVER_BYTES = 8192
 MAX_MERGED = 32  # delta ids a head names (a round merges at most this many)
 MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
+# What one DHT node keeps under one key: a crowd of throwaway authors under a shared key gets
+# no further, and a reader's answer stays far under p2pd's 4 MiB message cap (1,800 records
+# hid a head before). An author already there may always refresh its entry.
+MAX_AUTHORS_PER_KEY = 1024
+MAX_KEY_BYTES = 2 << 20
 _KEY_PREFIX = "mergeswarm/"
 
 
@@ -54,6 +73,8 @@ REJECT_REASONS = (  # every RecordError reason: a bounded metric label set
     "expired",
     "bad_signature",
     "unbound_peer",
+    "untrusted",
+    "key_full",  # counted by the DHT's storage (node.net.key_cap), not by open_record
 )
 
 
@@ -176,10 +197,21 @@ KINDS: dict[str, Kind] = {
 BODIES: dict[str, type[Body]] = {name: kind.body for name, kind in KINDS.items()}
 
 
-# Kinds whose topic, when there is one, is the author's own key: only the author's record
-# stands under it, so a flood of records from throwaway keys there is refused by every DHT
-# node, and readers who know whom they trust read those keys, not the shared one.
-OWN_TOPIC_KINDS = ("head",)
+OWNER_MARK = "~"  # a topic ``<subject>~<author>`` holds only that author's record
+
+
+def owned_topic(author: str, subject: str = "") -> str:
+    """The topic under which only ``author`` can store a record (about ``subject``)."""
+    return f"{subject}{OWNER_MARK}{author}"
+
+
+def key_admits(held: Mapping[str, int], author: str, size: int) -> bool:
+    """Whether a DHT node that holds entries of these sizes (by author) under one key takes
+    one of ``size`` bytes from ``author``: a refresh always, a new author while there is room
+    (first come: honest records under their owned topics are out of a crowd's reach)."""
+    if author in held:
+        return True
+    return len(held) < MAX_AUTHORS_PER_KEY and sum(held.values()) + size <= MAX_KEY_BYTES
 
 
 def record_key(swarm_id: str, kind: Kind | str, topic: str = "") -> str:
@@ -283,7 +315,7 @@ def open_record(
         raise RecordError("wrong_key", f"a {env.kind} record stored under another key")
     if subkey != env.author:
         raise RecordError("forged_author", "record stored under a subkey that is not its author")
-    if kind in OWN_TOPIC_KINDS and topic and topic != env.author:
+    if OWNER_MARK in topic and topic.rpartition(OWNER_MARK)[2] != env.author:
         raise RecordError("wrong_key", f"a {kind} record under another author's key")
     if not math.isfinite(env.expires) or env.expires != expiration:
         raise RecordError("bad_expiration", "record's expiration is not the one its author signed")
@@ -303,7 +335,29 @@ def open_record(
         raise RecordError("malformed", f"malformed {kind} record: {one_line(exc)}") from None
     if isinstance(body, Provider) and not bound(body.binding, body.peer_id, env.author):
         raise RecordError("unbound_peer", "a provider record names a peer not bound to its author")
+    if isinstance(body, SwarmConfig):
+        _check_config(env, body)
+    elif isinstance(body, Handover):
+        _check_handover(env, topic, body)
     return env, body
+
+
+def _check_config(env: Envelope, config: SwarmConfig) -> None:
+    """A config record stands only from an aggregator it names (anyone's, for an open swarm)."""
+    if config.swarm_id != env.swarm or config.epoch != 0:
+        raise RecordError("wrong_key", "a config record of another swarm or epoch (epoch 0 only)")
+    if not config.trusts(env.author):
+        raise RecordError("untrusted", "a config record from an author it does not name")
+
+
+def _check_handover(env: Envelope, topic: str, handover: Handover) -> None:
+    """A handover stands only under the digest of the config it follows, endorsed by it."""
+    if handover.previous.swarm_id != env.swarm or topic != config_digest(handover.previous):
+        raise RecordError("wrong_key", "a handover stored under another config's digest")
+    try:
+        check_handover(handover.previous, handover)
+    except HandoverError as exc:
+        raise RecordError("untrusted", f"a handover that does not follow: {exc}") from None
 
 
 def is_swarm_id(value: str) -> bool:

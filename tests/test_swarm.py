@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 from hivemind.utils import get_dht_time
@@ -10,7 +11,7 @@ from hivemind.utils import get_dht_time
 import node.net.swarm as swarm_module
 from node.net.swarm import SwarmError
 from protocol.identity import Identity
-from protocol.records import Heartbeat, sign_record
+from protocol.records import HEARTBEAT, MAX_AUTHORS_PER_KEY, Heartbeat, sign_record
 from tests.swarm import start_peer, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -146,3 +147,35 @@ def test_sigterm_to_the_whole_process_group_stops_a_peer_cleanly(tmp_path):
     while not group_gone():
         assert time.monotonic() < deadline, "a process of the peer outlived SIGTERM"
         time.sleep(0.5)
+
+
+async def _flood(swarm_id: str, body: Heartbeat, n: int, expires: float, _dht, node) -> int:
+    """In the DHT's process (hivemind's pipe to it carries a few KiB): ``n`` throwaway keys
+    each store ``body`` under the shared key; how many stores any node took."""
+    entries = [Identity.generate() for _ in range(n)]
+    signed = [sign_record(e, swarm_id, "heartbeat", "", body, expires) for e in entries]
+    found = await node.store_many(
+        [key for key, _ in signed], [data for _, data in signed], expires,
+        [e.author for e in entries],
+    )  # fmt: skip
+    return sum(bool(ok) for ok in found.values())
+
+
+def test_a_dht_node_keeps_at_most_the_cap_of_authors_under_one_key(local_peer):
+    """A crowd of throwaway keys under one shared key (1,800 heads hid the head once): every
+    DHT node stops at MAX_AUTHORS_PER_KEY, first come, and a reader still gets its answer."""
+    a = local_peer("a")
+    b = local_peer("b", join=a.maddrs)
+    beat = Heartbeat(role="seed", version="x", peer_id=a.peer_id.to_base58())
+    assert a.publish(HEARTBEAT, beat, ttl=600)  # the honest one comes first
+    expires = get_dht_time() + 600
+    stored = 0
+    for _ in range(11):  # a hundred at a time: one traversal each, not one per record
+        stored += b.dht.run_coroutine(partial(_flood, a.swarm_id, beat, 100, expires))
+    assert stored == MAX_AUTHORS_PER_KEY - 1, stored
+    reader = local_peer("reader", join=a.maddrs)
+    authors = {r.author for r in reader.read(HEARTBEAT)}
+    assert len(authors) == MAX_AUTHORS_PER_KEY and a.identity.author in authors
+    assert a.publish(HEARTBEAT, beat, ttl=900)  # a refresh of an author already there lands
+    for peer in (a, b):
+        assert peer.rejection_counts().get("key_full", 0) >= 50

@@ -201,20 +201,25 @@ def test_init_writes_a_config_that_loads_with_the_given_flags(tiny_base, tmp_pat
     assert output.read_text() == written
 
 
-def test_a_handover_of_sixteen_aggregators_travels_through_a_real_dht(local_peer):
+def test_a_handover_of_sixteen_aggregators_travels_through_a_real_dht(local_peer, tmp_path):
     from node.chain.history import find_config
+    from node.data_dir import DataDir
     from protocol.handover import Handover, config_digest, endorse
     from protocol.records import CONFIG, HANDOVER
     from protocol.swarm_config import anchored_swarm_id
 
-    keys = [Identity.generate() for _ in range(16)]
+    # the writer is one of the aggregators: a config record stands only from one it names
+    keys = [Identity.load_or_create(DataDir(tmp_path / "writer").identity)]
+    keys += [Identity.generate() for _ in range(15)]
     authors = [k.author for k in keys]
     swarm_id = anchored_swarm_id("test-swarm", GENESIS, authors)
     root = parse_config({"swarm_id": swarm_id, "genesis_id": GENESIS, "aggregators": authors}, "t")
     successors = sorted(Identity.generate().author for _ in range(16))
     values = root.model_dump(mode="json") | {"epoch": 1, "aggregators": successors}
     nxt = parse_config(values, "next")
-    handover = Handover(config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys))
+    handover = Handover(
+        previous=root, config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys)
+    )
     writer = local_peer("writer", swarm_id=swarm_id)
     assert writer.publish(CONFIG, root, ttl=600)
     assert writer.publish(HANDOVER, handover, topic=config_digest(root), ttl=600)

@@ -12,11 +12,11 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 
 from node.chain.bases import Bases
-from node.net.member import SwarmMember
+from node.net.member import Record, SwarmMember
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
 from protocol.handover import MAX_EPOCHS, Handover, config_digest, next_config
-from protocol.records import BASE, CONFIG, HANDOVER, HEAD, Head
+from protocol.records import BASE, CONFIG, HANDOVER, HEAD, B, Head, Kind, owned_topic
 from protocol.swarm_config import SwarmConfig, swarm_anchor
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ class ConfigChain:
 def find_config(swarm: SwarmMember) -> SwarmConfig | None:
     """The swarm's config as its aggregators published it and handed it over, or None.
 
-    The root is a config record of epoch 0. Where the swarm id carries a trust anchor, only
-    the config the swarm was made with validates (protocol.swarm_config), whoever stored it;
-    where it does not, the root is taken only from an author it names as an aggregator (or
-    from anyone, for an open swarm that names none), the smallest one, so every reader picks
-    the same. From the root, each handover that most of the aggregators before it endorsed
-    leads to the next config (protocol.handover). Pin a config file to trust nothing here.
+    The root is a config record of epoch 0 by an aggregator it names (anyone, for an open
+    swarm that names none): the smallest such author, so every reader picks the same. Where the
+    swarm id carries a trust anchor, only the aggregators the swarm was made with can be named
+    (protocol.swarm_config). From the root, each handover that most of the aggregators before
+    it endorsed leads to the next config (protocol.handover). Every DHT node checks both on
+    store (protocol.records). Pin a config file to trust nothing here.
     """
     chain = config_chain(swarm)
     return chain.latest if chain else None
@@ -56,16 +56,8 @@ def find_config(swarm: SwarmMember) -> SwarmConfig | None:
 def config_chain(swarm: SwarmMember) -> ConfigChain | None:
     """The root config and the handovers that follow it, as far as they are in sight."""
     anchored = swarm_anchor(swarm.swarm_id) is not None
-    root = next(
-        (
-            r.body
-            for r in swarm.read(CONFIG)  # sorted by author
-            if r.body.swarm_id == swarm.swarm_id
-            and r.body.epoch == 0
-            and (anchored or r.body.trusts(r.author))
-        ),
-        None,
-    )
+    # open_record keeps only epoch-0 configs of this swarm by an aggregator they name
+    root = next((r.body for r in swarm.read(CONFIG)), None)  # sorted by author
     if root is None:
         return None
     handovers: list[Handover] = []
@@ -116,24 +108,39 @@ def current_head(swarm: SwarmMember, trusted: Collection[str] | None) -> Head | 
     author when empty; none when None)."""
     if trusted is None:
         return None
-    if trusted:  # each trusted author's own key: a flood under the shared one cannot hide them
-        records = [r for author in sorted(trusted) for r in swarm.read(HEAD, topic=author)]
-    else:
-        records = swarm.read(HEAD)
+    records = read_owned(swarm, HEAD, trusted)
     chosen = choose_head([(r.author, r.body) for r in records], trusted, get_dht_time())
     return chosen[1] if chosen else None
 
 
+def read_owned(
+    swarm: SwarmMember, kind: Kind[B], trusted: Collection[str], subject: str = ""
+) -> list[Record[B]]:
+    """The records of ``kind`` (about ``subject``) by ``trusted`` authors, each read under its
+    author's owned topic, where a crowd under the shared key cannot hide it; for an empty
+    ``trusted`` (anyone's), the shared key's."""
+    if not trusted:
+        return swarm.read(kind, topic=subject)
+    return [r for a in sorted(trusted) for r in swarm.read(kind, topic=owned_topic(a, subject))]
+
+
+def publish_both(swarm: SwarmMember, kind: Kind[B], body: B, ttl: float, subject: str = "") -> None:
+    """Publish (and keep refreshing) ``body`` under the shared key, which readers who trust
+    anyone read, and under this author's owned topic, which readers who trust it read."""
+    swarm.publish(kind, body, topic=subject, ttl=ttl)
+    swarm.publish(kind, body, topic=owned_topic(swarm.identity.author, subject), ttl=ttl)
+
+
 def publish_head(swarm: SwarmMember, head: Head, ttl: float) -> None:
-    """Publish (and keep refreshing) ``head`` under the shared key, which readers who trust
-    anyone read, and under this author's own key, which readers who trust it read."""
-    swarm.publish(HEAD, head, ttl=ttl)
-    swarm.publish(HEAD, head, topic=swarm.identity.author, ttl=ttl)
+    """Publish ``head`` as the head, and as the record of its base for walking chains back."""
+    publish_both(swarm, BASE, head, ttl, subject=head.base_id)
+    publish_both(swarm, HEAD, head, ttl)
 
 
 def base_record(swarm: SwarmMember, base: str, trusted: set[str]) -> Head | None:
     """What an aggregator published about ``base`` when it was the head."""
-    heads = [(r.author, r.body) for r in swarm.read(BASE, topic=base) if r.body.base_id == base]
+    records = read_owned(swarm, BASE, trusted, subject=base)
+    heads = [(r.author, r.body) for r in records if r.body.base_id == base]
     chosen = choose_head(heads, trusted)
     return chosen[1] if chosen else None
 

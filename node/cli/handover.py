@@ -153,10 +153,12 @@ def run_sign(args: argparse.Namespace) -> int:
     endorsements = []
     if args.output.exists():
         found = load_handover(args.output)
-        if found.config != nxt:
+        if found.config != nxt or found.previous != current:
             raise MergeswarmError(f"{args.output} hands over to another config than {args.next}")
         endorsements = [e for e in found.endorsements if e.author != me.author]
-    handover = Handover(config=nxt, endorsements=(*endorsements, endorse(me, current, nxt)))
+    handover = Handover(
+        previous=current, config=nxt, endorsements=(*endorsements, endorse(me, current, nxt))
+    )
     write_atomic(args.output, handover_json(handover).encode())
     signed = endorsers(current, handover)
     print(f"{args.output}: signed by {len(signed)} of the {len(current.aggregators)} aggregators")

@@ -38,7 +38,7 @@ from node.net.member import SwarmError, SwarmMember
 from protocol import transfer_pb2 as pb
 from protocol.identity import Identity
 from protocol.peer_binding import load_p2p_key, peer_id_of, write_p2p_key
-from protocol.records import ANNOUNCE, PROVIDER, RecordError, open_record
+from protocol.records import ANNOUNCE, PROVIDER, RecordError, key_admits, open_record
 
 DEFAULT_SWARM_ID = "memory-swarm"
 
@@ -66,6 +66,10 @@ class MemoryNet:
             return False
         with self._lock:
             entries = self._table.setdefault(key, {})
+            held = {a: len(v) for a, (v, e) in entries.items() if e > now}
+            if not key_admits(held, author, len(value)):  # what node.net.key_cap keeps
+                self.rejected["key_full"] += 1
+                return False
             old = entries.get(author)
             if old is not None and old[1] > expires:  # the DHT keeps the later expiration
                 return False

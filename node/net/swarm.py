@@ -28,6 +28,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 
 from node.config import SwarmOptions
 from node.data_dir import DataDir
+from node.net.key_cap import cap_keys
 from node.net.member import Record, SwarmError, SwarmMember
 from node.net.reach import MAX_DIAL_BACK, Reachability, dial_back, refused_clock
 from protocol import transfer_pb2 as pb
@@ -74,6 +75,7 @@ class Swarm(SwarmMember):
         self.identity = Identity.load_or_create(DataDir(self.data_dir).identity)
         self._pipe = threading.Lock()
         self.dht = self._start_dht()
+        self.dht.run_coroutine(cap_keys)
         self.dht.run_coroutine(_exit_with_host)
         if options.join:
             self.dht.run_coroutine(functools.partial(_rejoin_when_alone, list(options.join)))

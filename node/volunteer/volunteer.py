@@ -23,7 +23,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from node.chain.bases import Bases
-from node.chain.history import ConfigWatch, current_head, head_blobs, sync_head, trusted_authors
+from node.chain.history import (
+    ConfigWatch,
+    current_head,
+    head_blobs,
+    publish_both,
+    sync_head,
+    trusted_authors,
+)
 from node.config import VolunteerSettings
 from node.daemon.faults import crash_point
 from node.daemon.metrics import NodeMetrics
@@ -130,6 +137,12 @@ class Volunteer(PeerDaemon):
                 logger.warning("%s is unreadable; starting with empty state", path)
         return {"announced": []}
 
+    def _announce(self, announcement: DeltaAnnouncement) -> None:
+        """Announce (and keep refreshing) a delta under its base's shared key, and under this
+        author's owned topic, where aggregators look for established authors when a crowd
+        of throwaway keys fills the shared one."""
+        publish_both(self.swarm, ANNOUNCE, announcement, ANNOUNCE_TTL, announcement.base_id)
+
     def _save_state(self) -> None:
         write_atomic(self.root / STATE_FILE, json.dumps(self.state, indent=2).encode())
 
@@ -151,9 +164,7 @@ class Volunteer(PeerDaemon):
                 continue
             delta = announcement.delta_id
             if self.store.has(delta) and OWN_DELTA_PIN in self.store.pins(delta):
-                self.swarm.publish(
-                    ANNOUNCE, announcement, topic=announcement.base_id, ttl=ANNOUNCE_TTL
-                )
+                self._announce(announcement)
 
     # -- housekeeping thread -------------------------------------------------------------------
 
@@ -366,7 +377,7 @@ class Volunteer(PeerDaemon):
         self.state["head"] = head.base_id
         self._save_state()  # before announcing: a crash after it re-announces on restart
         crash_point("publish:saved")
-        self.swarm.publish(ANNOUNCE, announcement, topic=head.base_id, ttl=ANNOUNCE_TTL)
+        self._announce(announcement)
         crash_point("publish:announced")
         self.share_new_blobs()  # provider record, or a push when others cannot dial us
         self.metrics.deltas.inc()

@@ -22,9 +22,18 @@ from node.net.blobstore import HEAD_PIN
 from node.seed import Seed
 from node.training.tiny_model import CORPUS
 from protocol.delta import TensorMap, create_delta
+from protocol.identity import Identity
 from protocol.ids import file_hasher
 from protocol.model_dir import ModelDir
-from protocol.records import ANNOUNCE, BASE, LEASE, DeltaAnnouncement, Lease
+from protocol.records import (
+    ANNOUNCE,
+    BASE,
+    LEASE,
+    MAX_AUTHORS_PER_KEY,
+    DeltaAnnouncement,
+    Lease,
+    sign_record,
+)
 from tests.forge import nan_delta, scaled_finetune
 from tests.unit.world import World, step
 
@@ -383,3 +392,29 @@ def test_a_lease_dated_before_the_head_or_in_the_future_puts_nobody_on_standby(w
         assert stranger.publish(LEASE, claim, ttl=600)
     step(agg)
     assert agg.head.round == 1, agg.status
+
+
+def test_a_crowd_that_fills_a_bases_announce_key_cannot_hide_an_established_volunteer(
+    world, finetunes
+):
+    """DHT nodes keep MAX_AUTHORS_PER_KEY authors under a key, first come: a crowd of
+    throwaway keys that announces made-up deltas the moment a head appears fills the head's
+    shared announce key. The aggregator then also reads the owned topics of the authors with
+    the most rounds merged, so the swarm's known volunteers still come first."""
+    agg = world.aggregator("agg", world.config(["agg"], max_deltas=4), genesis=world.genesis)
+    step(agg)
+    base, expires = agg.head.base_id, get_dht_time() + 600
+    for _ in range(MAX_AUTHORS_PER_KEY):
+        stranger = Identity.generate()
+        made_up = DeltaAnnouncement(base_id=base, delta_id=secrets.token_hex(32), size=9, round=0)
+        key, data = sign_record(stranger, world.net.swarm_id, "announce", base, made_up, expires)
+        assert world.net.put(key, stranger.author, data, expires)
+    known = world.author(f"author{world.made + 1}")  # the next announcer, merged in rounds past
+    agg.reputation.credit("f" * 64, [known])
+    delta = world.announce_delta(finetunes[0])
+    assert world.net.rejected["key_full"] == 1  # its announcement under the shared key
+    assert len(agg.swarm.read(ANNOUNCE, topic=base)) == MAX_AUTHORS_PER_KEY
+    ranked = agg.candidates(agg.head)
+    assert ranked[0].author == known and ranked[0].delta_id == delta
+    step(agg)
+    assert agg.head.round == 1 and agg.head.merged == (delta,)

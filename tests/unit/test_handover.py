@@ -53,10 +53,13 @@ def test_a_handover_needs_more_than_half_of_the_aggregators_before_it():
     newcomer = Identity.generate().author
     nxt = _next(root, [keys[0].author, newcomer])
     sigs = [endorse(k, root, nxt) for k in keys]
-    assert check_handover(root, Handover(config=nxt, endorsements=tuple(sigs[:3]))) == nxt
+    assert (
+        check_handover(root, Handover(previous=root, config=nxt, endorsements=tuple(sigs[:3])))
+        == nxt
+    )
     for short in ((), sigs[:2], (sigs[0], sigs[0], sigs[0])):  # half, or one key three times
         with pytest.raises(HandoverError, match="more than half"):
-            check_handover(root, Handover(config=nxt, endorsements=tuple(short)))
+            check_handover(root, Handover(previous=root, config=nxt, endorsements=tuple(short)))
 
 
 def test_endorsements_by_strangers_for_other_configs_or_forged_do_not_count():
@@ -67,7 +70,9 @@ def test_endorsements_by_strangers_for_other_configs_or_forged_do_not_count():
     replayed = endorse(keys[1], root, other)  # signed for another next config
     forged = endorse(keys[2], root, nxt).model_copy(update={"sig": "00" * 64})
     for extra in (endorse(stranger, root, nxt), replayed, forged):
-        offered = Handover(config=nxt, endorsements=(endorse(keys[0], root, nxt), extra))
+        offered = Handover(
+            previous=root, config=nxt, endorsements=(endorse(keys[0], root, nxt), extra)
+        )
         with pytest.raises(HandoverError, match="endorsed by 1 of the 3"):
             check_handover(root, offered)
 
@@ -76,7 +81,9 @@ def test_the_next_config_must_keep_the_swarm_and_genesis_and_be_one_epoch_on():
     root, keys = _swarm(1)
 
     def offered(config: SwarmConfig) -> Handover:
-        return Handover(config=config, endorsements=(endorse(keys[0], root, config),))
+        return Handover(
+            previous=root, config=config, endorsements=(endorse(keys[0], root, config),)
+        )
 
     skipped = _next(root, [keys[0].author]).model_copy(update={"epoch": 2})
     regenesis = _next(root, [keys[0].author]).model_copy(update={"genesis_id": "b" * 64})
@@ -91,14 +98,18 @@ def test_handovers_chain_from_the_root_and_the_first_valid_one_wins():
     newcomer = Identity.generate()
     one = _next(root, [k.author for k in keys] + [newcomer.author])
     two = _next(one, [newcomer.author, keys[1].author], round_period=60)
-    h1 = Handover(config=one, endorsements=tuple(endorse(k, root, one) for k in keys))
+    h1 = Handover(
+        previous=root, config=one, endorsements=tuple(endorse(k, root, one) for k in keys)
+    )
     h2 = Handover(
-        config=two, endorsements=(endorse(newcomer, one, two), endorse(keys[1], one, two))
+        previous=one,
+        config=two,
+        endorsements=(endorse(newcomer, one, two), endorse(keys[1], one, two)),
     )
     assert follow_handovers(root, [h1, h2]) == [root, one, two]
     with pytest.raises(HandoverError):
         follow_handovers(root, [h2])
-    junk = Handover(config=_next(root, [newcomer.author]), endorsements=())
+    junk = Handover(previous=root, config=_next(root, [newcomer.author]), endorsements=())
     assert next_config(root, [junk, h1]) == h1
     assert next_config(root, [junk]) is None
 
@@ -106,7 +117,9 @@ def test_handovers_chain_from_the_root_and_the_first_valid_one_wins():
 def test_a_handover_of_sixteen_aggregators_fits_in_one_record():
     root, keys = _swarm(16)
     nxt = _next(root, [Identity.generate().author for _ in range(16)])
-    handover = Handover(config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys))
+    handover = Handover(
+        previous=root, config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys)
+    )
     _, data = sign_record(keys[0], root.swarm_id, HANDOVER.name, "ab" * 32, handover, 1e9)
     assert len(data) <= MAX_HANDOVER_BYTES
 
@@ -119,7 +132,9 @@ def handed_over(tmp_path, tiny_base):
     root = world.config(["a", "b"])
     nxt = _next(root, [world.author("b"), world.author("c")])
     keys = [Identity.load(DataDir(tmp_path / name).identity) for name in ("a", "b")]
-    handover = Handover(config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys))
+    handover = Handover(
+        previous=root, config=nxt, endorsements=tuple(endorse(k, root, nxt) for k in keys)
+    )
     return world, root, handover
 
 
@@ -156,9 +171,14 @@ def test_a_strangers_handover_or_later_config_is_not_followed(handed_over, tmp_p
     rogue, _ = world.peer("rogue")
     mine = _next(root, [rogue.identity.author])
     signed_by_a = endorse(Identity.load(DataDir(tmp_path / "a").identity), root, mine)
-    fake = Handover(config=mine, endorsements=(signed_by_a, endorse(rogue.identity, root, mine)))
-    assert rogue.publish(HANDOVER, fake, topic=config_digest(root), ttl=600)
-    assert rogue.publish(CONFIG, mine, ttl=600)  # epoch 1 offered as a first config
+    fake = Handover(
+        previous=root, config=mine, endorsements=(signed_by_a, endorse(rogue.identity, root, mine))
+    )
+    # every DHT node refuses both: one of two aggregators is not more than half, and a config
+    # record holds epoch 0 only
+    assert not rogue.publish(HANDOVER, fake, topic=config_digest(root), ttl=600)
+    assert not rogue.publish(CONFIG, mine, ttl=600)  # epoch 1 offered as a first config
+    assert world.net.rejected["untrusted"] == 1 and world.net.rejected["wrong_key"] == 1
     observer, _ = world.peer("observer")
     assert find_config(observer) == root  # one of two aggregators is not more than half
 

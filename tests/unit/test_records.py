@@ -19,13 +19,17 @@ from protocol.records import (
     BODIES,
     HEAD,
     KINDS,
+    MAX_AUTHORS_PER_KEY,
+    MAX_KEY_BYTES,
     MAX_RECORD_BYTES,
     MAX_TTL_SECONDS,
     DeltaAnnouncement,
     Head,
     Provider,
     RecordError,
+    key_admits,
     open_record,
+    owned_topic,
     record_key,
     sign_record,
 )
@@ -217,3 +221,25 @@ def test_every_record_kind_is_named_once_and_keys_as_its_name():
         assert BODIES[name] is kind.body
         assert record_key("s", kind, "t") == record_key("s", name, "t") == f"mergeswarm/s/{name}/t"
     assert HEAD.body is BASE.body is Head  # the same schema, under two keys
+
+
+def test_an_owned_topic_holds_only_its_authors_record(alice):
+    bob = Identity.generate()
+    for topic in (owned_topic(alice.author), owned_topic(alice.author, "aa" * 32)):
+        _, data = _signed(alice, topic=topic)
+        open_record(data, subkey=alice.author, expiration=NOW + 60, now=NOW)
+        _, data = _signed(bob, topic=topic)
+        with pytest.raises(RecordError) as err:
+            open_record(data, subkey=bob.author, expiration=NOW + 60, now=NOW)
+        assert err.value.reason == "wrong_key"
+
+
+def test_a_key_takes_new_authors_only_while_there_is_room_and_refreshes_always():
+    assert key_admits({}, "a", MAX_KEY_BYTES)
+    assert not key_admits({}, "a", MAX_KEY_BYTES + 1)
+    full = {str(i): 10 for i in range(MAX_AUTHORS_PER_KEY)}
+    assert not key_admits(full, "newcomer", 10)
+    assert key_admits(full, "7", 10)
+    heavy = {"x": MAX_KEY_BYTES - 100}
+    assert key_admits(heavy, "y", 100) and not key_admits(heavy, "y", 101)
+    assert key_admits(heavy, "x", 4000)

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from hivemind.utils import get_dht_time
 
 from node.chain.history import chain_to, current_head, find_config
 from node.config import VolunteerSettings
@@ -18,7 +19,16 @@ from node.seed import Seed, genesis_head
 from node.volunteer.volunteer import Volunteer
 from protocol.errors import MergeswarmError
 from protocol.identity import Identity
-from protocol.records import CONFIG, HEAD
+from protocol.records import (
+    CONFIG,
+    HEAD,
+    LEASE,
+    MAX_AUTHORS_PER_KEY,
+    Lease,
+    owned_topic,
+    record_key,
+    sign_record,
+)
 from protocol.swarm_config import (
     SwarmConfigError,
     anchored_swarm_id,
@@ -69,6 +79,10 @@ def hijacked(tmp_path, tiny_base, finetunes) -> World:
     forged = world.config(["agg"]).model_copy(update={"aggregators": (rogue.identity.author,)})
     assert not rogue.publish(CONFIG, forged, ttl=600)  # built unchecked: the DHT refuses it
     assert world.net.rejected["malformed"] == 1
+    # the real aggregators and genesis (so the anchor matches) with absurd rules, signed by the
+    # stranger: a config stands only from an aggregator it names
+    assert not rogue.publish(CONFIG, world.config(["agg"], max_deltas=1), ttl=600)
+    assert world.net.rejected["untrusted"] == 1
     world.fake = fake  # type: ignore[attr-defined]
     return world
 
@@ -122,9 +136,37 @@ def test_a_head_under_another_authors_key_is_refused_and_trusted_readers_skip_th
         stranger, _ = world.peer(f"stranger{i}")  # the aggregator's own one
         flood = agg.head.model_copy(update={"round": 999, "deltas": 0, "parent": "ab" * 32})
         assert stranger.publish(HEAD, flood, ttl=600)
-        assert not stranger.publish(HEAD, flood, topic=author, ttl=600)
+        assert not stranger.publish(HEAD, flood, topic=owned_topic(author), ttl=600)
     assert world.net.rejected["wrong_key"] == 20
     observer, _ = world.peer("observer")
-    assert [r.author for r in observer.read(HEAD, topic=author)] == [author]
+    assert [r.author for r in observer.read(HEAD, topic=owned_topic(author))] == [author]
     assert current_head(observer, {author}) == agg.head
     assert current_head(observer, set()).round == 999  # the shared key: what anyone-readers see
+
+
+def test_a_crowd_fills_a_shared_key_only_up_to_the_cap_and_owned_topics_stay_readable(
+    tmp_path, tiny_base
+):
+    """1,800 heads from throwaway keys once hid the head (p2pd's message cap): a DHT node now
+    keeps MAX_AUTHORS_PER_KEY authors under a key, a refresh of one of them still lands, and
+    the aggregators' heads, bases and leases stand under their owned topics, out of reach."""
+    world = World(tmp_path, tiny_base)
+    world.anchor(["agg"])
+    agg = world.aggregator("agg", world.config(["agg"]), genesis=world.genesis)
+    step(agg)
+    flood = agg.head.model_copy(update={"round": 999, "deltas": 0, "parent": "ab" * 32})
+    expires = get_dht_time() + 600
+    stored = 0
+    for _ in range(MAX_AUTHORS_PER_KEY + 100):
+        stranger = Identity.generate()
+        key, data = sign_record(stranger, world.net.swarm_id, "head", "", flood, expires)
+        stored += world.net.put(key, stranger.author, data, expires)
+    assert stored == MAX_AUTHORS_PER_KEY - 1  # the aggregator's own entry took one place
+    assert world.net.rejected["key_full"] == 101
+    assert len(world.net.get(record_key(world.net.swarm_id, "head"))) == MAX_AUTHORS_PER_KEY
+    assert agg.swarm.refresh() > 0 and world.net.rejected["key_full"] == 101  # its refresh lands
+    observer, _ = world.peer("observer")
+    assert current_head(observer, {world.author("agg")}) == agg.head
+    claim = Lease(round=1, parent=agg.head.base_id, claimed_at=get_dht_time())
+    stranger, _ = world.peer("stranger")
+    assert not stranger.publish(LEASE, claim, topic=owned_topic(world.author("agg")), ttl=60)

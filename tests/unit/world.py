@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aggregator.daemon import Aggregator
+from node.chain.history import publish_both
 from node.config import AggregatorSettings
 from node.data_dir import DataDir
 from node.net.blobstore import BlobStore
@@ -19,7 +20,7 @@ from protocol.delta import create_delta
 from protocol.handover import Handover
 from protocol.identity import Identity
 from protocol.ids import base_id
-from protocol.records import ANNOUNCE, DeltaAnnouncement, Head
+from protocol.records import ANNOUNCE, DeltaAnnouncement, Head, owned_topic
 from protocol.swarm_config import SwarmConfig, anchored_swarm_id, parse_config
 
 
@@ -84,12 +85,14 @@ class World:
     def offer(
         self, swarm: MemorySwarm, store: BlobStore, path: Path, head: Head | None = None
     ) -> str:
-        """``swarm`` stores, serves and announces the delta file ``path`` against ``head``."""
+        """``swarm`` stores, serves and announces the delta file ``path`` against ``head`` (as a
+        volunteer does: under the base's shared key and its owned topic)."""
         delta = store.add_file(path)
         swarm.transfers(store).announce(delta)
         base, round_ = (head.base_id, head.round) if head else (self.genesis_id, 0)
         body = DeltaAnnouncement(base_id=base, delta_id=delta, size=store.size(delta), round=round_)
-        assert swarm.publish(ANNOUNCE, body, topic=base)
+        publish_both(swarm, ANNOUNCE, body, ttl=600.0, subject=base)
+        assert swarm.read(ANNOUNCE, topic=owned_topic(swarm.identity.author, base))
         return delta
 
     def holder_path(self, blob_id: str) -> Path:
