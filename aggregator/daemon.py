@@ -428,6 +428,7 @@ class Aggregator(PeerDaemon):
             self.seen_leases[(round_, head.base_id)] = live[0][1]  # to finish, should it lapse
             self.status = f"standby: round {round_} is leased to {live[0][0][:16]}"
             return None
+        read_at = time.time()  # announcements after this wait for the next round
         candidates = self.candidates(head)
         lapsed = self.seen_leases.get((round_, head.base_id))
         if lapsed is not None and lapsed.deltas:  # a holder died: finish its round as it began
@@ -463,7 +464,12 @@ class Aggregator(PeerDaemon):
             return None
         self.holding = claim
         self.metrics.lease_held.set(1)
-        logger.info("holding the lease of round %d with %d deltas", round_, len(admitted))
+        logger.info(
+            "holding the lease of round %d with %d deltas",
+            round_,
+            len(admitted),
+            extra={"fields": {"round": round_, "announcements_read_at": round(read_at, 3)}},
+        )
         return admitted
 
     def _admit(self, head: Head, ranked: list[Candidate]) -> list[Admitted]:

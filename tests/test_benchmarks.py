@@ -166,3 +166,26 @@ def test_bench_robustness_smoke_run_reports_every_attack_against_the_clean_round
         for row in result[key].values():
             assert {"loss", "honest_merged", "honest_total"} <= set(row)
             assert row["honest_total"] == 4 and 0 <= row["honest_merged"] <= 4
+
+
+@pytest.mark.slow
+def test_soak_smoke_run_survives_a_kill_9_and_accounts_for_every_delta(tmp_path):
+    """A short soak: two volunteers, one chaos event (a SIGKILL and a restart); the swarm
+    keeps making heads and every announced delta is merged or has a reason."""
+    out = tmp_path / "soak.json"
+    script = SCRIPT.with_name("soak.py")
+    args = ["--volunteers", "2", "--minutes", "1.2", "--chaos-every", "35"]
+    args += ["--sample-every", "20", "--round-period", "5", "--round-steps", "5"]
+    args += ["--pretrain-steps", "20", "--workdir", tmp_path / "soak", "--json", out]
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [e["kind"] for e in result["chaos"]] == ["kill9"]
+    assert result["rounds"] >= 2 and result["stuck_rounds"] == 0
+    deltas = result["deltas"]
+    assert deltas["published"] >= 2 and deltas["merged"] >= 1
+    assert result["unaccounted_deltas"] == deltas["unaccounted"] == 0, deltas
+    assert result["processes_left_behind"] == 0
+    assert "rounds completed" in proc.stdout

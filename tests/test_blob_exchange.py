@@ -369,3 +369,31 @@ def test_runs_follow_each_other_on_one_stream_and_long_ones_are_cut_once_others_
     # A whole copy is out now: a fetcher that shares is sent to look among the others.
     assert client.run(alone(True))[-1].error == CAPPED
     assert not client.run(alone(False))[-1].error  # one that does not gets its run
+
+
+def test_a_fetch_nobody_can_serve_gives_up_at_once_when_the_peer_is_told_to_stop(
+    tmp_path, local_peer
+):
+    """A volunteer told to stop while it looked for providers of a head that were gone
+    held its shutdown for the fetch's whole timeout (the soak's SIGTERMs, scripts/soak.py)."""
+    from node.net.blobs import FetchError, fetch
+
+    peer = local_peer("peer")
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def download() -> None:
+        try:
+            fetch(peer, BlobStore(tmp_path / "blobs"), "ab" * 32, timeout=120, cancel=stop)
+        except FetchError as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=download)
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive()  # still looking for a provider
+    told = time.monotonic()
+    stop.set()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - told < 2.0
+    assert len(failed) == 1 and "stopping" in str(failed[0])

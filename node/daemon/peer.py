@@ -62,6 +62,9 @@ class PeerDaemon:
         self.metrics = self.new_metrics()
         self._reported: dict[str, float] = {}  # counter totals already added to the metrics
         self._notice = ("", 0.0)  # the last wait told to the operator, and when
+        # set when the peer is told to stop (run_until links the signal's event): a download
+        # under way gives up then instead of holding the shutdown for its whole timeout
+        self.stopping = threading.Event()
 
     def waiting(self, status: str, advice: str) -> None:
         """Set ``status`` and tell the operator what the daemon waits for and what to do:
@@ -98,8 +101,9 @@ class PeerDaemon:
         return dropped
 
     def fetch(self, blob_id: str, **kwargs) -> object:
-        """Download a blob into this peer's store, counting its bytes in this peer's stats."""
-        return self.transfers.fetch(blob_id, **kwargs)
+        """Download a blob into this peer's store, counting its bytes in this peer's stats;
+        FetchError at once when the peer is told to stop."""
+        return self.transfers.fetch(blob_id, cancel=self.stopping, **kwargs)
 
     def update_metrics(self) -> None:
         """Bring the metrics up to the blob service's and the DHT's own counts."""
@@ -184,6 +188,7 @@ class PeerDaemon:
 
 def run_until(daemon: PeerDaemon, stop: threading.Event, interval: float = 2.0) -> None:
     """Tick until ``stop`` is set; a failing tick is logged, never fatal."""
+    daemon.stopping = stop  # the daemon's downloads give up when it is set
     while not stop.is_set():
         try:
             daemon.tick()

@@ -50,9 +50,14 @@ SWARM_INFO = "mergeswarm.SwarmInfo"
 HEAD_TTL = 3600.0  # seconds a head record lives; its publisher refreshes it while it runs
 DHT_TIMEOUT = 120.0  # seconds a store or get may take before the DHT process counts as stuck
 REJOIN_SECONDS = 10.0  # between looks at whether the DHT node has lost every other node
+CANCEL_POLL = 0.2  # seconds between looks at a cancel event while waiting on the loop
 TAKEN_RETRIES = 5  # seconds to wait for a predecessor's DHT process to let go of the identity
 
 T = TypeVar("T")
+
+
+class Cancelled(SwarmError):
+    """A call on the peer's loop was given up: the peer is stopping."""
 
 
 class ProtocolMismatch(SwarmError):
@@ -224,14 +229,33 @@ class Swarm(SwarmMember):
 
     # -- the asyncio loop ------------------------------------------------------
 
-    def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T], timeout: float | None = 60) -> T:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T] | Awaitable[T],
+        timeout: float | None = 60,
+        cancel: threading.Event | None = None,
+    ) -> T:
         """Run a coroutine on the peer's loop from another thread and wait for it.
 
-        On timeout (or when the waiting thread is interrupted) the coroutine is cancelled.
+        On timeout, when ``cancel`` is set (Cancelled) or when the waiting thread is
+        interrupted, the coroutine is cancelled.
         """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return future.result(timeout)
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if cancel is None:
+                    return future.result(left)
+                if cancel.is_set():
+                    raise Cancelled("the peer is stopping")
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                try:
+                    return future.result(CANCEL_POLL if left is None else min(CANCEL_POLL, left))
+                except TimeoutError:
+                    if future.done():
+                        raise  # the coroutine's own TimeoutError
         except BaseException:
             future.cancel()
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from node.net.pieces import (
     may_ask_ahead,
     pick_run,
 )
-from node.net.swarm import Swarm
+from node.net.swarm import Cancelled, Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
 from protocol.records import PROVIDER, Provider
@@ -559,11 +560,21 @@ class Fetcher:
 
 
 def fetch(
-    swarm: Swarm, store: BlobStore, blob_id: str, *, timeout: float = 600.0, **kwargs
+    swarm: Swarm,
+    store: BlobStore,
+    blob_id: str,
+    *,
+    timeout: float = 600.0,
+    cancel: threading.Event | None = None,
+    **kwargs,
 ) -> Fetcher:
-    """Download ``blob_id`` into ``store`` (blocking); raises FetchError when it cannot."""
+    """Download ``blob_id`` into ``store`` (blocking); raises FetchError when it cannot, or
+    as soon as ``cancel`` is set (what it got so far is kept for a resume)."""
     if not is_id(blob_id):
         raise FetchError(f"{blob_id[:80]!r} is not a blob id")
     fetcher = Fetcher(swarm, store, blob_id, **kwargs)
-    swarm.run(fetcher.run(timeout), timeout=timeout + 30)
+    try:
+        swarm.run(fetcher.run(timeout), timeout=timeout + 30, cancel=cancel)
+    except Cancelled:
+        raise FetchError(f"blob {blob_id[:16]}: given up, the peer is stopping") from None
     return fetcher
