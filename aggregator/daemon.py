@@ -63,6 +63,7 @@ from node.chain.history import (
     publish_head,
     read_owned,
     sync_head,
+    withdraw_both,
 )
 from node.config import AggregatorSettings
 from node.daemon.backoff import Backoff
@@ -89,7 +90,6 @@ from protocol.records import (
     DeltaAnnouncement,
     Head,
     Lease,
-    owned_topic,
 )
 from protocol.swarm_config import SwarmConfig
 
@@ -586,8 +586,7 @@ class Aggregator(PeerDaemon):
         publish_both(self.swarm, LEASE, lease, ttl=self.lease_seconds)
 
     def _withdraw_claim(self) -> None:
-        self.swarm.withdraw(LEASE)
-        self.swarm.withdraw(LEASE, topic=owned_topic(self.swarm.identity.author))
+        withdraw_both(self.swarm, LEASE)
 
     def run_round(self, head: Head, admitted: list[Admitted]) -> Head | None:
         """Weigh the admitted deltas (norms, and gains where there is evaluation data), merge,

@@ -46,7 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.daemon.launch import PeerProcess, PeerStartError, kill_group, launch_peer  # noqa: E402
 from node.demo.lab import log_records  # noqa: E402
-from node.demo.local_swarm import DEMO_MODELS, prepare_swarm, volunteer_flags  # noqa: E402
+from node.demo.local_swarm import (  # noqa: E402
+    DEMO_MODELS,
+    author_of,
+    prepare_swarm,
+    volunteer_flags,
+)
+from protocol.swarm_config import load_swarm_config  # noqa: E402
 
 ROLES = ("volunteer", "aggregator", "seed")
 STOP_SECONDS = 60.0  # how long a SIGSTOPped daemon stays frozen
@@ -150,7 +156,7 @@ class Soak:
                    "--max-deltas", str(min(32, a.volunteers)), "--staleness", "1"),
             log=lambda text: self.log(text),
         )  # fmt: skip
-        self.swarm_id = _swarm_id(setup.config)
+        self.swarm_id = load_swarm_config(setup.config).swarm_id
         ports = {}
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
@@ -188,7 +194,7 @@ class Soak:
             daemon(f"volunteer-{i + 1}", "volunteer", args, self.workdir / f"volunteer-{i + 1}")
         self._start_all([d for d in self.daemons.values() if d.proc is None])
         self.joins = joins
-        self.trusted = {_author(d) for d in setup.aggregators}
+        self.trusted = {author_of(d) for d in setup.aggregators}
 
     def _start_all(self, daemons: list[Daemon]) -> None:
         threads = [threading.Thread(target=d.start, args=(self.now(), self.env)) for d in daemons]
@@ -486,19 +492,6 @@ def _cycle(gaps: list[float]) -> float:
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _swarm_id(config: Path) -> str:
-    import tomllib
-
-    return tomllib.loads(config.read_text())["swarm_id"]
-
-
-def _author(data_dir: Path) -> str:
-    from node.data_dir import DataDir
-    from protocol.identity import Identity
-
-    return Identity.load(DataDir(data_dir).identity).author
 
 
 def print_table(r: dict) -> None:

@@ -131,6 +131,12 @@ def publish_both(swarm: SwarmMember, kind: Kind[B], body: B, ttl: float, subject
     swarm.publish(kind, body, topic=owned_topic(swarm.identity.author, subject), ttl=ttl)
 
 
+def withdraw_both(swarm: SwarmMember, kind: Kind, subject: str = "") -> None:
+    """Stop refreshing what :func:`publish_both` published."""
+    swarm.withdraw(kind, topic=subject)
+    swarm.withdraw(kind, topic=owned_topic(swarm.identity.author, subject))
+
+
 def publish_head(swarm: SwarmMember, head: Head, ttl: float) -> None:
     """Publish ``head`` as the head, and as the record of its base for walking chains back."""
     publish_both(swarm, BASE, head, ttl, subject=head.base_id)

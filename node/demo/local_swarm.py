@@ -336,7 +336,7 @@ def run_swarm_demo(
         bases = Bases(
             workdir / "observer" / "bases", store, lambda b: fetch(observer, store, b, timeout=300)
         )
-        trusted = {_author(d) for d in agg_dirs}
+        trusted = {author_of(d) for d in agg_dirs}
         log(f"[4/4] running {rounds} rounds (each: train {round_steps} steps, publish, merge)")
         _print_header(domains, log)
         _print_row("genesis", genesis_id, 0, 0, result.genesis_loss, domains, log)
@@ -377,7 +377,7 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "node.cli", *args], check=True, capture_output=True)
 
 
-def _author(data_dir: Path) -> str:
+def author_of(data_dir: Path) -> str:
     from protocol.identity import Identity
 
     return Identity.load(DataDir(data_dir).identity).author

@@ -26,9 +26,10 @@ class CappedStorage(DHTLocalStorage):
 
     def store_subkey(self, key: DHTID, subkey: Any, value: bytes, expiration_time: float) -> bool:
         found = self.get(key)
-        if found is not None and isinstance(found.value, DictionaryDHTValue):
+        dictionary = found.value if found is not None else None
+        if isinstance(dictionary, DictionaryDHTValue) and subkey not in dictionary:
             # subkeys are the authors' hex keys; items() yields unexpired entries only
-            held = {str(sub): len(item.value) for sub, item in found.value.items()}
+            held = {str(sub): len(item.value) for sub, item in dictionary.items()}
             if not key_admits(held, str(subkey), len(value)):
                 self.refused["key_full"] += 1
                 return False

@@ -11,6 +11,7 @@ in a thread for the libp2p stream handlers (see node.net.blobs).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -241,21 +242,17 @@ class Swarm(SwarmMember):
         interrupted, the coroutine is cancelled.
         """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if cancel is None:
-                    return future.result(left)
+            if cancel is None:
+                return future.result(timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not future.done():
                 if cancel.is_set():
                     raise Cancelled("the peer is stopping")
-                if left is not None and left <= 0:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError
-                try:
-                    return future.result(CANCEL_POLL if left is None else min(CANCEL_POLL, left))
-                except TimeoutError:
-                    if future.done():
-                        raise  # the coroutine's own TimeoutError
+                concurrent.futures.wait([future], timeout=CANCEL_POLL)
+            return future.result()
         except BaseException:
             future.cancel()
             raise
