@@ -63,6 +63,7 @@ from node.chain.history import (
     publish_head,
     read_owned,
     sync_head,
+    withdraw_bases_but,
     withdraw_both,
 )
 from node.config import AggregatorSettings
@@ -268,6 +269,11 @@ class Aggregator(PeerDaemon):
         self.head_seen_at = time.monotonic()
         self.chain[head.base_id] = head
         self._credit_chain(head)
+        # What this aggregator remembers and keeps publishing of the chain stays bounded:
+        # the rounds a reputation walk covers, and back to the nearest snapshot.
+        kept = self._back_to(head, REPUTATION_WALK)
+        self.chain = {h.base_id: h for h in kept}
+        withdraw_bases_but(self.swarm, self.chain)
 
     def _credit_chain(self, head: Head) -> None:
         """Count the reputation that ``head`` gives and that its ancestors not counted yet
@@ -775,8 +781,15 @@ class Aggregator(PeerDaemon):
     def _back_to_snapshot(self, head: Head) -> list[Head]:
         """The head and its ancestors back to the nearest one with a snapshot (as far as this
         aggregator knows them): what a newcomer needs to rebuild the head."""
+        return self._back_to(head, 1)
+
+    def _back_to(self, head: Head, rounds: int) -> list[Head]:
+        """The head and its known ancestors, newest first: ``rounds`` heads at least, and on
+        back to the nearest one with a snapshot."""
         chain = [head]
-        while chain[-1].snapshot_id is None and (h := self.chain.get(chain[-1].parent or "")):
+        while (len(chain) < rounds or chain[-1].snapshot_id is None) and (
+            h := self.chain.get(chain[-1].parent or "")
+        ):
             chain.append(h)
         return chain
 

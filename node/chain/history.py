@@ -16,7 +16,17 @@ from node.net.member import Record, SwarmMember
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import choose_head
 from protocol.handover import MAX_EPOCHS, Handover, config_digest, next_config
-from protocol.records import BASE, CONFIG, HANDOVER, HEAD, B, Head, Kind, owned_topic
+from protocol.records import (
+    BASE,
+    CONFIG,
+    HANDOVER,
+    HEAD,
+    OWNER_MARK,
+    B,
+    Head,
+    Kind,
+    owned_topic,
+)
 from protocol.swarm_config import SwarmConfig, swarm_anchor
 
 logger = logging.getLogger(__name__)
@@ -135,6 +145,14 @@ def withdraw_both(swarm: SwarmMember, kind: Kind, subject: str = "") -> None:
     """Stop refreshing what :func:`publish_both` published."""
     swarm.withdraw(kind, topic=subject)
     swarm.withdraw(kind, topic=owned_topic(swarm.identity.author, subject))
+
+
+def withdraw_bases_but(swarm: SwarmMember, keep: Collection[str]) -> None:
+    """Stop refreshing this peer's records of bases other than ``keep``: they age out, and
+    what a peer refreshes stays bounded however long it runs."""
+    for subject in swarm.publishing(BASE):
+        if OWNER_MARK not in subject and subject not in keep:
+            withdraw_both(swarm, BASE, subject)
 
 
 def publish_head(swarm: SwarmMember, head: Head, ttl: float) -> None:

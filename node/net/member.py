@@ -119,6 +119,11 @@ class SwarmMember(ABC):
         with self._lock:
             self._owned.pop((str(kind), topic), None)
 
+    def publishing(self, kind: Kind | str) -> list[str]:
+        """The topics of ``kind`` whose records this peer keeps refreshing."""
+        with self._lock:
+            return [topic for k, topic in self._owned if k == str(kind)]
+
     def refresh(self) -> int:
         """Re-publish every owned record with a fresh expiration; returns how many were stored."""
         with self._lock:

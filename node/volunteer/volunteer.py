@@ -30,6 +30,7 @@ from node.chain.history import (
     publish_both,
     sync_head,
     trusted_authors,
+    withdraw_both,
 )
 from node.config import VolunteerSettings
 from node.daemon.faults import crash_point
@@ -368,12 +369,19 @@ class Volunteer(PeerDaemon):
             loss_before=metadata["loss_before"],
             loss_after=metadata["loss_after"],
         )
-        for old in self.state["announced"]:  # one delta per author and base: this one replaces
-            if old["base_id"] == head.base_id and old["delta_id"] != delta_id:
+        # One delta per author and base: this one replaces; and a delta on a base further
+        # behind than the staleness window will never be merged: it is no longer offered.
+        oldest = head.round - (self.config.staleness if self.config else 0)
+        kept, dropped = [], []
+        for old in self.state["announced"]:
+            gone = old["base_id"] == head.base_id or old.get("round", 0) < oldest
+            (dropped if gone else kept).append(old)
+        for old in dropped:
+            if old["delta_id"] != delta_id:
                 self.store.unpin(old["delta_id"], OWN_DELTA_PIN)
-        self.state["announced"] = [
-            a for a in self.state["announced"] if a["base_id"] != head.base_id
-        ] + [announcement.model_dump(mode="json")]
+            if old["base_id"] != head.base_id:
+                withdraw_both(self.swarm, ANNOUNCE, old["base_id"])
+        self.state["announced"] = [*kept, announcement.model_dump(mode="json")]
         self.state["head"] = head.base_id
         self._save_state()  # before announcing: a crash after it re-announces on restart
         crash_point("publish:saved")

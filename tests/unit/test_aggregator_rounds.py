@@ -30,6 +30,7 @@ from protocol.records import (
     BASE,
     LEASE,
     MAX_AUTHORS_PER_KEY,
+    OWNER_MARK,
     DeltaAnnouncement,
     Lease,
     sign_record,
@@ -63,23 +64,45 @@ def test_a_round_merges_the_announced_deltas_into_a_head_every_role_follows(worl
     assert sorted(p.beat.role for p in monitor.view.peers) == ["aggregator", "monitor"]
 
 
-def test_an_aggregator_keeps_pinned_only_what_rebuilds_its_recent_heads(world, finetunes):
-    agg = world.aggregator(
-        "agg", world.config(["agg"], snapshot_every=3, staleness=0), genesis=world.genesis
-    )
+def _six_heads(world, agg, finetunes) -> list:
+    """The genesis and five rounds, each merging one delta."""
     step(agg)
     heads = [agg.head]
-    for r in range(1, 6):  # snapshots at rounds 0 and 3
+    for r in range(1, 6):
         base = agg.bases.path(agg.head.base_id)
         world.announce_delta(finetunes[r % 3], base=base, head=agg.head, seed=r)
         step(agg)
         heads.append(agg.head)
+    return heads
+
+
+def test_an_aggregator_keeps_pinned_only_what_rebuilds_its_recent_heads(world, finetunes):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], snapshot_every=3, staleness=0), genesis=world.genesis
+    )
+    heads = _six_heads(world, agg, finetunes)  # snapshots at rounds 0 and 3
     assert [h.snapshot_id is not None for h in heads] == [True, False, False, True, False, False]
     pinned = {b for b in agg.store.ids() if HEAD_PIN in agg.store.pins(b)}
     # the last KEEP_BASES - 1 heads (4, 5) and the chain back to round 3's snapshot
     assert pinned == {heads[5].patch_id, heads[4].patch_id, heads[3].patch_id, heads[3].snapshot_id}
     released = {heads[0].snapshot_id, heads[1].patch_id, heads[2].patch_id}
     assert released <= set(agg.store.ids())  # unpinned, kept until unused for the retention
+
+
+def test_an_aggregator_keeps_publishing_only_the_base_records_of_its_recent_chain(
+    world, finetunes, monkeypatch
+):
+    monkeypatch.setattr("aggregator.daemon.REPUTATION_WALK", 2)
+    agg = world.aggregator(
+        "agg", world.config(["agg"], snapshot_every=3, staleness=0), genesis=world.genesis
+    )
+    heads = _six_heads(world, agg, finetunes)  # snapshots at rounds 0 and 3
+    # two rounds (5, 4), then back to round 3's snapshot; the others age out unrefreshed
+    kept = {h.base_id for h in heads[3:]}
+    assert set(agg.chain) == kept
+    assert {t for t in agg.swarm.publishing(BASE) if OWNER_MARK not in t} == kept
+    assert len(agg.swarm.publishing(BASE)) == 2 * len(kept)  # shared and owned topics
+    assert agg.swarm.publishing(ANNOUNCE) == []
 
 
 def test_authors_whose_deltas_weighed_in_a_merge_are_established_for_good(world, finetunes):

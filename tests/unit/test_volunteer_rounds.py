@@ -19,7 +19,7 @@ from node.training.tiny_model import CORPUS
 from node.volunteer.volunteer import Volunteer
 from protocol.container import DeltaReader
 from protocol.ids import base_id
-from protocol.records import ANNOUNCE, HEAD, DeltaAnnouncement
+from protocol.records import ANNOUNCE, HEAD, DeltaAnnouncement, owned_topic
 from tests.unit.world import World, step
 
 TRAIN = {"seq_len": 32, "batch_size": 2, "eval_blocks": 2, "lr": 2e-3, "warmup_steps": 2}
@@ -76,6 +76,27 @@ def test_a_volunteer_trains_on_the_head_and_the_next_round_merges_its_delta(worl
     assert agg.head.merged == (found[0].delta_id,)
     volunteer.tick()
     assert volunteer.latest == agg.head
+
+
+def test_a_volunteer_stops_offering_a_delta_once_its_base_is_past_the_staleness_window(world, data):
+    agg = world.aggregator("agg", world.config(["agg"], staleness=0), genesis=world.genesis)
+    step(agg)
+    settings = VolunteerSettings(data=[str(data)], round_steps=2, rounds_per_head=1, **TRAIN)
+    volunteer = Volunteer(*world.peer("v"), settings)
+    volunteer.tick()
+    genesis = agg.head
+    with training(volunteer):
+        wait_for(lambda: volunteer.published, "a delta on the genesis")
+        first = announced(volunteer, genesis.base_id)[0].delta_id
+        step(agg)
+        volunteer.tick()
+        wait_for(lambda: volunteer.published == 2, "a delta on round 1")
+    assert [a["round"] for a in volunteer.state["announced"]] == [1]
+    assert volunteer.swarm.publishing(ANNOUNCE) == [
+        agg.head.base_id,
+        owned_topic(volunteer.swarm.identity.author, agg.head.base_id),
+    ]
+    assert volunteer.store.pins(first) == []  # left to retention
 
 
 @pytest.mark.parametrize("policy", ["restart", "finish"])
