@@ -1,7 +1,7 @@
 """The piece policy of the blob exchange, as pure functions: which pieces a provider offers,
 when it cuts a run short, which run a fetcher asks a source for, and whether it may ask
-before the current run is in. The serving and fetching code (node.net.blobs) calls these;
-tests/unit/test_pieces.py pins them without a network.
+before the current run is in. The serving and fetching code (node.net.blobs) calls these,
+and so does scripts/simulate_swarm.py; tests/unit/test_pieces.py pins them without a network.
 
 Bitmaps (``have``) are little-endian per byte: piece i is bit i % 8 of byte i // 8.
 """
@@ -9,12 +9,16 @@ Bitmaps (``have``) are little-endian per byte: piece i is bit i % 8 of byte i //
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 SHORT_RUN = 4  # pieces per request while others trade the blob: pieces spread quickly
 LONG_RUN = 64  # pieces per request otherwise: fewer round trips
-STALL_SECONDS = 5.0  # without a new piece, complete sources serve anything
+# Without a new piece this long, complete sources serve anything. A 1 MiB piece from a
+# 5 Mbit/s uplink serving 4 runs takes about 7 s: a shorter wait took slow traders for stalled
+# ones and had the origin send what they were delivering (scripts/simulate_swarm.py).
+STALL_SECONDS = 10.0
+IDLE_SOURCE_SECONDS = 15.0  # a source that sent nothing this long makes way for another
 
 
 class Source(Protocol):
@@ -24,6 +28,7 @@ class Source(Protocol):
     complete: bool  # it holds the whole blob
     served: int | None  # bytes it says it has served to everyone (None: not asked yet)
     bad_until: float  # monotonic time until which it is not asked
+    useful_at: float  # monotonic time of its last piece (or of when it was taken on)
 
 
 def held(index: int, have: bytes) -> bool:
@@ -62,25 +67,50 @@ def keep_sending(sent: int, *, complete: bool, other_sharers: int, copy_out: boo
     return not complete or sent < SHORT_RUN or not (other_sharers or copy_out)
 
 
+def bits(have: bytes) -> int:
+    """Bitmap ``have`` as an int: piece i is bit i."""
+    return int.from_bytes(have, "little")
+
+
+def wanted(have: bytes, in_flight: Iterable[int]) -> int:
+    """The pieces a fetcher wants (bit i: piece i): those it lacks and has not asked for."""
+    mask = ~bits(have)
+    for index in in_flight:
+        mask &= ~(1 << index)
+    return mask
+
+
+def _indices(mask: int) -> list[int]:
+    """The pieces whose bits ``mask`` sets, in order."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
 def pick_run(
     source: Source,
     sources: Sequence[Source],
     *,
     count: int,
     blob_size: int,
-    wanted: Callable[[int], bool],
+    wanted: int,
     now: float,
     last_piece: float,
     rng: random.Random | None = None,
+    waiting: bool = False,
 ) -> list[int]:
     """Up to SHORT_RUN (LONG_RUN when nobody trades the blob) consecutive pieces to ask
-    ``source`` for, among those ``wanted`` (missing here, not in flight) that it offers:
-    rarest first over ``sources`` (``source`` among them).
+    ``source`` for, among those ``wanted`` (bit i: piece i is missing here and not in
+    flight) that it offers: rarest first over ``sources`` (``source`` among them).
 
-    A source holding the whole blob is asked only for pieces no partial holder has, and
-    only if it has not served half a copy more than the least busy complete source
-    (unless no piece came for STALL_SECONDS): the origin sends each piece about once, later
-    fetchers spare it, and the fetchers trade the rest among themselves.
+    A source holding the whole blob is asked only for pieces no partial holder has, only
+    while nothing is on its way from partial holders (not ``waiting``), and only if it has
+    not served half a copy more than the least busy complete source (unless no piece came
+    for STALL_SECONDS): the origin sends each piece about once, later fetchers spare it,
+    and the fetchers trade the rest among themselves.
     """
     rng = rng or random
     usable = [s for s in sources if s.bad_until <= now]
@@ -93,26 +123,46 @@ def pick_run(
     spared = [s for s in completes[1:] if s.served > least + blob_size // 2]
     if not stalled and any(s is source for s in spared):
         return []
-    candidates = [i for i in range(count) if wanted(i) and held(i, source.have)]
+    if source.complete and not stalled and waiting and sharers:
+        return []  # busy with traders: the origin is kept for when they have nothing
+    candidates = wanted & bits(source.have) & ((1 << count) - 1)
     if source.complete and not stalled:
-        candidates = [i for i in candidates if not any(held(i, s.have) for s in sharers)]
+        for s in sharers:
+            candidates &= ~bits(s.have)
     if not candidates:
         return []
-    holders = {i: sum(held(i, s.have) for s in sources) for i in candidates}
-    rarest = min(holders.values())
+    # at_least[k]: the pieces k or more of ``sources`` hold (bit-sliced counting)
+    at_least = [-1] + [0] * (len(sources) + 1)
+    for s in sources:
+        have = bits(s.have)
+        for k in range(len(sources), 0, -1):
+            at_least[k] |= at_least[k - 1] & have
+    rarest = next(  # the candidates held by the fewest sources
+        exactly
+        for k in range(len(sources) + 1)
+        if (exactly := candidates & at_least[k] & ~at_least[k + 1])
+    )
     longest = SHORT_RUN if sharers else LONG_RUN
     # A random rarest piece (fetchers asking at once go different ways), moved back onto a
     # grid of ``longest`` laid from the start of its stretch of rarest pieces: runs then take
     # whole blocks, and no short remnants are left to cost a round trip each.
-    start = rng.choice([i for i in candidates if holders[i] == rarest])
+    start = rng.choice(_indices(rarest))
     stretch = start
-    while holders.get(stretch - 1) == rarest:
+    while stretch > 0 and rarest >> (stretch - 1) & 1:
         stretch -= 1
     start -= (start - stretch) % longest
     run = [start]
-    while len(run) < longest and holders.get(run[-1] + 1) == rarest:
+    while len(run) < longest and rarest >> (run[-1] + 1) & 1:
         run.append(run[-1] + 1)
     return run
+
+
+def gives_way(source: Source, now: float) -> bool:
+    """Whether a fetch whose places are all taken drops ``source`` for a provider it has not
+    tried: the source sent no piece for IDLE_SOURCE_SECONDS (busy, slow, or holding nothing
+    wanted). Without it, everyone who starts a fetch at once (a new head) keeps the first few
+    providers for good, and those few refuse most of them as busy while the rest idle."""
+    return now - source.useful_at >= IDLE_SOURCE_SECONDS
 
 
 def may_ask_ahead(source: Source, sources: Sequence[Source]) -> bool:

@@ -6,10 +6,12 @@ import random
 from dataclasses import dataclass
 
 from node.net.pieces import (
+    IDLE_SOURCE_SECONDS,
     LONG_RUN,
     SHORT_RUN,
     STALL_SECONDS,
     full_bitmap,
+    gives_way,
     held,
     keep_sending,
     may_ask_ahead,
@@ -27,6 +29,7 @@ class Src:
     complete: bool = False
     served: int | None = None
     bad_until: float = 0.0
+    useful_at: float = 0.0
 
 
 def bitmap(indices, count: int = COUNT) -> bytes:
@@ -36,7 +39,7 @@ def bitmap(indices, count: int = COUNT) -> bytes:
     return bytes(out)
 
 
-def run_for(source, sources, *, wanted=lambda i: True, now=100.0, last_piece=99.0, seed=0):
+def run_for(source, sources, *, wanted=-1, now=100.0, last_piece=99.0, seed=0):
     rng = random.Random(seed)
     return pick_run(
         source, sources, count=COUNT, blob_size=SIZE, wanted=wanted, now=now,
@@ -88,8 +91,8 @@ def test_rarest_pieces_come_first_and_in_short_runs_while_others_trade():
 
 def test_pieces_in_flight_or_held_are_not_asked_for_again():
     a = Src(bitmap(range(8)))
-    assert run_for(a, [a], wanted=lambda i: i not in range(4)) == [4, 5, 6, 7]
-    assert run_for(a, [a], wanted=lambda i: False) == []
+    assert run_for(a, [a], wanted=~0b1111) == [4, 5, 6, 7]
+    assert run_for(a, [a], wanted=0) == []
 
 
 def test_a_complete_source_is_asked_only_for_what_no_trader_holds_unless_stalled():
@@ -120,3 +123,25 @@ def test_only_traders_or_an_all_complete_swarm_are_asked_ahead():
     assert may_ask_ahead(trader, [origin, trader])
     assert not may_ask_ahead(origin, [origin, trader])
     assert may_ask_ahead(origin, [origin, other_origin])
+
+
+def test_a_source_that_sent_nothing_for_a_while_makes_way_for_an_untried_provider():
+    source = Src(bitmap([1]), useful_at=100.0)  # taken on, or its last piece, at 100 s
+    assert not gives_way(source, now=100.0 + IDLE_SOURCE_SECONDS - 0.1)
+    assert gives_way(source, now=100.0 + IDLE_SOURCE_SECONDS)
+
+
+def test_the_origin_is_asked_only_while_nothing_is_on_its_way_from_traders():
+    origin = Src(full_bitmap(COUNT), complete=True, served=0)
+    trader = Src(bitmap(range(COUNT // 2)))  # the other half is only the origin's
+
+    def ask(sources, *, waiting, last_piece=99.0):
+        return pick_run(
+            origin, sources, count=COUNT, blob_size=SIZE, wanted=-1, now=100.0,
+            last_piece=last_piece, waiting=waiting, rng=random.Random(0),
+        )  # fmt: skip
+
+    assert ask([origin, trader], waiting=False) != []
+    assert ask([origin, trader], waiting=True) == []
+    assert ask([origin, trader], waiting=True, last_piece=100.0 - STALL_SECONDS) != []  # a stall
+    assert ask([origin], waiting=True) != []  # with nobody to trade with, it is the only one

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hivemind.p2p import PeerID
 
@@ -41,8 +41,10 @@ from node.net.framing import (
     write_frame,
 )
 from node.net.pieces import (
+    gives_way,
     may_ask_ahead,
     pick_run,
+    wanted,
 )
 from node.net.swarm import Cancelled, Swarm
 from protocol import transfer_pb2 as pb
@@ -61,6 +63,7 @@ PIECES_IN_FLIGHT = 2  # pieces of one stream being checked and written while the
 PROBE_PARALLEL = 64  # providers asked for the manifest at once (records are free to forge)
 HAVE_TIMEOUT = 15.0  # seconds a provider has to answer Have
 WAVE_SECONDS = 2.0  # a batch of manifest probes has this long before the next one starts
+ROTATE_SECONDS = 5.0  # between looks for idle sources to swap for untried providers
 
 
 async def _close(writer: asyncio.StreamWriter | None, stream: DetachedStream | None) -> None:
@@ -84,6 +87,7 @@ class _Source:
     served: int | None = None  # what it says it has served to everyone (None: not asked yet)
     complete: bool = False  # it holds the whole blob (its ``have`` is what it offers)
     asked_at: float = 0.0  # when its ``have`` was last asked for
+    useful_at: float = field(default_factory=time.monotonic)  # its last piece, or taken on
 
 
 class Fetcher:
@@ -115,6 +119,7 @@ class Fetcher:
         self._probes: set[asyncio.Task] = set()  # manifest probes still under way
         self._records: list[Provider] = []  # provider records as last read, and when
         self._records_at = -RECORDS_REREAD_SECONDS
+        self._rotated_at = time.monotonic()
         self.in_flight: set[int] = set()
         self.partial: Partial | None = None
         self.errors: list[str] = []
@@ -209,13 +214,21 @@ class Fetcher:
         return any(p.peer_id not in banned for p in records)
 
     async def _refresh_sources(self) -> None:
-        """Add providers (see :meth:`_candidates` for the order) up to ``max_sources``."""
-        if len(self.sources) >= self.max_sources:  # full: no look at the records every 0.5 s
+        """Add providers (see :meth:`_candidates` for the order) up to ``max_sources``; when
+        full, every ROTATE_SECONDS, swap the sources that give way (``gives_way``) for
+        providers not among them."""
+        now = time.monotonic()
+        full = len(self.sources) >= self.max_sources
+        if full and now - self._rotated_at < ROTATE_SECONDS:  # no look at the records
             return
-        for peer in [p for wave in await self._candidates() for p in wave]:
-            if len(self.sources) >= self.max_sources:
-                break
-            self.sources.setdefault(peer, _Source(peer))
+        fresh = [p for wave in await self._candidates() for p in wave if p not in self.sources]
+        if full:
+            self._rotated_at = now
+            idle = [s for s in self.sources.values() if gives_way(s, now)]
+            for source in idle[: len(fresh)]:  # its worker stops at its next look
+                del self.sources[source.peer]
+        for peer in fresh[: self.max_sources - len(self.sources)]:
+            self.sources[peer] = _Source(peer)
 
     async def _ask_have(self, source: _Source, with_manifest: bool) -> pb.HaveResponse | None:
         mine = bytes(self.partial.have) if self.partial is not None else b""
@@ -348,7 +361,8 @@ class Fetcher:
             list(self.sources.values()),
             count=self.partial.count,
             blob_size=self.partial.manifest.size,
-            wanted=lambda i: not self.partial.has(i) and i not in self.in_flight,
+            wanted=wanted(self.partial.have, self.in_flight),
+            waiting=bool(self.in_flight),
             now=time.monotonic(),
             last_piece=self._last_piece,
         )
@@ -363,7 +377,11 @@ class Fetcher:
         writer = stream = None
         ahead: list[int] = []  # the next run, already asked for on ``stream``
         try:
-            while not self.partial.complete and source.bad_until <= time.monotonic():
+            while (
+                not self.partial.complete
+                and source.bad_until <= time.monotonic()
+                and self.sources.get(source.peer) is source  # not swapped for another
+            ):
                 run = ahead or await self._choose(source)
                 ahead = []
                 if run is None:
@@ -442,6 +460,7 @@ class Fetcher:
             nonlocal count
             self.stats.bytes_in += size
             source.received += size
+            source.useful_at = time.monotonic()
             self._last_piece = time.monotonic()
             count += 1
             if 2 * count >= len(run):
