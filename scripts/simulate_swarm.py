@@ -64,6 +64,7 @@ from node.net import pieces as policy  # noqa: E402 - the daemons' own piece pol
 from node.net.blobs.fetch import (  # noqa: E402 - after the repository is on the path
     HAVE_REUSE_SECONDS,
     MAX_FAILURES,
+    MAX_SOURCES,
     PROVIDER_LOOK_SECONDS,
     ROTATE_SECONDS,
 )
@@ -73,7 +74,6 @@ from protocol.ids import BLOB_PIECE  # noqa: E402
 from protocol.records import MAX_AUTHORS_PER_KEY  # noqa: E402
 
 MBIT = 1e6 / 8  # bytes per second in a Mbit/s
-MAX_SOURCES = 8  # node.net.blobs.fetch.Fetcher's default
 TICK_SECONDS = 2.0  # a daemon's housekeeping tick: it sees a new head within one
 DEAD_DIAL_SECONDS = 3.0  # a dial to a peer that left fails after this long
 WORKER_RESTART_SECONDS = 0.05  # the download loop's tick: a stopped worker is started again
@@ -562,9 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         "--merge-seconds",
         type=float,
         nargs=2,
-        default=[2.0, 1.0],
+        default=[3.3, 2.7],
         metavar=("A", "B"),
-        help="merge time a + b*K (bench_aggregate.py)",
+        help="an aggregator's checks and merge of K deltas take a + b*K seconds (default: "
+        "SmolLM2-135M on 2 cores, a least-squares fit of scripts/bench_aggregate.py's)",
     )
     parser.add_argument("--session", type=float, default=60.0, help="minutes online, mean")
     parser.add_argument("--away", type=float, default=20.0, help="minutes away, mean")

@@ -63,6 +63,10 @@ PIECES_IN_FLIGHT = 2  # pieces of one stream being checked and written while the
 PROBE_PARALLEL = 64  # providers asked for the manifest at once (records are free to forge)
 HAVE_TIMEOUT = 15.0  # seconds a provider has to answer Have
 WAVE_SECONDS = 2.0  # a batch of manifest probes has this long before the next one starts
+# Sources a fetch draws pieces from at once: with 8, a fetch among a thousand asked the origin
+# for every piece none of its few sources held, and it sent 3 copies; 16 halve the excess
+# (scripts/simulate_swarm.py).
+MAX_SOURCES = 16
 ROTATE_SECONDS = 5.0  # between looks for idle sources to swap for untried providers
 
 
@@ -99,7 +103,7 @@ class Fetcher:
         store: BlobStore,
         blob_id: str,
         *,
-        max_sources: int = 8,
+        max_sources: int = MAX_SOURCES,
         serve_while_fetching: bool = True,
         expected_size: int | None = None,
         manifest_timeout: float | None = None,
