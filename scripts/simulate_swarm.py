@@ -554,9 +554,15 @@ def calibrate(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers", type=int, nargs="+", default=[8, 100, 1000, 10000])
-    parser.add_argument("--patch-bytes", type=int, default=PATCH_BYTES)
-    parser.add_argument("--delta-bytes", type=int, default=DELTA_BYTES)
+    parser.add_argument(
+        "--peers", type=int, nargs="+", default=[8, 100, 1000, 10000], help="swarm sizes N"
+    )
+    parser.add_argument(
+        "--patch-bytes", type=int, default=PATCH_BYTES, help="a base patch (SmolLM2-135M, bf16)"
+    )
+    parser.add_argument(
+        "--delta-bytes", type=int, default=DELTA_BYTES, help="a volunteer's delta (SmolLM2)"
+    )
     parser.add_argument("--max-deltas", type=int, default=16, help="the swarm config's")
     parser.add_argument(
         "--merge-seconds",
@@ -570,16 +576,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session", type=float, default=60.0, help="minutes online, mean")
     parser.add_argument("--away", type=float, default=20.0, help="minutes away, mean")
     parser.add_argument("--horizon", type=float, default=3600.0, help="simulated seconds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="of every random draw")
+    parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="time to 90%% and origin copies against N")
-    parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="the 8-peer loopback run of bench_transfer.py"
+    )
+    parser.add_argument(
+        "--load", type=Path, nargs="+", metavar="JSON", help="report runs saved by --json"
+    )
     args = parser.parse_args(argv)
     if args.calibrate:
         calibrate(args)
         return 0
-    runs = {}
-    for n in args.peers:
+    runs: dict[str, dict] = {}
+    model = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "calibrate", "load")}
+    for saved in args.load or []:  # runs saved by --json, reported again instead of simulated
+        loaded = json.loads(saved.read_text())
+        model = loaded["model"] | {"peers": [*map(int, runs), *map(int, loaded["runs"])]}
+        runs |= loaded["runs"]
+    for n in [] if args.load else args.peers:
         print(f"N = {n}: the patch ...", flush=True)
         patch = simulate_patch(n, args, args.seed)
         print(f"N = {n}: the deltas ...", flush=True)
@@ -595,7 +611,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runs[str(n)]), flush=True)
     report(runs)
     if args.json:
-        model = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "calibrate")}
         args.json.write_text(json.dumps({"model": model, "runs": runs}, indent=2) + "\n")
     if args.plot:
         plot(runs, args.plot)

@@ -192,3 +192,30 @@ def test_soak_smoke_run_survives_a_kill_9_and_accounts_for_every_delta(tmp_path)
     assert result["unaccounted_deltas"] == deltas["unaccounted"] == len(deltas["unaccounted_ids"])
     assert result["processes_left_behind"] == 0
     assert "rounds completed" in proc.stdout
+
+
+def test_simulate_swarm_spreads_a_patch_and_the_deltas_and_reloads_its_figures(tmp_path):
+    """The simulation (pure Python, seconds): every peer gets the patch, the origin sends at
+    least one copy and the rest is traded, the aggregators collect every delta; a saved run
+    is reported and plotted again without simulating."""
+    out, plot = tmp_path / "scale.json", tmp_path / "scale.png"
+    script = SCRIPT.with_name("simulate_swarm.py")
+    args = ["--peers", "8", "30", "--patch-bytes", "20000000", "--session", "0", "--json", out]
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"8", "30"}
+    for n, run in runs.items():
+        patch, delta = run["patch"], run["delta"]
+        assert patch["holders"] == patch["fetchers"] == int(n) - 1  # no churn: all of them
+        assert 0 < patch["t50"] <= patch["t90"] <= patch["t100"]
+        assert 1.0 <= run["origin_copies"] < int(n) - 1  # the fetchers traded
+        assert delta["k"] == min(int(n) - 4, 16) and delta["collect_s"] > 0
+    proc = subprocess.run(
+        [sys.executable, script, "--load", out, "--plot", plot],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 30 |" in proc.stdout and plot.stat().st_size > 0
