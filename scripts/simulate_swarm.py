@@ -25,7 +25,7 @@ Model (assumptions, stated once):
 - Churn: each peer stays online for an exponential time (mean ``--session`` minutes) and
   comes back after an exponential time (mean ``--away`` minutes), resuming with the pieces
   it had; its provider records age out after PROVIDER_TTL; a dial to a departed peer fails
-  after DEAD_DIAL_SECONDS.
+  after DEAD_DIAL_SECONDS. The patch's origin stays, and the delta phase has no churn.
 - A fetcher asks a source's offer again before choosing each run (unless it asked within
   HAVE_REUSE_SECONDS), except the run it asks for ahead, which is chosen from what it
   knows as half of the current run has landed (the real fetcher's Have round trip then
@@ -35,13 +35,15 @@ A round: K = min(volunteers, max_deltas) volunteers publish a delta at once; two
 and two seeds fetch them all; the aggregator merges (``--merge-seconds`` a + b*K, from
 scripts/bench_aggregate.py); the patch then spreads from the aggregator to every peer.
 
-    .venv/bin/python scripts/simulate_swarm.py                       # N = 8 .. 10,000 (~20 min)
-    .venv/bin/python scripts/simulate_swarm.py --peers 8 100 --json /tmp/sim.json
+    .venv/bin/python scripts/simulate_swarm.py --peers 8 100 1000 --json small.json  # ~4 min
+    .venv/bin/python scripts/simulate_swarm.py --peers 10000 --json 10k.json   # ~40 min
+    .venv/bin/python scripts/simulate_swarm.py --load small.json 10k.json --plot docs/scale.png
     .venv/bin/python scripts/simulate_swarm.py --calibrate           # against bench_transfer
-    .venv/bin/python scripts/simulate_swarm.py --plot docs/scale.png ...
 
-``--json FILE`` writes ``{"model": {...}, "runs": {str(N): {"patch": {...}, "delta":
-{...}, "origin_copies": float, "round_seconds": float, ...}}}``.
+``--json FILE`` writes ``{"model": {...}, "runs": {str(N): {"patch": {"t50", "t90",
+"t100", "origin_copies", ...}, "delta": {"k", "collect_s", "origin_copies", ...},
+"origin_copies": float, "merge_s": float, "round_overhead_s": float}}}``; times are
+seconds from the head's publication (None: not reached within ``--horizon``).
 """
 
 from __future__ import annotations
