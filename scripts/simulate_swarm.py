@@ -268,7 +268,9 @@ class Fetch:
             count=self.blob.count,
             blob_size=self.blob.size,
             wanted=policy.wanted(self.have, self.in_flight),
-            waiting=bool(self.in_flight),
+            waiting=policy.spare_complete(
+                bool(self.in_flight), len(self.blob.providers), MAX_SOURCES
+            ),
             now=self.sim.clock.now,
             last_piece=self.last_piece,
             rng=self.sim.rng,

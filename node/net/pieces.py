@@ -157,6 +157,14 @@ def pick_run(
     return run
 
 
+def spare_complete(in_flight: bool, providers: int, places: int) -> bool:
+    """Whether a fetch keeps complete sources (the origin) for what traders cannot give, the
+    ``waiting`` of :func:`pick_run`: while pieces are on their way from traders, in a swarm
+    with more providers than the fetch has places for sources. In a smaller one the origin's
+    spare upload is what makes the fetch fast, and its copies stay few anyway."""
+    return in_flight and providers > places
+
+
 def gives_way(source: Source, now: float) -> bool:
     """Whether a fetch whose places are all taken drops ``source`` for a provider it has not
     tried: the source sent no piece for IDLE_SOURCE_SECONDS (busy, slow, or holding nothing

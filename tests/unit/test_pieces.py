@@ -16,6 +16,7 @@ from node.net.pieces import (
     keep_sending,
     may_ask_ahead,
     pick_run,
+    spare_complete,
     superseed_offer,
 )
 
@@ -145,3 +146,9 @@ def test_the_origin_is_asked_only_while_nothing_is_on_its_way_from_traders():
     assert ask([origin, trader], waiting=True) == []
     assert ask([origin, trader], waiting=True, last_piece=100.0 - STALL_SECONDS) != []  # a stall
     assert ask([origin], waiting=True) != []  # with nobody to trade with, it is the only one
+
+
+def test_the_origin_is_spared_only_in_a_swarm_larger_than_a_fetchs_sources():
+    assert spare_complete(True, providers=40, places=16)
+    assert not spare_complete(False, providers=40, places=16)  # nothing on its way
+    assert not spare_complete(True, providers=16, places=16)  # small: its upload is the speed

@@ -44,6 +44,7 @@ from node.net.pieces import (
     gives_way,
     may_ask_ahead,
     pick_run,
+    spare_complete,
     wanted,
 )
 from node.net.swarm import Cancelled, Swarm
@@ -365,7 +366,7 @@ class Fetcher:
             count=self.partial.count,
             blob_size=self.partial.manifest.size,
             wanted=wanted(self.partial.have, self.in_flight),
-            waiting=bool(self.in_flight),
+            waiting=spare_complete(bool(self.in_flight), len(self._records), self.max_sources),
             now=time.monotonic(),
             last_piece=self._last_piece,
         )
