@@ -540,11 +540,11 @@ def simulate_deltas(n: int, args, seed: int) -> dict:
 def calibrate(args) -> None:
     """The 8-peer loopback run of scripts/bench_transfer.py, simulated: a 200 MB blob from
     one origin to 7 seeds, links set to the loopback rate that run measured."""
-    # everyone pulling from the origin took 4.9 s for 7 copies: 286 MB/s out of the origin
+    # everyone pulling from the origin took 4.9-6.4 s for 7 copies: 286 MB/s at best
     rate = 7 * 200e6 / 4.9
     print("| 8 peers, 200 MB (bench_transfer) | all hold it, s | origin copies |")
     print("|---|---|---|")
-    print("| measured on loopback (docs/benchmarks.md) | 10.5 | 1.30 |")
+    print("| measured on loopback, 2026-12-05 (docs/benchmarks.md) | 6.1 | 1.20 |")
     for what, cap in (("each link", math.inf), ("all links together (2 cores)", rate)):
         peers = [Peer(i, rate, rate, 0.0001) for i in range(8)]
         sim = Simulation(peers, random.Random(args.seed), 0, 1, cap=cap)

@@ -90,6 +90,25 @@ def _indices(mask: int) -> list[int]:
     return out
 
 
+def _rarest(candidates: int, haves: list[int]) -> int:
+    """The candidates held by the fewest of ``haves``.
+
+    Bit-sliced counting: ``at_least[k]`` holds the pieces k or more of ``haves`` hold,
+    exact up to the level counted to, which doubles until a level has a candidate (the
+    rarest are usually held by one or two, and counting to 16 costs 16 times as much)."""
+    top = 2
+    while True:
+        top = min(top, len(haves))
+        at_least = [-1] + [0] * (top + 1)
+        for have in haves:
+            for k in range(top + 1, 0, -1):
+                at_least[k] |= at_least[k - 1] & have
+        for k in range(top + 1):
+            if exactly := candidates & at_least[k] & ~at_least[k + 1]:
+                return exactly
+        top *= 2
+
+
 def pick_run(
     source: Source,
     sources: Sequence[Source],
@@ -131,17 +150,7 @@ def pick_run(
             candidates &= ~bits(s.have)
     if not candidates:
         return []
-    # at_least[k]: the pieces k or more of ``sources`` hold (bit-sliced counting)
-    at_least = [-1] + [0] * (len(sources) + 1)
-    for s in sources:
-        have = bits(s.have)
-        for k in range(len(sources), 0, -1):
-            at_least[k] |= at_least[k - 1] & have
-    rarest = next(  # the candidates held by the fewest sources
-        exactly
-        for k in range(len(sources) + 1)
-        if (exactly := candidates & at_least[k] & ~at_least[k + 1])
-    )
+    rarest = _rarest(candidates, [bits(s.have) for s in sources])
     longest = SHORT_RUN if sharers else LONG_RUN
     # A random rarest piece (fetchers asking at once go different ways), moved back onto a
     # grid of ``longest`` laid from the start of its stretch of rarest pieces: runs then take
