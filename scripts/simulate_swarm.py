@@ -665,10 +665,13 @@ def plot(runs: dict, path: Path) -> None:
         color="tab:red",
         label="origin copies",
     )
-    right.axhline(2, color="tab:red", linestyle=":", linewidth=1)
+    right.axhline(2, color="tab:red", linestyle=":", linewidth=1, label="target: 2 copies")
+    left.set_ylim(bottom=0)
     right.set_ylabel("copies uploaded by the origin", color="tab:red")
     right.set_ylim(0, max(2.5, max(runs[str(n)]["origin_copies"] for n in ns) * 1.1))
     left.set_title("Blob exchange by simulation (scripts/simulate_swarm.py)")
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles=handles, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
