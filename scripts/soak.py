@@ -406,6 +406,8 @@ class Soak:
                 kind = "merged"
             elif delta[:16] in rejected:
                 kind = "rejected"
+            elif delta[:16] in unavailable:  # the aggregator says so (its author died, say)
+                kind = "unavailable"
             elif base == last or base not in chain:
                 kind = "pending"  # its round had not come when the soak stopped
             elif child is not None and ts >= leased.get(child.round, child.created or 0):
@@ -418,8 +420,6 @@ class Soak:
                     kind = "late"  # the next round had not come
                 else:
                     kind = "unaccounted"
-            elif delta[:16] in unavailable:
-                kind = "unavailable"
             else:
                 kind = "unaccounted"
             fate[kind].append(delta)
