@@ -156,6 +156,9 @@ class Blob:
     providers: list[Peer] = field(default_factory=list)  # records, first come, capped
     done_at: list[float] = field(default_factory=list)  # when each fetcher completed
 
+    def __post_init__(self) -> None:
+        self.wanted_by = set(self.audience)  # who fetches it, to look up
+
     @property
     def count(self) -> int:
         return max(1, -(-self.size // BLOB_PIECE))
@@ -231,8 +234,7 @@ class Fetch:
             return
         self.rotated_at = now
         fresh = self._fresh()
-        idle = [s for s in self.sources.values() if policy.gives_way(s, now)]
-        for src in idle[: len(fresh)]:
+        for src in policy.making_way(self.sources.values(), len(fresh), now):
             del self.sources[src.peer]
         self._refresh(fresh)
 
@@ -246,7 +248,7 @@ class Fetch:
             if src.failures >= MAX_FAILURES:
                 self._ban(src)
                 return
-        src.bad_until = self.sim.clock.now + backoff * (2 ** min(src.failures, 5) if count else 1)
+        src.bad_until = self.sim.clock.now + policy.retry_after(backoff, src.failures, count)
 
     def _ask_have(self, src: Src) -> None:
         """What the source answers to Have (its offer; super-seeding when complete)."""
@@ -448,10 +450,9 @@ class Simulation:
         if any(peer is b.origin for b in self.blobs):
             return  # an origin that left would end the experiment, not measure it
         peer.online = False
-        for (who, _), fetch in self.fetches.items():
-            if who is peer:
-                fetch.alive = False
         for blob in self.blobs:
+            if fetch := self.fetches.get((peer, blob.id)):
+                fetch.alive = False
             self.clock.at(PROVIDER_TTL, self._expire, peer, blob)
         self.clock.at(self.rng.expovariate(1 / self.away), self._return, peer)
 
@@ -464,7 +465,7 @@ class Simulation:
         for blob in self.blobs:
             if peer.pieces[blob.id]:
                 self._provide(peer, blob)
-            if peer in blob.audience:
+            if peer in blob.wanted_by:
                 self._start_fetch(peer, blob)
         self.clock.at(self.rng.expovariate(1 / self.session), self._leave, peer)
 

@@ -144,13 +144,15 @@ def pick_run(
         return []
     if source.complete and not stalled and waiting and sharers:
         return []  # busy with traders: the origin is kept for when they have nothing
+    haves = [bits(s.have) for s in sources]
     candidates = wanted & bits(source.have) & ((1 << count) - 1)
     if source.complete and not stalled:
-        for s in sharers:
-            candidates &= ~bits(s.have)
+        for s, have in zip(sources, haves, strict=True):
+            if not s.complete and s.bad_until <= now:  # a sharer
+                candidates &= ~have
     if not candidates:
         return []
-    rarest = _rarest(candidates, [bits(s.have) for s in sources])
+    rarest = _rarest(candidates, haves)
     longest = SHORT_RUN if sharers else LONG_RUN
     # A random rarest piece (fetchers asking at once go different ways), moved back onto a
     # grid of ``longest`` laid from the start of its stretch of rarest pieces: runs then take
@@ -180,6 +182,19 @@ def gives_way(source: Source, now: float) -> bool:
     wanted). Without it, everyone who starts a fetch at once (a new head) keeps the first few
     providers for good, and those few refuse most of them as busy while the rest idle."""
     return now - source.useful_at >= IDLE_SOURCE_SECONDS
+
+
+def making_way(sources: Iterable[Source], untried: int, now: float) -> list[Source]:
+    """The sources a fetch whose places are all taken drops for ``untried`` providers not
+    among them: those that give way, no more than there are providers to take their place."""
+    return [s for s in sources if gives_way(s, now)][:untried]
+
+
+def retry_after(backoff: float, failures: int, counted: bool = True) -> float:
+    """Seconds a fetch leaves a source alone after a failure: ``backoff`` after a refusal
+    that does not count (busy), else ``backoff`` doubled for each failure so far, up to 32
+    times."""
+    return backoff * (2 ** min(failures, 5) if counted else 1)
 
 
 def may_ask_ahead(source: Source, sources: Sequence[Source]) -> bool:

@@ -41,9 +41,10 @@ from node.net.framing import (
     write_frame,
 )
 from node.net.pieces import (
-    gives_way,
+    making_way,
     may_ask_ahead,
     pick_run,
+    retry_after,
     spare_complete,
     wanted,
 )
@@ -228,9 +229,8 @@ class Fetcher:
         fresh = [p for wave in await self._candidates() for p in wave if p not in self.sources]
         if full:
             self._rotated_at = now
-            idle = [s for s in self.sources.values() if gives_way(s, now)]
-            for source in idle[: len(fresh)]:  # its worker stops at its next look
-                del self.sources[source.peer]
+            for source in making_way(self.sources.values(), len(fresh), now):
+                del self.sources[source.peer]  # its worker stops at its next look
         for peer in fresh[: self.max_sources - len(self.sources)]:
             self.sources[peer] = _Source(peer)
 
@@ -573,9 +573,7 @@ class Fetcher:
             if source.failures >= MAX_FAILURES:  # make room for other providers
                 self._ban(source, f"{source.failures} failures")
                 return
-        source.bad_until = time.monotonic() + backoff * (
-            2 ** min(source.failures, 5) if count else 1
-        )
+        source.bad_until = time.monotonic() + retry_after(backoff, source.failures, count)
 
     def _why(self, what: str) -> str:
         tail = "; ".join(self.errors[-3:])
