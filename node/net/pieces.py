@@ -31,6 +31,12 @@ class Source(Protocol):
     useful_at: float  # monotonic time of its last piece (or of when it was taken on)
 
 
+def trades(source: Source) -> bool:
+    """Whether ``source`` is a trader: it answered (a provider record alone costs an attacker
+    a free key and names nobody real) and holds part of the blob, not all of it."""
+    return not source.complete and source.served is not None
+
+
 def held(index: int, have: bytes) -> bool:
     """Whether bitmap ``have`` has piece ``index``."""
     return index // 8 < len(have) and bool(have[index // 8] >> (index % 8) & 1)
@@ -125,15 +131,15 @@ def pick_run(
     ``source`` for, among those ``wanted`` (bit i: piece i is missing here and not in
     flight) that it offers: rarest first over ``sources`` (``source`` among them).
 
-    A source holding the whole blob is asked only for pieces no partial holder has, only
-    while nothing is on its way from partial holders (not ``waiting``), and only if it has
+    A source holding the whole blob is asked only for pieces no trader (:func:`trades`)
+    has, only while nothing is on its way from traders (not ``waiting``), and only if it has
     not served half a copy more than the least busy complete source (unless no piece came
     for STALL_SECONDS): the origin sends each piece about once, later fetchers spare it,
     and the fetchers trade the rest among themselves.
     """
     rng = rng or random
     usable = [s for s in sources if s.bad_until <= now]
-    sharers = [s for s in usable if not s.complete]
+    sharers = [s for s in usable if trades(s)]
     completes = sorted(
         (s for s in usable if s.complete and s.served is not None), key=lambda s: s.served
     )
@@ -148,7 +154,7 @@ def pick_run(
     candidates = wanted & bits(source.have) & ((1 << count) - 1)
     if source.complete and not stalled:
         for s, have in zip(sources, haves, strict=True):
-            if not s.complete and s.bad_until <= now:  # a sharer
+            if trades(s) and s.bad_until <= now:
                 candidates &= ~have
     if not candidates:
         return []
@@ -200,5 +206,7 @@ def retry_after(backoff: float, failures: int, counted: bool = True) -> float:
 def may_ask_ahead(source: Source, sources: Sequence[Source]) -> bool:
     """Whether ``source`` may be asked for a run before the current one is in: not a
     complete source while others trade the blob, whose pieces are best chosen as late as
-    possible, from what the traders hold by then (so the origin sends each about once)."""
-    return not source.complete or all(s.complete for s in sources)
+    possible, from what the traders hold by then (so the origin sends each about once).
+    Providers that have not answered yet are not traders: a flood of made-up records would
+    otherwise cut the origin down to short runs, each on a fresh stream."""
+    return not source.complete or not any(trades(s) for s in sources)

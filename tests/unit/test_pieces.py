@@ -83,8 +83,8 @@ def test_a_lone_complete_source_gets_long_runs_aligned_on_a_grid():
 
 def test_rarest_pieces_come_first_and_in_short_runs_while_others_trade():
     rare = set(range(40, 48))
-    a = Src(bitmap(range(COUNT)))  # a partial holder of everything
-    b = Src(bitmap(set(range(COUNT)) - rare))  # lacks the rare ones
+    a = Src(bitmap(range(COUNT)), served=0)  # a partial holder of everything
+    b = Src(bitmap(set(range(COUNT)) - rare), served=0)  # lacks the rare ones
     for seed in range(20):
         run = run_for(a, [a, b], seed=seed)
         assert set(run) <= rare and len(run) == SHORT_RUN and run[0] % SHORT_RUN == 0
@@ -98,7 +98,7 @@ def test_pieces_in_flight_or_held_are_not_asked_for_again():
 
 def test_a_complete_source_is_asked_only_for_what_no_trader_holds_unless_stalled():
     origin = Src(full_bitmap(COUNT), complete=True, served=0)
-    trader = Src(bitmap(range(0, COUNT - 4)))
+    trader = Src(bitmap(range(0, COUNT - 4)), served=0)
     run = run_for(origin, [origin, trader])
     assert set(run) <= set(range(COUNT - 4, COUNT))
     trader.have = full_bitmap(COUNT)  # the traders hold everything between them
@@ -120,10 +120,22 @@ def test_a_complete_source_far_busier_than_another_is_spared_until_a_stall():
 def test_only_traders_or_an_all_complete_swarm_are_asked_ahead():
     origin = Src(full_bitmap(COUNT), complete=True)
     other_origin = Src(full_bitmap(COUNT), complete=True)
-    trader = Src(bitmap([1]))
+    trader = Src(bitmap([1]), served=0)
     assert may_ask_ahead(trader, [origin, trader])
     assert not may_ask_ahead(origin, [origin, trader])
     assert may_ask_ahead(origin, [origin, other_origin])
+
+
+def test_providers_that_have_not_answered_do_not_make_the_origin_a_trader_among_traders():
+    # Made-up provider records cost a free key each: until one answers Have it is not a
+    # trader, and the origin keeps its long runs, asked ahead on one stream.
+    origin = Src(full_bitmap(COUNT), complete=True, served=0)
+    unheard = [Src(b"") for _ in range(15)]
+    assert len(run_for(origin, [origin, *unheard])) == LONG_RUN
+    assert may_ask_ahead(origin, [origin, *unheard])
+    unheard[0].served = 0  # one answered: a trader now
+    assert len(run_for(origin, [origin, *unheard])) == SHORT_RUN
+    assert not may_ask_ahead(origin, [origin, *unheard])
 
 
 def test_a_source_that_sent_nothing_for_a_while_makes_way_for_an_untried_provider():
@@ -134,7 +146,7 @@ def test_a_source_that_sent_nothing_for_a_while_makes_way_for_an_untried_provide
 
 def test_the_origin_is_asked_only_while_nothing_is_on_its_way_from_traders():
     origin = Src(full_bitmap(COUNT), complete=True, served=0)
-    trader = Src(bitmap(range(COUNT // 2)))  # the other half is only the origin's
+    trader = Src(bitmap(range(COUNT // 2)), served=0)  # the other half is only the origin's
 
     def ask(sources, *, waiting, last_piece=99.0):
         return pick_run(
