@@ -50,15 +50,15 @@ def superseed_offer(sent: Sequence[int] | None, count: int, asker_has: bytes) ->
     """Super-seeding: what a complete provider offers an asker. Of the pieces the asker
     lacks, those this provider has sent least often; everything when it has sent none of
     this blob yet (``sent`` None) or the asker lacks nothing."""
-    missing = [i for i in range(count) if not held(i, asker_has)]
+    missing = _indices(((1 << count) - 1) & ~bits(asker_has))
     if sent is None or not missing:
         return full_bitmap(count)
     least = min(sent[i] for i in missing)
-    offer = bytearray((count + 7) // 8)
+    offer = 0
     for i in missing:
         if sent[i] == least:
-            offer[i // 8] |= 1 << (i % 8)
-    return bytes(offer)
+            offer |= 1 << i
+    return offer.to_bytes((count + 7) // 8, "little")
 
 
 def keep_sending(sent: int, *, complete: bool, other_sharers: int, copy_out: bool) -> bool:
