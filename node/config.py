@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.constants import CodecName
+
 
 @dataclass
 class SwarmOptions:
@@ -169,7 +171,7 @@ class NodeSettings(TrainOptions):
         "or restart on the new base",
     )
     drop_rate: float = Field(0.9, ge=0, lt=1, description="DARE drop rate of published deltas")
-    codec: Literal["bf16", "fp16", "fp32", "int8"] = Field("bf16", description="delta value codec")
+    codec: CodecName = Field("bf16", description="delta value codec")
     checkpoint_every: int = Field(25, ge=1, description="save training state every N steps")
     trusted_aggregators: list[str] = Field(**TRUSTED_AGGREGATORS)
 

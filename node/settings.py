@@ -74,6 +74,8 @@ def add_flags(
         else:
             literal = typing.get_origin(field.annotation) is typing.Literal
             choices = typing.get_args(field.annotation) if literal else None
+            if choices and "metavar" not in extra:
+                metavar = "{" + ",".join(map(str, choices)) + "}"  # --help lists them
             group.add_argument(
                 flag, dest=name, default=None, metavar=metavar, choices=choices, help=text
             )

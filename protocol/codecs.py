@@ -13,10 +13,14 @@ Error bounds, for a value ``x`` and its decoded ``y``:
   absolute term covers the subnormal range below 6.1e-5). Values with
   ``|x| > 65504`` cannot be encoded and are refused.
 * ``int8``: blocks of ``block_size`` consecutive values share a float32 scale
-  ``s = absmax / 127``; ``y = s * rint(x / s)``, so ``|y - x| <= s / 2 * (1 + 2**-22)``,
-  i.e. at most ``absmax_of_block / 254`` plus float32 rounding. A block whose
-  absmax is below ``TINY_BLOCK`` (where the scale would be subnormal) decodes
-  as zeros, so its error is at most its absmax (< 1.5e-36).
+  ``s = absmax / 127``; ``y = s * rint(x / s)``, so ``|y - x| <= s / 2 * (1 + 2**-15)``,
+  i.e. at most ``absmax_of_block / 254`` plus float32 rounding (the quotient and the
+  product each round by up to ``127 * s * 2**-24``). A block whose absmax is below
+  ``TINY_BLOCK`` (where the scale would be subnormal) decodes as zeros, so its error is
+  at most its absmax (< 1.5e-36).
+* ``int4``: the same with ``s = absmax / 7`` and codes in [-7, 7], two per byte:
+  ``|y - x| <= s / 2 * (1 + 2**-19)``, i.e. at most ``absmax_of_block / 14`` plus float32
+  rounding. A block whose absmax is below ``7 * 2**-126`` decodes as zeros.
 
 The float codecs store bytes plane by plane (all first bytes, then all second
 bytes, ...): exponent bytes of fine-tuning deltas repeat a lot, and zstd only
@@ -33,7 +37,7 @@ import torch
 
 Buffer = bytes | bytearray | memoryview | np.ndarray  # anything exposing the buffer protocol
 _F4 = np.dtype("<f4")
-TINY_BLOCK = 127 * 2.0**-126  # int8 blocks below this absmax are stored as zeros
+TINY_BLOCK = 127 * 2.0**-126  # int8's tiny: blocks below this absmax are stored as zeros
 _U2 = np.dtype("<u2")
 
 
@@ -164,22 +168,48 @@ class Bf16Codec(ValueCodec):
         return bits.view(_F4)
 
 
-class Int8BlockCodec(ValueCodec):
-    """Layout: ``ceil(n / block)`` float32 scales, then ``n`` int8 codes."""
+class BlockScaledCodec(ValueCodec):
+    """Blocks of ``block_size`` values share a float32 scale ``s = absmax / LEVELS``.
 
-    name = "int8"
-    DEFAULT_BLOCK = 128
+    Layout: ``ceil(n / block)`` float32 scales, then the codes ``rint(x / s)``, clipped to
+    ``[-LEVELS, LEVELS]`` and laid out by ``_pack``. A block whose absmax is below
+    ``tiny`` (where the scale would be subnormal) has scale 0 and codes 0.
 
-    def __init__(self, block_size: int = DEFAULT_BLOCK) -> None:
+    :param block_size: values per scale, in [8, 65536] (default ``DEFAULT_BLOCK``).
+    """
+
+    LEVELS: ClassVar[int]
+    DEFAULT_BLOCK: ClassVar[int]
+
+    def __init__(self, block_size: int | None = None) -> None:
+        block_size = self.DEFAULT_BLOCK if block_size is None else block_size
         if not 8 <= block_size <= 1 << 16:
-            raise ValueError(f"codec int8: block size must be in [8, 65536], got {block_size}")
+            raise ValueError(
+                f"codec {self.name}: block size must be in [8, 65536], got {block_size}"
+            )
         super().__init__(block_size)
+
+    @property
+    def tiny(self) -> float:
+        return self.LEVELS * 2.0**-126  # the smallest absmax whose scale is a normal float32
 
     def _blocks(self, count: int) -> int:
         return -(-count // self.block_size)
 
+    @abstractmethod
+    def _code_bytes(self, count: int) -> int:
+        """Bytes that hold ``count`` codes."""
+
+    @abstractmethod
+    def _pack(self, codes: np.ndarray, count: int) -> np.ndarray:
+        """(nblocks * block,) int8 codes, zero past ``count`` -> ``_code_bytes(count)`` bytes."""
+
+    @abstractmethod
+    def _unpack(self, buf: np.ndarray, count: int) -> np.ndarray:
+        """Inverse of _pack: (nblocks * block,) int8 codes; ValueError if not a valid layout."""
+
     def encoded_size(self, count: int) -> int:
-        return 4 * self._blocks(count) + count
+        return 4 * self._blocks(count) + self._code_bytes(count)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         x = values.astype(np.float32, copy=False)
@@ -188,13 +218,13 @@ class Int8BlockCodec(ValueCodec):
         padded[:n] = x
         blocks = padded.reshape(-1, b)  # (nblocks, block)
         absmax = np.abs(blocks).max(axis=1)
-        scales = np.where(absmax < TINY_BLOCK, np.float32(0), absmax / np.float32(127))
+        scales = np.where(absmax < self.tiny, np.float32(0), absmax / np.float32(self.LEVELS))
         scales = scales.astype(np.float32)
         safe = np.where(scales > 0, scales, np.float32(1))
-        codes = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
+        codes = np.clip(np.rint(blocks / safe[:, None]), -self.LEVELS, self.LEVELS)
         out = np.empty(self.encoded_size(n), np.uint8)
         out[: 4 * scales.size] = scales.astype(_F4).view(np.uint8)
-        out[4 * scales.size :] = codes.reshape(-1)[:n].view(np.uint8)
+        out[4 * scales.size :] = self._pack(codes.astype(np.int8).reshape(-1), n)
         return out
 
     def decode(self, buf: Buffer, count: int) -> np.ndarray:
@@ -202,25 +232,112 @@ class Int8BlockCodec(ValueCodec):
         nblocks = self._blocks(count)
         scales = np.frombuffer(buf, dtype=_F4, count=nblocks)
         if not np.isfinite(scales).all() or (scales < 0).any():
-            raise ValueError("codec int8: a block scale is negative or not finite")
-        codes = np.frombuffer(buf, dtype=np.int8, offset=4 * nblocks)
-        padded = np.zeros(nblocks * self.block_size, np.float32)
-        padded[:count] = codes
-        blocks = padded.reshape(nblocks, self.block_size) * scales[:, None]
-        return blocks.reshape(-1)[:count].copy()
+            raise ValueError(f"codec {self.name}: a block scale is negative or not finite")
+        codes = self._unpack(np.frombuffer(buf, dtype=np.uint8, offset=4 * nblocks), count)
+        blocks = codes.reshape(nblocks, self.block_size)  # (nblocks, block)
+        self._check_blocks(scales, blocks)
+        values = np.multiply(blocks, scales[:, None], dtype=np.float32)
+        return values.reshape(-1)[:count]
+
+    def _check_blocks(self, scales: np.ndarray, codes: np.ndarray) -> None:
+        """Refuse what the encoder never writes; (nblocks,) scales, (nblocks, block) codes."""
+
+
+class Int8BlockCodec(BlockScaledCodec):
+    """Codes are ``n`` int8 bytes."""
+
+    name = "int8"
+    LEVELS = 127
+    DEFAULT_BLOCK = 128
+
+    def _code_bytes(self, count: int) -> int:
+        return count
+
+    def _pack(self, codes: np.ndarray, count: int) -> np.ndarray:
+        return codes[:count].view(np.uint8)
+
+    def _unpack(self, buf: np.ndarray, count: int) -> np.ndarray:
+        codes = np.zeros(self._blocks(count) * self.block_size, np.int8)
+        codes[:count] = buf.view(np.int8)
+        return codes
+
+
+class Int4BlockCodec(BlockScaledCodec):
+    """Codes in [-7, 7] are 4-bit two's complement, two per byte: value ``2i`` in the low
+    nibble of byte ``i``, ``2i + 1`` in the high one (0 past an odd count).
+
+    Decoding refuses every byte string the encoder cannot write, so each decodable string is
+    the encoding of what it decodes to: nibble 0x8 (-8), a nonzero nibble past the count, a
+    scale of -0.0, codes under a zero scale, a nonzero scale that is subnormal, whose block has
+    no code of +-7, or that ``absmax / 7`` does not give back (``fl(fl(7 s) / 7) != s``:
+    the encoder's scales always pass, checked over every float32 mantissa).
+    """
+
+    name = "int4"
+    LEVELS = 7
+    # 4 bytes of scale per 64 values cost 0.5 bit per value; with only 15 levels the step is
+    # absmax / 7, so smaller blocks than int8's (fewer outliers per scale) bound the error tighter.
+    DEFAULT_BLOCK = 64
+
+    def __init__(self, block_size: int | None = None) -> None:
+        super().__init__(block_size)
+        if self.block_size % 2:
+            # even blocks start on a byte; the padding of the last one fills the odd nibble
+            raise ValueError(f"codec int4: block size must be even, got {self.block_size}")
+
+    def _code_bytes(self, count: int) -> int:
+        return -(-count // 2)
+
+    def _pack(self, codes: np.ndarray, count: int) -> np.ndarray:
+        nibbles = codes[: 2 * self._code_bytes(count)].view(np.uint8) & np.uint8(0x0F)
+        return nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
+
+    def _unpack(self, buf: np.ndarray, count: int) -> np.ndarray:
+        nibbles = np.zeros(self._blocks(count) * self.block_size, np.uint8)
+        nibbles[0 : 2 * buf.size : 2] = buf & np.uint8(0x0F)
+        nibbles[1 : 2 * buf.size : 2] = buf >> np.uint8(4)
+        bad = np.flatnonzero(nibbles == 8)
+        if bad.size:
+            raise ValueError(
+                f"codec int4: value {bad[0]} has nibble 0x8 (-8); codes are in [-7, 7]"
+            )
+        if nibbles[count:].any():
+            raise ValueError(f"codec int4: the nibble past the last of {count} values is not 0")
+        np.bitwise_xor(nibbles, np.uint8(8), out=nibbles)  # 0..7 -> 8..15, 8..15 -> 0..7
+        codes = nibbles.view(np.int8)
+        codes -= np.int8(8)  # sign-extended
+        return codes
+
+    def _check_blocks(self, scales: np.ndarray, codes: np.ndarray) -> None:
+        peak = np.abs(codes).max(axis=1)  # (nblocks,); no -8 is left to overflow
+        with np.errstate(over="ignore"):
+            given_back = (scales * np.float32(7)) / np.float32(7)
+        zero = scales == 0
+        wrong = np.where(
+            zero,
+            np.signbit(scales) | (peak != 0),
+            (peak != 7) | (scales < 2.0**-126) | (given_back != scales),
+        )
+        bad = np.flatnonzero(wrong)
+        if bad.size:
+            j = bad[0]
+            raise ValueError(
+                f"codec int4: block {j} (scale {float(scales[j])!r}, largest |code| {int(peak[j])}) "
+                "is not one the encoder writes"
+            )
 
 
 CODECS: dict[str, type[ValueCodec]] = {
-    c.name: c for c in (Fp32Codec, Fp16Codec, Bf16Codec, Int8BlockCodec)
+    c.name: c for c in (Fp32Codec, Fp16Codec, Bf16Codec, Int8BlockCodec, Int4BlockCodec)
 }
 
 
 def get_codec(name: str, block_size: int | None = None) -> ValueCodec:
-    """The codec registered under ``name``; ``block_size`` only matters for int8."""
+    """The codec registered under ``name``; ``block_size`` only matters for int8 and int4."""
     try:
         cls = CODECS[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
-    if cls is Int8BlockCodec:
-        return Int8BlockCodec(block_size or Int8BlockCodec.DEFAULT_BLOCK)
+    if issubclass(cls, BlockScaledCodec):
+        return cls(block_size or None)
     return cls()

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--block-size",
         type=common.block_size,
         default=None,
-        help="int8 codec: values per scale (default 128)",
+        help="int8/int4 codecs: values per scale (default 128 for int8, 64 for int4)",
     )
     p.add_argument(
         "--key",
@@ -110,10 +110,16 @@ def run_base_id(args: argparse.Namespace) -> int:
 
 
 def run_create(args: argparse.Namespace) -> int:
+    from protocol.codecs import get_codec
     from protocol.delta import create_delta
+    from protocol.errors import EncodeError
     from protocol.identity import Identity
     from protocol.model_dir import ModelDir
 
+    try:
+        get_codec(args.codec, args.block_size)  # int4 takes only even blocks
+    except ValueError as exc:
+        raise EncodeError(f"--block-size {args.block_size}: {exc}") from None
     identity = Identity.load_or_create(args.key or common.default_key_path())
     with common.byte_progress("delta") as bar:
         bar.total = ModelDir(args.base).nbytes
@@ -197,7 +203,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         ("DARE", f"p={info['drop_rate']} seed={info['seed']} ({info['prf']})"),
         (
             "codec",
-            info["codec"] + (f" block={info['block_size']}" if info["codec"] == "int8" else ""),
+            info["codec"] + (f" block={info['block_size']}" if info["block_size"] else ""),
         ),
         ("params", f"{info['params']:,}"),
         ("kept", f"{info['kept']:,} ({info['kept_fraction']:.4f})"),

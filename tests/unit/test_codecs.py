@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -47,16 +47,47 @@ def test_fp16_error_is_within_the_documented_bound(x):
     assert np.all(np.abs(y.astype(np.float64) - x) <= bound)
 
 
+def block_absmax(x: np.ndarray, block: int) -> np.ndarray:
+    """Each value's block absmax, as float64: (n,)."""
+    padded = np.zeros(-(-x.size // block) * block, np.float64)
+    padded[: x.size] = np.abs(x)
+    return np.repeat(padded.reshape(-1, block).max(axis=1), block)[: x.size]
+
+
 @settings(max_examples=80, deadline=None)
 @given(x=values32, block=st.sampled_from([8, 64, 128, 1000]))
+# the quotient and the product both rounding the wrong way: 2**-15.5 over half a step
+@example(x=np.array([1.1169140338897705, 1.0597491264343262], np.float32), block=8)
 def test_int8_error_is_within_half_a_step_of_the_block_scale(x, block):
     y = roundtrip("int8", x, block_size=block)
-    n = x.size
-    padded = np.zeros(-(-n // block) * block, np.float64)
-    padded[:n] = np.abs(x)
-    absmax = np.repeat(padded.reshape(-1, block).max(axis=1), block)[:n]
-    bound = np.where(absmax < TINY_BLOCK, absmax, absmax / 254 * (1 + 2.0**-20))
+    absmax = block_absmax(x, block)
+    bound = np.where(absmax < TINY_BLOCK, absmax, absmax / 254 * (1 + 2.0**-14))
     assert np.all(np.abs(y.astype(np.float64) - x) <= bound)
+
+
+any32 = st.floats(allow_nan=False, allow_infinity=False, width=32)  # subnormals to 3.4e38
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=arrays(np.float32, st.integers(0, 700), elements=any32 | finite32),
+    block=st.sampled_from([8, 14, 64, 128, 1000]),
+)
+@example(x=np.array([1.3125019073486328, 1.0312514305114746], np.float32), block=8)  # 2**-19.8
+@example(x=np.zeros(65, np.float32), block=64)
+@example(x=np.array([7 * 2.0**-126, 3e-45, np.finfo(np.float32).max], np.float32), block=8)
+def test_int4_error_is_within_half_a_step_of_the_block_scale(x, block):
+    codec = get_codec("int4", block_size=block)
+    buf = codec.encode(x)
+    y = roundtrip("int4", x, block_size=block)
+    nblocks = -(-x.size // block)
+    scale = np.repeat(np.frombuffer(buf[: 4 * nblocks], "<f4").astype(np.float64), block)
+    absmax = block_absmax(x, block)
+    err = np.abs(y.astype(np.float64) - x)
+    tiny = absmax < 7 * 2.0**-126
+    assert np.all(scale[: x.size][tiny] == 0) and np.all(err[tiny] <= absmax[tiny])
+    assert np.all(err[~tiny] <= scale[: x.size][~tiny] / 2 * (1 + 2.0**-19))
+    assert np.all(err <= np.where(tiny, absmax, absmax / 14 * (1 + 2.0**-18)))
 
 
 def test_bf16_rounds_to_nearest_even():
@@ -92,7 +123,7 @@ def test_decode_refuses_a_buffer_of_the_wrong_size(name):
 
 
 def test_unknown_codec_names_the_known_ones():
-    with pytest.raises(ValueError, match="bf16, fp16, fp32, int8"):
+    with pytest.raises(ValueError, match="bf16, fp16, fp32, int4, int8"):
         get_codec("fp8")
 
 
@@ -119,3 +150,106 @@ def test_fp16_encoding_matches_numpy_on_edge_values():
 
 def test_the_codec_registry_implements_exactly_the_named_codecs():
     assert sorted(CODECS) == sorted(CODEC_NAMES)
+
+
+def test_int4_layout_is_scales_then_nibbles_low_first():
+    codec = get_codec("int4", block_size=8)
+    buf = codec.encode(np.array([7.0, -3.0, 1.0, 0.0, -7.0], np.float32))
+    assert np.frombuffer(buf[:4], "<f4")[0] == 1.0
+    # -3 is 0xD; the odd count leaves the last high nibble 0
+    assert bytes(buf[4:]) == bytes([0xD7, 0x01, 0x09])
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 63, 64, 65, 127, 128, 129, 1001])
+@pytest.mark.parametrize("block", [8, 64, 1000])
+def test_int4_encoded_size_is_the_scales_and_half_a_byte_per_value(count, block):
+    codec = get_codec("int4", block_size=block)
+    size = 4 * -(-count // block) + -(-count // 2)
+    assert codec.encoded_size(count) == size == len(codec.encode(np.ones(count, np.float32)))
+
+
+def test_int4_block_size_defaults_to_64_and_must_be_even_and_in_range():
+    assert get_codec("int4").block_size == 64 and get_codec("int8").block_size == 128
+    assert get_codec("int4", 16).block_size == 16
+    for bad, message in (
+        (9, "must be even"),
+        (6, "must be in \\[8, 65536\\]"),
+        (1 << 17, "must be in"),
+    ):
+        with pytest.raises(ValueError, match=f"codec int4: block size {message}"):
+            get_codec("int4", bad)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=arrays(np.float32, st.integers(0, 300), elements=any32 | finite32),
+    block=st.sampled_from([8, 64]),
+)
+def test_int4_reencoding_the_decoding_gives_the_same_bytes(x, block):
+    codec = get_codec("int4", block_size=block)
+    buf = codec.encode(x)
+    assert bytes(codec.encode(codec.decode(buf, x.size))) == bytes(buf)
+
+
+def test_int4_scales_of_every_absmax_mantissa_pass_the_decoders_check():
+    # One binade of absmax covers every normal one: the encoder's scale s = fl(absmax / 7)
+    # always satisfies fl(fl(7 s) / 7) == s, and its block's largest value gets code 7.
+    start, stop = np.float32(8).view(np.uint32), np.float32(16).view(np.uint32)
+    absmax = np.arange(start, stop, dtype=np.uint32).view(np.float32)
+    s = absmax / np.float32(7)
+    assert np.array_equal((s * np.float32(7)) / np.float32(7), s)
+    assert np.all(np.rint(absmax / s) == 7)
+    top = np.finfo(np.float32).max
+    assert np.isfinite(np.float32(top) / np.float32(7) * np.float32(7))
+
+
+def _int4_bytes(scales: list[float], nibbles: list[int]) -> bytes:
+    padded = nibbles + [0] * (len(nibbles) % 2)
+    packed = bytes(lo | hi << 4 for lo, hi in zip(padded[0::2], padded[1::2], strict=True))
+    return np.array(scales, "<f4").tobytes() + packed
+
+
+@pytest.mark.parametrize(
+    ("scales", "nibbles", "message"),
+    [
+        ([float("nan")], [7, 0, 0], "negative or not finite"),
+        ([float("inf")], [7, 0, 0], "negative or not finite"),
+        ([-1.0], [7, 0, 0], "negative or not finite"),
+        ([1.0], [7, 8, 0], "value 1 has nibble 0x8"),
+        ([1.0], [7, 0, 0, 0, 0, 0, 0, 0, 8], "value 8 has nibble 0x8"),
+        ([-0.0], [0, 0, 0], "block 0 \\(scale -0.0"),
+        ([0.0], [1, 0, 0], "block 0 \\(scale 0.0, largest \\|code\\| 1\\)"),
+        ([1.0], [6, 0, 0], "block 0 \\(scale 1.0, largest \\|code\\| 6\\)"),
+        ([2.0**-127], [7, 0, 0], "block 0"),  # subnormal: the encoder writes 0 there
+        ([1.5111365], [7, 0, 0], "block 0"),  # no absmax / 7 rounds to this scale
+    ],
+)
+def test_int4_refuses_bytes_the_encoder_never_writes(scales, nibbles, message):
+    buf = _int4_bytes(scales, nibbles)
+    with pytest.raises(ValueError, match=f"codec int4: .*{message}"):
+        get_codec("int4", block_size=16).decode(buf, len(nibbles))
+
+
+def test_int4_refuses_a_nonzero_nibble_past_an_odd_count():
+    buf = _int4_bytes([1.0], [7, 0, 3, 5])  # 3 values, and 5 where the encoder writes 0
+    with pytest.raises(ValueError, match="codec int4: the nibble past the last of 3 values"):
+        get_codec("int4", block_size=16).decode(buf, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scales=st.lists(
+        st.floats(width=32) | st.sampled_from([1.0, 7 * 2.0**-126, 0.0]), min_size=2, max_size=2
+    ),
+    nibbles=st.lists(st.integers(0, 15) | st.sampled_from([7, 9]), min_size=10, max_size=16),
+    short=st.booleans(),  # the last nibble is the padding of an odd count
+)
+def test_int4_decodes_only_canonical_bytes(scales, nibbles, short):
+    # Any bytes: refused, or the encoding of what they decode to (one value, one byte string).
+    codec = get_codec("int4", block_size=8)
+    buf = _int4_bytes(scales, nibbles)
+    try:
+        y = codec.decode(buf, len(nibbles) - short)
+    except ValueError:
+        return
+    assert bytes(codec.encode(y)) == buf

@@ -30,7 +30,7 @@ BOUNDS = {  # (relative, absolute) error of each codec, from protocol/codecs.py
 @given(
     shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
     p=st.sampled_from([0.0, 0.3, 0.9, 0.99]),
-    codec=st.sampled_from(["fp32", "bf16", "fp16", "int8"]),
+    codec=st.sampled_from(["fp32", "bf16", "fp16", "int8", "int4"]),
     seed=st.integers(0, 2**64 - 1),
 )
 def test_container_round_trip_is_within_the_codec_bound(
@@ -48,8 +48,9 @@ def test_container_round_trip_is_within_the_codec_bound(
     mask = torch.from_numpy(dare.keep_mask(seed, "t", x.numel(), p)).reshape(x.shape)
     want = torch.where(mask, x, torch.zeros(())) * float(dare.rescale_factor(p))
     scale = float(dare.rescale_factor(p))
-    if codec == "int8":
-        bound = x.abs().max().item() * scale / 254 * 1.0001 if x.numel() else 0.0
+    if codec in ("int8", "int4"):
+        steps = 254 if codec == "int8" else 14  # 2 * the largest code
+        bound = x.abs().max().item() * scale / steps * 1.0001 if x.numel() else 0.0
         assert (got - want).abs().max().item() <= bound if x.numel() else got.numel() == 0
     else:
         rel, absolute = BOUNDS[codec]
@@ -143,3 +144,25 @@ def test_the_same_delta_twice_is_refused(tmp_path, identity):
     create_delta(base, ft, tmp_path / "d.msd", identity=identity)
     with pytest.raises(BaseMismatchError, match="the same delta as"):
         apply_deltas(base, [tmp_path / "d.msd", tmp_path / "d.msd"], tmp_path / "child")
+
+
+def test_an_int4_delta_applies_within_its_bound(tmp_path, identity):
+    g = torch.Generator().manual_seed(4)
+    base_w = {"w": torch.randn(33, 7, generator=g), "b": torch.randn(5, generator=g)}
+    step = {name: torch.randn(t.shape, generator=g) * 1e-4 for name, t in base_w.items()}
+    base = _save(tmp_path / "b", base_w)
+    ft = _save(tmp_path / "f", {name: t + step[name] for name, t in base_w.items()})
+    _, header = create_delta(
+        base, ft, tmp_path / "d.msd", identity=identity, drop_rate=0.5, seed=11, codec="int4"
+    )
+    assert (header.codec.name, header.codec.block_size) == ("int4", 64)
+    child = load_file(
+        apply_deltas(base, [tmp_path / "d.msd"], tmp_path / "child") / "model.safetensors"
+    )
+    for name, b in base_w.items():
+        mask = torch.from_numpy(dare.keep_mask(11, name, b.numel(), 0.5)).reshape(b.shape)
+        # what reached the delta: the finetune's float32 difference, kept and doubled
+        sent = torch.where(mask, (b + step[name]) - b, torch.zeros(())) * 2
+        bound = sent.abs().max().item() / 14 * 1.0001 + 2.0**-23 * child[name].abs()
+        assert torch.all((child[name] - (b + sent)).abs() <= bound), name
+        assert torch.equal(child[name][~mask], b[~mask])

@@ -8,6 +8,8 @@ import pytest
 
 from node.config import VolunteerSettings
 from node.settings import SettingsError, add_flags, load_settings
+from protocol.constants import CODEC_NAMES
+from protocol.swarm_config import SwarmConfig
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -60,3 +62,10 @@ def test_a_wrong_flag_value_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         _parse("--codec", "zip")
     assert "invalid choice: 'zip'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_every_codec_is_a_setting_of_the_swarm_and_of_a_volunteer(codec):
+    config = SwarmConfig(swarm_id="swarm-test", genesis_id="ef" * 32, codec=codec)
+    assert config.codec == codec
+    assert load_settings(VolunteerSettings, _parse("--codec", codec), environ={}).codec == codec
