@@ -172,6 +172,9 @@ class NodeSettings(TrainOptions):
     )
     drop_rate: float = Field(0.9, ge=0, lt=1, description="DARE drop rate of published deltas")
     codec: CodecName = Field("bf16", description="delta value codec")
+    error_feedback: bool = Field(
+        False, description="keep what a delta leaves out and add it to the next (error feedback)"
+    )
     checkpoint_every: int = Field(25, ge=1, description="save training state every N steps")
     trusted_aggregators: list[str] = Field(**TRUSTED_AGGREGATORS)
 

@@ -83,7 +83,7 @@ class SparsifierSpec(_Strict):
 
 class CodecSpec(_Strict):
     name: str  # key of protocol.codecs.CODECS
-    block_size: Annotated[int, Field(ge=0, le=1 << 16)] = 0  # int8 only: values per scale
+    block_size: Annotated[int, Field(ge=0, le=1 << 16)] = 0  # int8 and int4: values per scale
 
 
 class TensorEntry(_Strict):
@@ -176,8 +176,8 @@ class DeltaWriter:
     :param identity: the author's key; signs the header.
     :param drop_rate: DARE p in [0, 1).
     :param seed: DARE seed in [0, 2**64).
-    :param codec: value codec name (``fp32``, ``fp16``, ``bf16``, ``int8``).
-    :param block_size: int8 block size (default 128).
+    :param codec: value codec name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``).
+    :param block_size: values per scale of int8 (default 128) and int4 (default 64).
     :param zstd_level: compression level of each frame.
     :param metadata: free JSON training metadata.
     """
@@ -215,6 +215,33 @@ class DeltaWriter:
 
     def add(self, name: str, dtype: str, delta: torch.Tensor | np.ndarray) -> TensorEntry:
         """Sparsify, encode and append one float32 delta tensor; names must come in sorted order."""
+        flat, shape = self._flat(name, delta)
+        sp = self._fields["sparsifier"]
+        self._append(name, dtype, shape, dare.sparsify(flat, sp.seed, name, sp.drop_rate))
+        return self._entries[-1]
+
+    def add_with_feedback(
+        self, name: str, dtype: str, target: torch.Tensor | np.ndarray
+    ) -> np.ndarray:
+        """Append ``target`` so that a reader decodes its kept entries as they are, not scaled
+        up by DARE's 1 / (1 - p), and return what the delta leaves out: ``target`` minus what
+        a reader decodes, flat float32 (the dropped entries and the codec's rounding).
+
+        Error feedback keeps that remainder and adds it to the next delta, which needs a
+        contraction: a rescaled mask leaves out p / (1 - p) of the target's squared norm
+        (9x at p = 0.9), so the remainder would grow round after round; an unscaled one
+        leaves out p.
+        """
+        flat, shape = self._flat(name, target)
+        sp = self._fields["sparsifier"]
+        scale = dare.rescale_factor(sp.drop_rate)
+        kept = dare.sparsify(flat, sp.seed, name, sp.drop_rate) / scale
+        encoded = self._append(name, dtype, shape, kept)
+        # what a reader computes from the frame (protocol.dare.densify), bit for bit
+        decoded = self._codec.decode(encoded, kept.size)
+        return flat - dare.densify(decoded, flat.size, sp.seed, name, sp.drop_rate)
+
+    def _flat(self, name: str, delta: torch.Tensor | np.ndarray) -> tuple[np.ndarray, list[int]]:
         if self._frames is None:
             raise RuntimeError("DeltaWriter is closed")
         if self._entries and name <= self._entries[-1].name:
@@ -226,16 +253,19 @@ class DeltaWriter:
         else:
             array = delta
         flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-        sp = self._fields["sparsifier"]
-        values = dare.sparsify(flat, sp.seed, name, sp.drop_rate)
+        return flat, list(array.shape)
+
+    def _append(self, name: str, dtype: str, shape: list[int], values: np.ndarray) -> np.ndarray:
+        """Encode, compress and stage the kept ``values`` of one tensor; the encoding."""
         if not np.isfinite(values).all():  # only kept values travel; dropped ones cannot harm
             raise NonFiniteError(f"tensor {name!r}: delta contains NaN or Inf")
         try:
-            frame = frames.compress(self._codec.encode(values), self._level)
+            encoded = self._codec.encode(values)
+            frame = frames.compress(encoded, self._level)
             entry = TensorEntry(
                 name=name,
                 dtype=dtype,
-                shape=list(array.shape),
+                shape=shape,
                 kept=int(values.size),
                 frame_bytes=len(frame),
                 sha256=hashlib.sha256(frame).hexdigest(),
@@ -244,7 +274,7 @@ class DeltaWriter:
             raise EncodeError(f"tensor {name!r}: {one_line(exc)}") from None
         self._frames.write(frame)  # only once the entry is valid: the staged frames stay in step
         self._entries.append(entry)
-        return entry
+        return encoded
 
     def set_base_id(self, base_id: str) -> None:
         """Name the base once it is known (callers that hash the base while writing)."""

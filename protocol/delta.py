@@ -70,11 +70,21 @@ def create_delta(
     zstd_level: int = frames.DEFAULT_LEVEL,
     metadata: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    carry: Mapping[str, torch.Tensor] | None = None,
+    left: dict[str, torch.Tensor] | None = None,
 ) -> tuple[str, DeltaHeader]:
     """Write ``finetuned - base`` as a DARE-sparsified, signed ``.msd``; return (id, header).
 
     The base id is hashed in the same pass. ``progress`` receives base bytes processed.
+
+    Error feedback: with ``left`` (a dict to fill), the delta is ``finetuned - base +
+    carry`` (``carry``: what earlier deltas left out, by tensor name, absent ones zero), its
+    kept entries are decoded as they are rather than scaled up by DARE's 1 / (1 - p)
+    (:meth:`DeltaWriter.add_with_feedback`), and ``left[name]`` receives what this delta
+    leaves out of each float tensor, shaped like it, in float32: sent + left = the target.
     """
+    if carry is not None and left is None:
+        raise ValueError("carry is error feedback's: pass left too, to receive what is left out")
     base_md = ModelDir(base)
     ft_md = finetuned if isinstance(finetuned, TensorMap) else ModelDir(finetuned)
     _check_same_tensors(base_md, ft_md)
@@ -99,7 +109,14 @@ def create_delta(
             f = ft_md.tensor(name)
             if info.dtype in FLOAT_DTYPES:
                 wide = torch.promote_types(b.dtype, torch.float32)  # float64 stays float64
-                writer.add(name, info.dtype, f.to(wide) - b.to(wide))
+                delta = f.to(wide) - b.to(wide)
+                if left is None:
+                    writer.add(name, info.dtype, delta)
+                else:
+                    if carry is not None and name in carry:
+                        delta += carry[name].to(wide)
+                    rest = writer.add_with_feedback(name, info.dtype, delta)
+                    left[name] = torch.from_numpy(rest).reshape(delta.shape)
             elif not torch.equal(b, f.to(b.dtype)):
                 raise BaseMismatchError(
                     f"{ft_md.path}: non-float tensor {name!r} differs from the base; "

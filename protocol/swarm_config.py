@@ -108,6 +108,12 @@ class SwarmConfig(Body):
     )
     drop_rate: float = Field(0.9, ge=0, lt=1, description="volunteers' DARE drop rate")
     codec: CodecName = Field("bf16", description="volunteers' delta value codec")
+    error_feedback: bool = Field(
+        False,
+        description="volunteers keep what a delta leaves out (dropped entries, codec rounding) "
+        "and add it to their next delta; kept entries are then sent as they are, not scaled up "
+        "by 1 / (1 - drop rate)",
+    )
     round_period: float = Field(
         300.0, ge=1, le=86400, description="seconds from one head to the next round's merge"
     )

@@ -224,6 +224,22 @@ def _parent(swarm: SwarmMember, head: Head, trusted: set[str]) -> Head:
     return parent
 
 
+def descends(swarm: SwarmMember, head: Head, ancestor: str, trusted: set[str], within: int) -> bool:
+    """Whether ``head`` was merged from base ``ancestor``, at most ``within`` rounds back
+    (False when the records that would tell are gone)."""
+    current = head
+    for _ in range(within):
+        if current.parent is None:
+            return False
+        if current.parent == ancestor:
+            return True
+        try:
+            current = _parent(swarm, current, trusted)
+        except MergeswarmError:
+            return False
+    return False
+
+
 def head_blobs(heads: Iterable[Head]) -> set[str]:
     """The patches and snapshots ``heads`` name: what a peer needs to rebuild them."""
     return {b for h in heads for b in (h.patch_id, h.snapshot_id) if b}

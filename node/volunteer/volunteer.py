@@ -6,6 +6,7 @@ following; :meth:`Volunteer.tick`) and the training loop
 
     bases/<base id>/     model directories, each checked against its id
     checkpoint/          trainer state (weights, optimizer moments, step, data position)
+    residual/            error feedback: what the deltas left out (node.volunteer.feedback)
     node.json            the head trained on and the deltas announced (re-announced on restart)
     blobs/               the blob store (own deltas pinned until merged or expired)
 """
@@ -26,6 +27,7 @@ from node.chain.bases import Bases
 from node.chain.history import (
     ConfigWatch,
     current_head,
+    descends,
     head_blobs,
     publish_both,
     sync_head,
@@ -40,10 +42,12 @@ from node.net.blobstore import OWN_DELTA_PIN, BlobStore
 from node.net.member import SwarmMember
 from node.training.data import Dataset, load_dataset
 from node.training.trainer import Trainer
+from node.volunteer.feedback import Feedback
 from protocol.delta import TensorMap, create_delta
 from protocol.durable import write_atomic
 from protocol.errors import MergeswarmError
 from protocol.forkchoice import head_order
+from protocol.model_dir import ModelDir
 from protocol.records import ANNOUNCE, DeltaAnnouncement, Head, Heartbeat
 from protocol.swarm_config import SwarmConfig, load_swarm_config
 
@@ -53,6 +57,7 @@ ANNOUNCE_TTL = 6 * 3600.0  # refreshed while the daemon runs; well under the 24 
 STATE_FILE = "node.json"
 CONFIG_FILE = "swarm.toml"  # the swarm's config, as adopted (or pinned)
 LOG_EVERY = 10  # steps between training log lines when no progress bar is shown
+FEEDBACK_ROUNDS = 8  # what a delta left out is carried to heads at most this many rounds on
 
 
 class Volunteer(PeerDaemon):
@@ -77,6 +82,7 @@ class Volunteer(PeerDaemon):
         self.status = "waiting for a head"
         self.rounds_done = 0
         self.state = self._load_state()
+        self.feedback = Feedback(self.root / "residual")
         self._data: Dataset | None = None
         self.samples_per_second = 0.0
         self.published = 0  # deltas announced since start
@@ -336,6 +342,16 @@ class Volunteer(PeerDaemon):
         except (OSError, ValueError):
             return None
 
+    def _carry(self, head: Head, base: Path) -> dict:
+        """What earlier deltas left out, to add to this one (error feedback)."""
+        shapes = {n: tuple(info.shape) for n, info in ModelDir(base).tensors.items()}
+        trusted = self.trusted or set()
+
+        def merged_from(ancestor: str) -> bool:
+            return descends(self.swarm, head, ancestor, trusted, within=FEEDBACK_ROUNDS)
+
+        return self.feedback.carry_for(head, shapes, merged_from)
+
     def publish_delta(self, head, base, trainer, stats, loss_before, loss_after) -> str:
         """Delta = trained - base, DARE-sparsified, signed, stored, announced and served."""
         started = time.monotonic()
@@ -348,6 +364,9 @@ class Volunteer(PeerDaemon):
                 "loss_before": round(loss_before, 6),
                 "loss_after": round(loss_after, 6),
             }
+            feedback = self.rule("error_feedback")
+            carry = self._carry(head, base) if feedback else None
+            left = {} if feedback else None
             delta_id, header = create_delta(
                 base,
                 TensorMap(trainer.trained_weights()),
@@ -356,7 +375,11 @@ class Volunteer(PeerDaemon):
                 drop_rate=self.rule("drop_rate"),
                 codec=self.rule("codec"),
                 metadata=metadata,
+                carry=carry,
+                left=left,
             )
+            if left is not None:
+                self.feedback.record(head, left)
             self.store.add_file(out, pin=OWN_DELTA_PIN)
             crash_point("publish:stored")  # the temporary copy is still on disk here
         announcement = DeltaAnnouncement(

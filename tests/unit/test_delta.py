@@ -24,28 +24,43 @@ BOUNDS = {  # (relative, absolute) error of each codec, from protocol/codecs.py
 }
 
 
-@settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
+ROUND_TRIPS = dict(
     shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
     p=st.sampled_from([0.0, 0.3, 0.9, 0.99]),
     codec=st.sampled_from(["fp32", "bf16", "fp16", "int8", "int4"]),
     seed=st.integers(0, 2**64 - 1),
 )
-def test_container_round_trip_is_within_the_codec_bound(
-    tmp_path_factory, identity, shape, p, codec, seed
-):
+EXAMPLES = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def _one_tensor(tmp_path_factory, identity, shape, p, codec, seed, *, feedback=False):
+    """Tensor ``t`` (small random values) written alone and read back: (it, what a reader
+    decodes, what the writer says it left out or None, the DARE keep-mask)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed % 1000)) * 0.01
     path = tmp_path_factory.mktemp("rt") / "d.msd"
+    left = None
     with DeltaWriter(
         path, base_id="00" * 32, identity=identity, drop_rate=p, seed=seed, codec=codec
     ) as w:
-        w.add("t", "F32", x)
+        if feedback:
+            left = torch.from_numpy(w.add_with_feedback("t", "F32", x)).reshape(x.shape)
+        else:
+            w.add("t", "F32", x)
         w.finish()
     with DeltaReader(path) as r:
         got = r.read_tensor("t")
     mask = torch.from_numpy(dare.keep_mask(seed, "t", x.numel(), p)).reshape(x.shape)
+    return x, got, left, mask
+
+
+@EXAMPLES
+@given(**ROUND_TRIPS)
+def test_container_round_trip_is_within_the_codec_bound(
+    tmp_path_factory, identity, shape, p, codec, seed
+):
+    x, got, _, mask = _one_tensor(tmp_path_factory, identity, shape, p, codec, seed)
     want = torch.where(mask, x, torch.zeros(())) * float(dare.rescale_factor(p))
     scale = float(dare.rescale_factor(p))
     if codec in ("int8", "int4"):
@@ -56,6 +71,21 @@ def test_container_round_trip_is_within_the_codec_bound(
         rel, absolute = BOUNDS[codec]
         assert torch.all((got - want).abs() <= rel * want.abs() * 1.0001 + absolute * scale)
     assert torch.all(got[~mask] == 0)
+
+
+@EXAMPLES
+@given(**ROUND_TRIPS)
+def test_what_a_delta_sends_plus_what_it_leaves_out_is_its_target(
+    tmp_path_factory, identity, shape, p, codec, seed
+):
+    x, sent, left, mask = _one_tensor(
+        tmp_path_factory, identity, shape, p, codec, seed, feedback=True
+    )
+    assert torch.allclose(sent + left, x, rtol=0, atol=1e-9)
+    assert torch.equal(left[~mask], x[~mask])  # a dropped entry waits whole
+    assert torch.all(sent[~mask] == 0)
+    if codec == "fp32":  # a kept entry arrives as it is, not scaled up by 1 / (1 - p)
+        assert torch.allclose(sent[mask], x[mask], rtol=1e-6, atol=0)
 
 
 def _save(dir_, tensors):

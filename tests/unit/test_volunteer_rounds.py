@@ -10,12 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from node.config import VolunteerSettings
 from node.net.blobstore import HEAD_PIN
 from node.net.swarm import HEAD_TTL
 from node.seed import genesis_head
 from node.training.tiny_model import CORPUS
+from node.training.trainer import Trainer
 from node.volunteer.volunteer import Volunteer
 from protocol.container import DeltaReader
 from protocol.ids import base_id
@@ -97,6 +100,36 @@ def test_a_volunteer_stops_offering_a_delta_once_its_base_is_past_the_staleness_
         owned_topic(volunteer.swarm.identity.author, agg.head.base_id),
     ]
     assert volunteer.store.pins(first) == []  # left to retention
+
+
+def test_error_feedback_keeps_what_a_delta_left_out_and_carries_it_across_a_restart(world, data):
+    agg = world.aggregator(
+        "agg", world.config(["agg"], error_feedback=True, drop_rate=0.9), genesis=world.genesis
+    )
+    step(agg)
+    settings = VolunteerSettings(data=[str(data)], round_steps=2, rounds_per_head=1, **TRAIN)
+    volunteer = Volunteer(*world.peer("v"), settings)
+    volunteer.tick()
+    with training(volunteer):
+        wait_for(lambda: volunteer.published, "a delta on the genesis")
+    (first,) = announced(volunteer, agg.head.base_id)
+    residual = volunteer.root / "residual"
+    left = load_file(residual / "left.safetensors")
+    trained = load_file(Trainer.latest(volunteer.root / "checkpoint") / "trainable.safetensors")
+    base = load_file(world.genesis / "model.safetensors")
+    with DeltaReader(volunteer.store.path(first.delta_id)) as reader:
+        for name in reader.names():  # what was sent plus what is kept: the whole round
+            want = trained[name] - base[name]
+            assert torch.allclose(reader.read_tensor(name) + left[name], want, atol=1e-7)
+            assert left[name].abs().sum() > 0.5 * want.abs().sum()  # p = 0.9 held most back
+    step(agg)  # round 1 merges it; a restart of the volunteer follows it there
+    again = Volunteer(*world.peer("v"), settings)
+    again.tick()
+    with training(again):
+        wait_for(lambda: again.published, "a delta on round 1")
+    carried = load_file(residual / "carried.safetensors")
+    assert carried.keys() == left.keys()
+    assert all(torch.equal(carried[n], left[n]) for n in left)
 
 
 @pytest.mark.parametrize("policy", ["restart", "finish"])
