@@ -114,6 +114,29 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
     assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_bench_compression_smoke_run_reports_bytes_and_kept_gain_for_every_row(tmp_path):
+    out, picture = tmp_path / "compression.json", tmp_path / "compression.png"
+    script = SCRIPT.with_name("bench_compression.py")
+    rows = ["bf16:0.9", "int4:0.75:ef", "int8:0.9:topk:ef"]
+    args = ["--model", "tiny", "--rounds", "2", "--round-steps", "3", "--pretrain-steps", "20"]
+    args += ["--volunteers", "2", "--rows", *rows, "--workdir", tmp_path / "work"]
+    args += ["--json", out, "--plot", picture]
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny" and set(result["rows"]) == {"fp32:0", *rows}
+    for name, row in result["rows"].items():
+        assert set(row) >= {"bytes_per_param", "retained_single", "retained_swarm"}, name
+        assert 0 < row["bytes_per_param"] < 5
+    dense = result["rows"]["fp32:0"]
+    assert dense["retained_swarm"] == 1.0 and abs(dense["retained_single"] - 1.0) < 0.02
+    assert result["rows"]["int4:0.75:ef"]["bytes_per_param"] < 0.3 < dense["bytes_per_param"]
+    assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
+
+
 def _bench_quality():
     spec = importlib.util.spec_from_file_location(
         "bench_quality", SCRIPT.parent / "bench_quality.py"
