@@ -21,6 +21,15 @@ Error bounds, for a value ``x`` and its decoded ``y``:
 * ``int4``: the same with ``s = absmax / 7`` and codes in [-7, 7], two per byte:
   ``|y - x| <= s / 2 * (1 + 2**-19)``, i.e. at most ``absmax_of_block / 14`` plus float32
   rounding. A block whose absmax is below ``7 * 2**-126`` decodes as zeros.
+* ``sign``: one bit a value, blocks of ``block_size`` values sharing a float32 scale
+  ``s = mean(|x|)`` (the ``s`` that minimises the squared error of ``s * sign(x)``; summed
+  in integers, so the same on every machine); ``y = -s`` for negative ``x``, else ``+s``.
+  Per value ``|y - x| <= absmax_of_block``, and over a block of ``m`` values
+  ``sum((y - x)**2) = sum(x**2) - m * s**2 <= sum(x**2)`` (float rounding aside). A block
+  whose mean ``|x|`` is below ``2**-126`` decodes as zeros. Meant for error feedback
+  (node/volunteer/feedback.py): the volunteer adds what a delta left out to its next one,
+  so a 1-bit code loses nothing for good; and Adam's updates have nearly uniform
+  magnitudes, so their signs and a mean magnitude keep most of them.
 
 The float codecs store bytes plane by plane (all first bytes, then all second
 bytes, ...): exponent bytes of fine-tuning deltas repeat a lot, and zstd only
@@ -169,11 +178,12 @@ class Bf16Codec(ValueCodec):
 
 
 class BlockScaledCodec(ValueCodec):
-    """Blocks of ``block_size`` values share a float32 scale ``s = absmax / LEVELS``.
+    """Blocks of ``block_size`` values share a float32 scale, by default ``s = absmax / LEVELS``.
 
-    Layout: ``ceil(n / block)`` float32 scales, then the codes ``rint(x / s)``, clipped to
-    ``[-LEVELS, LEVELS]`` and laid out by ``_pack``. A block whose absmax is below
-    ``tiny`` (where the scale would be subnormal) has scale 0 and codes 0.
+    Layout: ``ceil(n / block)`` float32 scales, then the codes, by default ``rint(x / s)``
+    clipped to ``[-LEVELS, LEVELS]``, laid out by ``_pack``; ``y = code * s``. A block whose
+    scale would be subnormal (by default: absmax below ``tiny``) is stored with scale 0 and
+    decodes as zeros.
 
     :param block_size: values per scale, in [8, 65536] (default ``DEFAULT_BLOCK``).
     """
@@ -217,15 +227,24 @@ class BlockScaledCodec(ValueCodec):
         padded = np.zeros(self._blocks(n) * b, np.float32)
         padded[:n] = x
         blocks = padded.reshape(-1, b)  # (nblocks, block)
-        absmax = np.abs(blocks).max(axis=1)
-        scales = np.where(absmax < self.tiny, np.float32(0), absmax / np.float32(self.LEVELS))
-        scales = scales.astype(np.float32)
-        safe = np.where(scales > 0, scales, np.float32(1))
-        codes = np.clip(np.rint(blocks / safe[:, None]), -self.LEVELS, self.LEVELS)
+        scales = self._scales(blocks, n)
+        codes = self._codes(blocks, scales)
         out = np.empty(self.encoded_size(n), np.uint8)
         out[: 4 * scales.size] = scales.astype(_F4).view(np.uint8)
-        out[4 * scales.size :] = self._pack(codes.astype(np.int8).reshape(-1), n)
+        out[4 * scales.size :] = self._pack(codes.reshape(-1), n)
         return out
+
+    def _scales(self, blocks: np.ndarray, count: int) -> np.ndarray:
+        """(nblocks, block) values, zero past ``count`` -> (nblocks,) float32 scales."""
+        absmax = np.abs(blocks).max(axis=1)
+        scales = np.where(absmax < self.tiny, np.float32(0), absmax / np.float32(self.LEVELS))
+        return scales.astype(np.float32)
+
+    def _codes(self, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """(nblocks, block) values and their (nblocks,) scales -> (nblocks, block) int8 codes."""
+        safe = np.where(scales > 0, scales, np.float32(1))
+        codes = np.clip(np.rint(blocks / safe[:, None]), -self.LEVELS, self.LEVELS)
+        return codes.astype(np.int8)
 
     def decode(self, buf: Buffer, count: int) -> np.ndarray:
         self._check_size(buf, count)
@@ -327,13 +346,89 @@ class Int4BlockCodec(BlockScaledCodec):
             )
 
 
+class SignBlockCodec(BlockScaledCodec):
+    """One bit a value, 1 for negative and 0 for zero or positive: value ``8i + j`` is bit
+    ``j`` of byte ``i`` (``np.packbits(..., bitorder="little")``), 0 past the count. Codes are
+    -1 and +1, the scale is the block's mean ``|x|`` (the last block's over its own values).
+
+    Decoding refuses every byte string the encoder cannot write: a set bit past the count, a
+    scale of -0.0, set bits under a zero scale, a nonzero scale that is subnormal. Every other
+    scale is one the encoder writes: the mean of ``m`` copies of ``s`` is ``s``.
+    """
+
+    name = "sign"
+    LEVELS = 1
+    # 4 bytes of scale per 256 values cost 1/8 bit per value, so a dense delta costs 1.125
+    # bits (0.14 bytes) a parameter; blocks of 64 would spend a third of it on scales.
+    DEFAULT_BLOCK = 256
+    UNITS = 46  # the mean adds |x| in units of 2**-46 of the block's binade: < 2**62 in all
+
+    def __init__(self, block_size: int | None = None) -> None:
+        super().__init__(block_size)
+        if self.block_size % 8:
+            # blocks start on a byte: a block's bits are whole bytes
+            raise ValueError(
+                f"codec sign: block size must be a multiple of 8, got {self.block_size}"
+            )
+
+    def _code_bytes(self, count: int) -> int:
+        return -(-count // 8)
+
+    def _scales(self, blocks: np.ndarray, count: int) -> np.ndarray:
+        # An integer sum is exact, so no order of additions enters the scale: each |x| is
+        # truncated to units of 2**(top - UNITS), absmax < 2**top, which moves the mean by
+        # under 2**-29 of itself (it is at least absmax / 65536) before it rounds to float32.
+        magnitudes = np.abs(blocks)  # (nblocks, block)
+        _, top = np.frexp(magnitudes.max(axis=1))
+        units = np.ldexp(magnitudes, (self.UNITS - top)[:, None])  # exact: < 2**46, float32
+        total = units.astype(np.int64).sum(axis=1).astype(np.float64)
+        counts = np.full(blocks.shape[0], self.block_size, np.float64)
+        if counts.size:
+            counts[-1] = count - (counts.size - 1) * self.block_size  # the last block's values
+        mean = np.ldexp(total, top - self.UNITS) / counts
+        return np.where(mean < self.tiny, 0, mean).astype(np.float32)
+
+    def _codes(self, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        negative = blocks < 0  # (nblocks, block)
+        negative[scales == 0] = False
+        codes = negative.view(np.int8)  # 1 for negative -> -1, 0 -> +1, in place
+        codes *= np.int8(-2)
+        codes += np.int8(1)
+        return codes
+
+    def _pack(self, codes: np.ndarray, count: int) -> np.ndarray:
+        return np.packbits(codes[:count] < 0, bitorder="little")
+
+    def _unpack(self, buf: np.ndarray, count: int) -> np.ndarray:
+        bits = np.unpackbits(buf, bitorder="little").view(np.int8)  # (8 * len(buf),) 0 or 1
+        if bits[count:].any():
+            raise ValueError(f"codec sign: a bit past the last of {count} values is set")
+        codes = np.ones(self._blocks(count) * self.block_size, np.int8)
+        codes[:count] -= 2 * bits[:count]
+        return codes
+
+    def _check_blocks(self, scales: np.ndarray, codes: np.ndarray) -> None:
+        zero = scales == 0
+        negatives = np.zeros(scales.size, bool)
+        negatives[zero] = (codes[zero] < 0).any(axis=1)
+        wrong = np.where(zero, np.signbit(scales) | negatives, scales < self.tiny)
+        bad = np.flatnonzero(wrong)
+        if bad.size:
+            j = bad[0]
+            raise ValueError(
+                f"codec sign: block {j} (scale {float(scales[j])!r}, "
+                f"{'a' if negatives[j] else 'no'} set bit) is not one the encoder writes"
+            )
+
+
 CODECS: dict[str, type[ValueCodec]] = {
-    c.name: c for c in (Fp32Codec, Fp16Codec, Bf16Codec, Int8BlockCodec, Int4BlockCodec)
+    c.name: c
+    for c in (Fp32Codec, Fp16Codec, Bf16Codec, Int8BlockCodec, Int4BlockCodec, SignBlockCodec)
 }
 
 
 def get_codec(name: str, block_size: int | None = None) -> ValueCodec:
-    """The codec registered under ``name``; ``block_size`` only matters for int8 and int4."""
+    """The codec registered under ``name``; ``block_size`` matters for int8, int4, sign."""
     try:
         cls = CODECS[name]
     except KeyError:

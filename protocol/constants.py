@@ -17,7 +17,7 @@ from typing import Literal, get_args
 PROTOCOL_VERSION = "8"
 
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)
-CodecName = Literal["bf16", "fp16", "fp32", "int4", "int8"]
+CodecName = Literal["bf16", "fp16", "fp32", "int4", "int8", "sign"]
 CODEC_NAMES: tuple[str, ...] = get_args(CodecName)
 
 # every reason an aggregator refuses a delta for: bounded metric labels, and the keys of the

@@ -30,7 +30,7 @@ from pathlib import Path
 from bench_common import delta_tensors, largest_params, peak_rss_mb
 
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sign")
 DROP_RATES = (0.5, 0.9, 0.99)
 
 

@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--block-size",
         type=common.block_size,
         default=None,
-        help="int8/int4 codecs: values per scale (default 128 for int8, 64 for int4)",
+        help="int8/int4/sign codecs: values per scale (default 128 for int8, 64 for int4, "
+        "256 for sign)",
     )
     p.add_argument(
         "--key",
@@ -117,7 +118,7 @@ def run_create(args: argparse.Namespace) -> int:
     from protocol.model_dir import ModelDir
 
     try:
-        get_codec(args.codec, args.block_size)  # int4 takes only even blocks
+        get_codec(args.codec, args.block_size)  # int4 takes only even blocks, sign multiples of 8
     except ValueError as exc:
         raise EncodeError(f"--block-size {args.block_size}: {exc}") from None
     identity = Identity.load_or_create(args.key or common.default_key_path())

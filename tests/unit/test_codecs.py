@@ -119,11 +119,11 @@ def test_decode_refuses_a_buffer_of_the_wrong_size(name):
     with pytest.raises(ValueError, match="cannot hold"):
         codec.decode(bytes(buf) + b"\0", 10)
     with pytest.raises(ValueError, match="cannot hold"):
-        codec.decode(buf, 11)
+        codec.decode(buf, 18)  # 8 more values need a byte more even at one bit a value
 
 
 def test_unknown_codec_names_the_known_ones():
-    with pytest.raises(ValueError, match="bf16, fp16, fp32, int4, int8"):
+    with pytest.raises(ValueError, match="bf16, fp16, fp32, int4, int8, sign"):
         get_codec("fp8")
 
 
@@ -168,16 +168,26 @@ def test_int4_encoded_size_is_the_scales_and_half_a_byte_per_value(count, block)
     assert codec.encoded_size(count) == size == len(codec.encode(np.ones(count, np.float32)))
 
 
-def test_int4_block_size_defaults_to_64_and_must_be_even_and_in_range():
-    assert get_codec("int4").block_size == 64 and get_codec("int8").block_size == 128
-    assert get_codec("int4", 16).block_size == 16
-    for bad, message in (
-        (9, "must be even"),
-        (6, "must be in \\[8, 65536\\]"),
-        (1 << 17, "must be in"),
-    ):
-        with pytest.raises(ValueError, match=f"codec int4: block size {message}"):
-            get_codec("int4", bad)
+def test_block_sizes_default_per_codec_and_fit_its_code_layout():
+    defaults = {name: get_codec(name).block_size for name in ("int8", "int4", "sign")}
+    assert defaults == {"int8": 128, "int4": 64, "sign": 256}
+    assert get_codec("int4", 16).block_size == 16 and get_codec("sign", 8).block_size == 8
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "message"),
+    [
+        ("int4", 9, "must be even"),
+        ("int4", 6, "must be in \\[8, 65536\\]"),
+        ("int4", 1 << 17, "must be in"),
+        ("sign", 12, "must be a multiple of 8"),
+        ("sign", 4, "must be in \\[8, 65536\\]"),
+        ("sign", 1 << 17, "must be in"),
+    ],
+)
+def test_a_block_size_out_of_range_or_off_the_code_layout_is_refused(name, bad, message):
+    with pytest.raises(ValueError, match=f"codec {name}: block size {message}"):
+        get_codec(name, bad)
 
 
 @settings(max_examples=150, deadline=None)
@@ -250,6 +260,136 @@ def test_int4_decodes_only_canonical_bytes(scales, nibbles, short):
     buf = _int4_bytes(scales, nibbles)
     try:
         y = codec.decode(buf, len(nibbles) - short)
+    except ValueError:
+        return
+    assert bytes(codec.encode(y)) == buf
+
+
+def _block_sums(values: np.ndarray, block: int) -> np.ndarray:
+    """(n,) float64 -> (nblocks,) sums of each block, zero-padded."""
+    padded = np.zeros(-(-values.size // block) * block, np.float64)
+    padded[: values.size] = values
+    return padded.reshape(-1, block).sum(axis=1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=arrays(np.float32, st.integers(0, 700), elements=any32 | finite32),
+    block=st.sampled_from([8, 16, 64, 256, 1024]),
+)
+@example(x=np.zeros(65, np.float32), block=64)
+@example(x=np.array([2.0**-126, -(2.0**-126), 3e-45, 2.0**-127], np.float32), block=8)
+@example(
+    x=np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45], np.float32), block=8
+)
+@example(x=np.array([1.0, -3.0, 0.0, -0.0, 2.0, 1e-30, 5.0, -7.0, 0.25], np.float32), block=8)
+def test_sign_error_is_within_the_block_absmax_and_the_squared_error_shrinks(x, block):
+    codec = get_codec("sign", block_size=block)
+    buf = codec.encode(x)
+    y = roundtrip("sign", x, block_size=block).astype(np.float64)
+    nblocks = -(-x.size // block)
+    scales = np.frombuffer(buf[: 4 * nblocks], "<f4").astype(np.float64)
+    s = np.repeat(scales, block)[: x.size]
+    assert np.array_equal(y, np.where((x < 0) & (s > 0), -s, s))  # -0.0 is not negative
+    x64 = x.astype(np.float64)
+    counts = np.minimum(block, x.size - block * np.arange(nblocks))
+    mean = _block_sums(np.abs(x64), block) / counts
+    tiny = scales == 0
+    assert np.all(mean[tiny] < 2.0**-126 * (1 + 2.0**-20))
+    assert np.all(scales[~tiny] >= 2.0**-126)
+    assert np.all(np.abs(scales - mean)[~tiny] <= 2.0**-23 * mean[~tiny])
+    assert np.all(np.abs(y - x64) <= block_absmax(x, block))  # exactly: s never exceeds it
+    squares, errors = _block_sums(x64**2, block), _block_sums((y - x64) ** 2, block)
+    assert np.all(errors <= squares * (1 + 2.0**-40))
+    expected = np.where(tiny, squares, squares - counts * scales**2)
+    assert np.all(np.abs(errors - expected) <= 2.0**-20 * squares)
+
+
+@settings(max_examples=50, deadline=None)
+@given(x=arrays(np.float32, st.integers(1, 256), elements=any32 | finite32), seed=st.integers())
+def test_sign_scale_does_not_depend_on_the_order_of_the_values(x, seed):
+    # The mean is an exact integer sum: a float sum in another order could round elsewhere.
+    shuffled = np.random.default_rng(seed % 2**32).permutation(x)
+    codec = get_codec("sign", block_size=256)
+    assert bytes(codec.encode(x)[:4]) == bytes(codec.encode(shuffled)[:4])
+
+
+def test_sign_layout_is_scales_then_bits_little_endian():
+    codec = get_codec("sign", block_size=8)
+    x = np.array([1.0, -3.0, 0.0, -0.0, 2.0, -1.0, 0.5, 0.5, -4.0], np.float32)
+    buf = codec.encode(x)
+    assert np.frombuffer(buf[:8], "<f4").tolist() == [1.0, 4.0]  # mean |x| of each block
+    # negatives at 1 and 5 in the first byte; value 8 is bit 0 of the second, the rest 0
+    assert bytes(buf[8:]) == bytes([0b0010_0010, 0b0000_0001])
+    assert codec.decode(buf, 9).tolist() == [1, -1, 1, 1, 1, -1, 1, 1, -4]
+
+
+def test_sign_all_zero_and_tiny_blocks_decode_to_zeros():
+    x = np.full(20, 2.0**-127, np.float32)
+    x[::2] *= -1
+    buf = get_codec("sign", block_size=8).encode(x)
+    assert bytes(buf) == bytes(4 * 3 + 3)  # scale 0 and no bit set
+    assert roundtrip("sign", x, block_size=8).tolist() == [0.0] * 20
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 255, 256, 257, 1001])
+@pytest.mark.parametrize("block", [8, 256, 1000 * 8])
+def test_sign_encoded_size_is_the_scales_and_a_bit_per_value(count, block):
+    codec = get_codec("sign", block_size=block)
+    size = 4 * -(-count // block) + -(-count // 8)
+    assert codec.encoded_size(count) == size == len(codec.encode(np.ones(count, np.float32)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=arrays(np.float32, st.integers(0, 300), elements=any32 | finite32),
+    block=st.sampled_from([8, 64, 256]),
+)
+def test_sign_reencoding_the_decoding_gives_the_same_bytes(x, block):
+    codec = get_codec("sign", block_size=block)
+    buf = codec.encode(x)
+    assert bytes(codec.encode(codec.decode(buf, x.size))) == bytes(buf)
+
+
+def _sign_bytes(scales: list[float], bits: list[int]) -> bytes:
+    return np.array(scales, "<f4").tobytes() + np.packbits(bits, bitorder="little").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("scales", "bits", "count", "message"),
+    [
+        ([float("nan")], [1, 0, 0], 3, "negative or not finite"),
+        ([float("inf")], [0, 0, 0], 3, "negative or not finite"),
+        ([-1.0], [0, 0, 0], 3, "negative or not finite"),
+        ([-0.0], [0, 0, 0], 3, "block 0 \\(scale -0.0, no set bit\\)"),
+        ([0.0], [0, 1, 0], 3, "block 0 \\(scale 0.0, a set bit\\)"),
+        ([1.0, 0.0], [0] * 8 + [0, 1], 10, "block 1 \\(scale 0.0, a set bit\\)"),
+        ([2.0**-127], [0, 0, 0], 3, "block 0 \\(scale 5.877"),  # subnormal: the encoder writes 0
+        ([1e-45], [1, 0, 0], 3, "block 0"),
+        ([1.0], [0, 0, 0, 1], 3, "a bit past the last of 3 values is set"),
+        ([1.0, 1.0], [0] * 9 + [0] * 6 + [1], 15, "a bit past the last of 15 values"),
+    ],
+)
+def test_sign_refuses_bytes_the_encoder_never_writes(scales, bits, count, message):
+    buf = _sign_bytes(scales, bits)
+    with pytest.raises(ValueError, match=f"codec sign: .*{message}"):
+        get_codec("sign", block_size=8).decode(buf, count)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scales=st.lists(
+        st.floats(width=32) | st.sampled_from([1.0, 2.0**-126, 0.0, -0.0]), min_size=2, max_size=2
+    ),
+    bits=st.lists(st.integers(0, 1), min_size=16, max_size=16),
+    count=st.integers(9, 16),  # past it, the last byte's padding bits
+)
+def test_sign_decodes_only_canonical_bytes(scales, bits, count):
+    # Any bytes: refused, or the encoding of what they decode to (one value, one byte string).
+    codec = get_codec("sign", block_size=8)
+    buf = _sign_bytes(scales, bits)
+    try:
+        y = codec.decode(buf, count)
     except ValueError:
         return
     assert bytes(codec.encode(y)) == buf
