@@ -260,15 +260,16 @@ def plot(path: Path, rows: dict[str, dict], model: str) -> None:
         )
         if not points:
             continue
-        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=name)
-        for x, y, label in points:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        dots = ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker,
+                          label=f"{name} (frontier labelled)")  # fmt: skip
         frontier, best = [], float("-inf")
-        for x, y, _ in points:  # fewest bytes first: a point is on it if it keeps more
+        for x, y, label in points:  # fewest bytes first: a point is on it if it keeps more
             if y > best:
                 frontier.append((x, y))
                 best = y
-        ax.plot([p[0] for p in frontier], [p[1] for p in frontier], linewidth=1)
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot([p[0] for p in frontier], [p[1] for p in frontier], linewidth=1,
+                color=dots.get_facecolor()[0])  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("bytes per parameter (log)")
     ax.set_ylabel("share of the gain kept")
@@ -278,6 +279,29 @@ def plot(path: Path, rows: dict[str, dict], model: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def report(rows: dict[str, dict]) -> None:
+    print("| row | bytes/param | retained (single) | retained (swarm) |\n|---|---|---|---|")
+    for label, r in rows.items():
+        single_kept, swarm_kept = r.get("retained_single"), r.get("retained_swarm")
+        print(f"| {label} | {r['bytes_per_param']:.4f} | "
+              f"{'-' if single_kept is None else f'{single_kept:.3f}'} | "
+              f"{'-' if swarm_kept is None else f'{swarm_kept:.3f}'} |")  # fmt: skip
+
+
+def load(paths: list[Path]) -> tuple[str, dict[str, dict]]:
+    """The rows of runs saved by --json, of one model, merged: a row's figures from the last
+    run that has them (each retained share is against the reference of its own run)."""
+    model, rows = None, {}
+    for path in paths:
+        run = json.loads(path.read_text())
+        if model not in (None, run["model"]):
+            raise SystemExit(f"{path}: a run of {run['model']}, the others are of {model}")
+        model = run["model"]
+        for label, figures in run["rows"].items():
+            rows[label] = rows.get(label, {}) | figures
+    return model, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--plot", type=Path, help="retained against bytes/param (PNG)")
+    parser.add_argument("--load", type=Path, nargs="+", metavar="JSON",
+                        help="report (and --plot) runs saved by --json instead of running")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.load:
+        name, rows = load(args.load)
+        report(rows)
+        if args.plot:
+            plot(args.plot, rows, name)
+        return 0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -332,12 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(mean loss {mean(losses):.4f})", flush=True)  # fmt: skip
     seconds = time.monotonic() - started
     print(f"\n# bench_compression: {model.name}, {seconds:.0f} s")
-    print("| row | bytes/param | retained (single) | retained (swarm) |\n|---|---|---|---|")
-    for label, r in results.items():
-        single_kept, swarm_kept = r.get("retained_single"), r.get("retained_swarm")
-        print(f"| {label} | {r['bytes_per_param']:.4f} | "
-              f"{'-' if single_kept is None else f'{single_kept:.3f}'} | "
-              f"{'-' if swarm_kept is None else f'{swarm_kept:.3f}'} |")  # fmt: skip
+    report(results)
     settings = {"volunteers": len(domains), "rounds": args.rounds, "round_steps": steps,
                 "train": options.model_dump(), "settings": args.settings}  # fmt: skip
     if args.json:
