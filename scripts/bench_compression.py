@@ -281,6 +281,21 @@ def plot(path: Path, rows: dict[str, dict], model: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def reference_row(path: Path, model: str, settings: dict) -> dict:
+    """The dense swarm's row (its final mean loss, its bytes) from an earlier run of the same
+    model and settings (the swarm is deterministic on one machine: the same genesis, data
+    order and seeds)."""
+    earlier = json.loads(path.read_text())
+    ran = {k: earlier["settings"].get(k) for k in settings}
+    if earlier["model"] != model or ran != settings:
+        raise SystemExit(f"{path}: another model or other settings than this run's")
+    try:
+        row = earlier["rows"][DENSE]
+        return {"bytes_per_param": row["bytes_per_param"], "swarm_loss": row["swarm_loss"]}
+    except KeyError:
+        raise SystemExit(f"{path}: no swarm row {DENSE} to take the reference from") from None
+
+
 def report(rows: dict[str, dict]) -> None:
     print("| row | bytes/param | retained (single) | retained (swarm) |\n|---|---|---|---|")
     for label, r in rows.items():
@@ -315,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="R (default 3)")
     parser.add_argument("--round-steps", type=int, help="H (default: the model's)")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="tiny: genesis steps")
+    parser.add_argument("--reference", type=Path, metavar="JSON",
+                        help="take the dense swarm's loss from this earlier --json of the same "
+                        "model and settings instead of running it again")  # fmt: skip
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--plot", type=Path, help="retained against bytes/param (PNG)")
@@ -348,16 +366,23 @@ def main(argv: list[str] | None = None) -> int:
             genesis, data, options, args.rounds * steps, rows, work, evals
         ).items():
             results[label] |= figures
+    settings = {"volunteers": len(domains), "rounds": args.rounds, "round_steps": steps,
+                "train": options.model_dump()}  # fmt: skip
     if "swarm" in args.settings:
         start = mean(domain_losses(genesis, evals))
-        gains = {}
+        earlier = reference_row(args.reference, model.name, settings) if args.reference else None
+        dense = earlier["swarm_loss"] if earlier else None
         print(f"swarm: {len(domains)} volunteers x {args.rounds} rounds x {steps} steps")
         for row in rows:
+            if row.label == DENSE and earlier is not None:
+                results[row.label] |= earlier | {"retained_swarm": 1.0}
+                print(f"  {row.label:>14}: from {args.reference} (mean loss {dense:.4f})")
+                continue
             losses, per_param = swarm(
                 genesis, data, options, args.rounds, steps, row, work / "swarm", evals
             )
-            gains[row.label] = start - mean(losses)
-            kept = gains[row.label] / gains[DENSE]
+            dense = mean(losses) if row.label == DENSE else dense
+            kept = (start - mean(losses)) / (start - dense)
             results[row.label] |= {"bytes_per_param": per_param, "retained_swarm": kept,
                                    "swarm_loss": mean(losses)}  # fmt: skip
             print(f"  {row.label:>14}: {per_param:.4f} bytes/param, keeps {kept:.3f} "
@@ -365,8 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - started
     print(f"\n# bench_compression: {model.name}, {seconds:.0f} s")
     report(results)
-    settings = {"volunteers": len(domains), "rounds": args.rounds, "round_steps": steps,
-                "train": options.model_dump(), "settings": args.settings}  # fmt: skip
     if args.json:
         blob = {"model": model.name, "settings": settings, "rows": results,
                 "seconds": round(seconds, 1)}  # fmt: skip
