@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.constants import CodecName
+from protocol.constants import DEFAULT_CODEC, DEFAULT_DROP_RATE, CodecName
 
 
 @dataclass
@@ -170,8 +170,10 @@ class NodeSettings(TrainOptions):
         description="a new head during a round: finish it (the delta is one round stale) "
         "or restart on the new base",
     )
-    drop_rate: float = Field(0.9, ge=0, lt=1, description="DARE drop rate of published deltas")
-    codec: CodecName = Field("bf16", description="delta value codec")
+    drop_rate: float = Field(
+        DEFAULT_DROP_RATE, ge=0, lt=1, description="DARE drop rate of published deltas"
+    )
+    codec: CodecName = Field(DEFAULT_CODEC, description="delta value codec")
     error_feedback: bool = Field(
         False, description="keep what a delta leaves out and add it to the next (error feedback)"
     )

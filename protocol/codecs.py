@@ -26,10 +26,11 @@ Error bounds, for a value ``x`` and its decoded ``y``:
   in integers, so the same on every machine); ``y = -s`` for negative ``x``, else ``+s``.
   Per value ``|y - x| <= absmax_of_block``, and over a block of ``m`` values
   ``sum((y - x)**2) = sum(x**2) - m * s**2 <= sum(x**2)`` (float rounding aside). A block
-  whose mean ``|x|`` is below ``2**-126`` decodes as zeros. Meant for error feedback
-  (node/volunteer/feedback.py): the volunteer adds what a delta left out to its next one,
-  so a 1-bit code loses nothing for good; and Adam's updates have nearly uniform
-  magnitudes, so their signs and a mean magnitude keep most of them.
+  whose mean ``|x|`` is below ``2**-126`` decodes as zeros. Adam's updates have nearly
+  uniform magnitudes, so their signs and a mean magnitude keep much of them, and the
+  errors of several volunteers' deltas partly average out in the merge: on the tiny model
+  it kept the most gain per byte in scripts/bench_compression.py's swarm setting, on
+  SmolLM2-135M less than int4 (docs/benchmarks.md).
 
 The float codecs store bytes plane by plane (all first bytes, then all second
 bytes, ...): exponent bytes of fine-tuning deltas repeat a lot, and zstd only

@@ -19,6 +19,12 @@ PROTOCOL_VERSION = "8"
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)
 CodecName = Literal["bf16", "fp16", "fp32", "int4", "int8", "sign"]
 CODEC_NAMES: tuple[str, ...] = get_args(CodecName)
+# A swarm's default delta: 4-bit values, DARE keeping a fifth of the entries, 0.11 bytes per
+# parameter. The best point under 0.15 measured on SmolLM2-135M by scripts/bench_compression.py
+# (docs/benchmarks.md): it kept all of the dense swarm's gain (1.001; bf16 at p = 0.9: 0.998
+# at 0.146 bytes) and 0.993 of a single fine-tune's.
+DEFAULT_CODEC: CodecName = "int4"
+DEFAULT_DROP_RATE = 0.8
 
 # every reason an aggregator refuses a delta for: bounded metric labels, and the keys of the
 # counts an aggregator's heartbeat carries to monitors

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from protocol import frames
+from protocol.constants import DEFAULT_CODEC, DEFAULT_DROP_RATE
 from protocol.container import DeltaHeader, DeltaReader, DeltaWriter
 from protocol.errors import BaseMismatchError, EncodeError
 from protocol.identity import Identity
@@ -63,9 +64,9 @@ def create_delta(
     out: str | os.PathLike[str],
     *,
     identity: Identity,
-    drop_rate: float = 0.9,
+    drop_rate: float = DEFAULT_DROP_RATE,
     seed: int | None = None,
-    codec: str = "bf16",
+    codec: str = DEFAULT_CODEC,
     block_size: int | None = None,
     zstd_level: int = frames.DEFAULT_LEVEL,
     metadata: dict[str, Any] | None = None,

@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from protocol.constants import CodecName
+from protocol.constants import DEFAULT_CODEC, DEFAULT_DROP_RATE, CodecName
 from protocol.errors import MergeswarmError, one_line
 from protocol.schema import Body, Hex64, SwarmId
 
@@ -106,8 +106,10 @@ class SwarmConfig(Body):
     outer_warmup: int = Field(
         0, ge=0, le=10_000, description="nesterov: rounds over which the outer lr ramps up"
     )
-    drop_rate: float = Field(0.9, ge=0, lt=1, description="volunteers' DARE drop rate")
-    codec: CodecName = Field("bf16", description="volunteers' delta value codec")
+    drop_rate: float = Field(
+        DEFAULT_DROP_RATE, ge=0, lt=1, description="volunteers' DARE drop rate"
+    )
+    codec: CodecName = Field(DEFAULT_CODEC, description="volunteers' delta value codec")
     error_feedback: bool = Field(
         False,
         description="volunteers keep what a delta leaves out (dropped entries, codec rounding) "

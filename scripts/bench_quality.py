@@ -60,6 +60,7 @@ from node.demo.local_swarm import (  # noqa: E402
     save_trained,
     write_domain_data,
 )
+from protocol.constants import DEFAULT_CODEC  # noqa: E402
 from protocol.swarm_config import SwarmConfig  # noqa: E402
 
 Losses = dict[str, float]
@@ -89,7 +90,7 @@ class SwarmRow:
         """``mergeswarm init`` flags for this row."""
         flags = ("--outer-optimizer", self.outer, "--outer-lr", str(self.lr))
         flags += ("--outer-momentum", str(self.momentum), "--outer-warmup", str(self.warmup))
-        drop, codec = (0.0, "fp32") if self.dense else (drop_rate, "bf16")
+        drop, codec = (0.0, "fp32") if self.dense else (drop_rate, DEFAULT_CODEC)
         return flags + ("--drop-rate", str(drop), "--codec", codec)
 
 
@@ -213,7 +214,7 @@ def simulate(genesis, data, options, row: SwarmRow, drop_rate, rounds, steps, wo
     datasets = {d: load_dataset([p], tokenizer, seq_len=options.seq_len) for d, p in data.items()}
     identity = Identity.generate()
     head, momentum, curve = genesis, None, []
-    drop, codec = (0.0, "fp32") if row.dense else (drop_rate, "bf16")
+    drop, codec = (0.0, "fp32") if row.dense else (drop_rate, DEFAULT_CODEC)
     for r in range(1, rounds + 1):
         deltas = []
         for i, (d, dataset) in enumerate(datasets.items()):

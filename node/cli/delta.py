@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.constants import CODEC_NAMES
+from protocol.constants import CODEC_NAMES, DEFAULT_CODEC, DEFAULT_DROP_RATE
 
 from . import common
 
@@ -44,10 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "-o", "--output", type=Path, required=True, metavar="OUT.msd", help="file to write"
     )
     p.add_argument(
-        "--drop-rate", type=common.drop_rate, default=0.9, help="DARE drop rate p in [0, 1)"
+        "--drop-rate",
+        type=common.drop_rate,
+        default=DEFAULT_DROP_RATE,
+        help=f"DARE drop rate p in [0, 1) (default {DEFAULT_DROP_RATE})",
     )
     p.add_argument("--seed", type=common.seed, default=None, help="DARE seed (default: random)")
-    p.add_argument("--codec", choices=sorted(CODEC_NAMES), default="bf16", help="value codec")
+    p.add_argument(
+        "--codec",
+        choices=sorted(CODEC_NAMES),
+        default=DEFAULT_CODEC,
+        help=f"value codec (default {DEFAULT_CODEC})",
+    )
     p.add_argument(
         "--block-size",
         type=common.block_size,

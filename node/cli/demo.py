@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from protocol.constants import CODEC_NAMES
+from protocol.constants import CODEC_NAMES, DEFAULT_CODEC, DEFAULT_DROP_RATE
 
 from . import common
 
@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drop-rate",
         type=common.drop_rate,
-        help="DARE drop rate (default: 0.5 tiny, 0.9 smollm2: a tiny model has far less "
-        "redundancy than a pretrained one, so the demo drops less there)",
+        help=f"DARE drop rate (default: 0.5 tiny, {DEFAULT_DROP_RATE} smollm2: a tiny model has "
+        "far less redundancy than a pretrained one, so the demo drops less there)",
     )
     p.add_argument(
         "--prepare",
@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead: one volunteer's create -> inspect -> apply round trip, no swarm",
     )
     p.add_argument("--steps", type=int, default=30, help="--offline: fine-tuning steps")
-    p.add_argument("--codec", choices=sorted(CODEC_NAMES), default="bf16", help="--offline: codec")
+    p.add_argument(
+        "--codec", choices=sorted(CODEC_NAMES), default=DEFAULT_CODEC, help="--offline: codec"
+    )
     p.set_defaults(run=run)
 
 

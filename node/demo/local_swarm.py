@@ -28,6 +28,7 @@ from node.config import TrainOptions
 from node.daemon.launch import LOOPBACK, PeerStartError, kill_group, launch_peer
 from node.data_dir import DataDir
 from node.demo.domains import DOMAINS, domain_texts
+from protocol.constants import DEFAULT_DROP_RATE
 from protocol.records import HEARTBEAT
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ DEMO_MODELS = {
         "smollm2-135m",
         TrainOptions(seq_len=SEQ_LEN, batch_size=4, lr=1e-4, warmup_steps=1, eval_blocks=4),
         round_steps=6,
-        drop_rate=0.9,
+        drop_rate=DEFAULT_DROP_RATE,
     ),
 }
 

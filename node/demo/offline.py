@@ -15,6 +15,7 @@ import torch
 
 from node.training.finetune import lm_batch, mean_loss, quick_finetune
 from node.training.tiny_model import CORPUS, build_tiny_model
+from protocol.constants import DEFAULT_CODEC
 from protocol.container import DeltaReader
 from protocol.delta import apply_deltas, create_delta
 from protocol.identity import Identity
@@ -48,7 +49,7 @@ def run_demo(
     *,
     steps: int = 30,
     drop_rate: float = 0.5,
-    codec: str = "bf16",
+    codec: str = DEFAULT_CODEC,
     seed: int = 1,
     log: Any = print,
 ) -> DemoReport:

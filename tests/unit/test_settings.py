@@ -8,7 +8,7 @@ import pytest
 
 from node.config import VolunteerSettings
 from node.settings import SettingsError, add_flags, load_settings
-from protocol.constants import CODEC_NAMES
+from protocol.constants import CODEC_NAMES, DEFAULT_CODEC
 from protocol.swarm_config import SwarmConfig
 
 
@@ -29,7 +29,7 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
     assert settings.batch_size == 3  # env over file
     assert settings.round_steps == 11  # flag over env and file
     assert settings.lora is True and settings.data == ["a.jsonl"]
-    assert settings.codec == "bf16"  # default
+    assert settings.codec == DEFAULT_CODEC  # default
 
 
 def test_list_settings_come_from_repeated_flags_or_comma_separated_env():
