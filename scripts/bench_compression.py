@@ -1,11 +1,13 @@
 """Quality per byte: for each delta codec and drop rate, with and without error feedback, the
 bytes per parameter a volunteer sends and the share of the gain those bytes keep.
 
-    .venv/bin/python scripts/bench_compression.py --model {tiny,smollm2-135m}
-        [--rows CODEC:P[:ef] ...] [--settings single swarm] [--volunteers V] [--rounds R]
-        [--round-steps H] [--json FILE] [--plot FILE]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_compression.py --model {tiny,smollm2-135m}
+        [--rows CODEC:P[:topk][:ef] ...] [--settings single swarm] [--volunteers V]
+        [--rounds R] [--round-steps H] [--reference EARLIER.json] [--json FILE] [--plot FILE]
+    .venv/bin/python scripts/bench_compression.py --load RUN.json ... [--plot FILE]
 
-docs/benchmarks.md has the commands and figures of the measured runs.
+docs/benchmarks.md has the commands and figures of the measured runs. (One torch thread
+when anything else runs: two threads spinning against a busy core ran many times slower.)
 
 One genesis, the demo's domains (node.demo.local_swarm, as scripts/bench_quality.py), and
 two settings measured in the same run:
@@ -20,7 +22,8 @@ two settings measured in the same run:
   ``retained_swarm`` = the row's gain in mean held-out loss over the genesis / the gain of
   the same swarm with dense float32 deltas (``fp32:0``, always run first).
 
-A row is ``CODEC:P[:ef]``: the value codec, the DARE drop rate, and ``ef`` for error
+A row is ``CODEC:P[:topk][:ef]``: the value codec, the DARE drop rate, ``topk`` for
+magnitude selection instead of DARE (emulated: :func:`topk_delta`), and ``ef`` for error
 feedback (what a delta leaves out is added to the volunteer's next one; its kept entries
 are sent unscaled). ``bytes_per_param`` is the delta files' mean size over the parameters
 they cover. With error feedback a single delta keeps less (it sends a tenth of the update at
@@ -55,12 +58,13 @@ from protocol.constants import CODEC_NAMES  # noqa: E402
 
 Losses = dict[str, float]
 DENSE = "fp32:0"
-# the grid run when --rows is not given: today's default, then each codec at the drop rates
-# that put it near 0.15 and 0.02 bytes per parameter, with and without error feedback
+# the grid run when --rows is not given: the default (int4:0.8) and the former one
+# (bf16:0.9), then each codec near 0.15 and 0.02 bytes per parameter, with and without error
+# feedback, and magnitude selection at about the default's bytes
 DEFAULT_ROWS = [
-    "bf16:0.9", "bf16:0.9:ef", "bf16:0.99:ef",
-    "int8:0.85", "int8:0.85:ef",
-    "int4:0.75", "int4:0.75:ef", "int4:0.97:ef",
+    "int4:0.8", "int4:0.8:ef", "int4:0.97", "int4:0.97:ef",
+    "bf16:0.9", "bf16:0.9:ef", "bf16:0.99",
+    "int8:0.85", "sign:0", "sign:0.9", "int4:0.9:topk",
 ]  # fmt: skip
 
 
@@ -322,7 +326,7 @@ def load(paths: list[Path]) -> tuple[str, dict[str, dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(DEMO_MODELS), default="tiny")
-    parser.add_argument("--rows", nargs="+", type=parse_row, metavar="CODEC:P[:ef]",
+    parser.add_argument("--rows", nargs="+", type=parse_row, metavar="CODEC:P[:topk][:ef]",
                         help=f"default: {' '.join(DEFAULT_ROWS)}")  # fmt: skip
     parser.add_argument("--settings", nargs="+", choices=("single", "swarm"),
                         default=["single", "swarm"])  # fmt: skip
