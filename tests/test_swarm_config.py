@@ -36,6 +36,7 @@ def _unusual() -> SwarmConfig:
             outer_warmup=3,
             drop_rate=0.0,
             codec="int8",
+            error_feedback=True,
             round_period=12.5,
             min_deltas=3,
             max_deltas=7,
