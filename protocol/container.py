@@ -83,7 +83,7 @@ class SparsifierSpec(_Strict):
 
 class CodecSpec(_Strict):
     name: str  # key of protocol.codecs.CODECS
-    block_size: Annotated[int, Field(ge=0, le=1 << 16)] = 0  # int8 and int4: values per scale
+    block_size: Annotated[int, Field(ge=0, le=1 << 16)] = 0  # int8, int4 and sign: values per scale
 
 
 class TensorEntry(_Strict):
@@ -176,8 +176,8 @@ class DeltaWriter:
     :param identity: the author's key; signs the header.
     :param drop_rate: DARE p in [0, 1).
     :param seed: DARE seed in [0, 2**64).
-    :param codec: value codec name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``).
-    :param block_size: values per scale of int8 (default 128) and int4 (default 64).
+    :param codec: value codec name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``, ``sign``).
+    :param block_size: values per scale of int8 (default 128), int4 (64) and sign (256).
     :param zstd_level: compression level of each frame.
     :param metadata: free JSON training metadata.
     """
