@@ -99,10 +99,20 @@ def _indices(mask: int) -> list[int]:
 def _rarest(candidates: int, haves: list[int]) -> int:
     """The candidates held by the fewest of ``haves``.
 
-    Bit-sliced counting: ``at_least[k]`` holds the pieces k or more of ``haves`` hold,
-    exact up to the level counted to, which doubles until a level has a candidate (the
-    rarest are usually held by one or two, and counting to 16 costs 16 times as much)."""
-    top = 2
+    Bit-sliced counting over the candidates' bits alone: first whether each is held by
+    none, one or two (the rarest usually are, and fetchers call this for every run), then
+    ``at_least[k]``, the pieces k or more of ``haves`` hold, exact up to a level that
+    doubles until a level has a candidate."""
+    haves = [h for have in haves if (h := have & candidates)]
+    one = two = three = 0
+    for have in haves:
+        three |= two & have
+        two |= one & have
+        one |= have
+    for exactly in (candidates & ~one, candidates & one & ~two, candidates & two & ~three):
+        if exactly:
+            return exactly
+    top = 4
     while True:
         top = min(top, len(haves))
         at_least = [-1] + [0] * (top + 1)

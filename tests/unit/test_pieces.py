@@ -10,6 +10,7 @@ from node.net.pieces import (
     LONG_RUN,
     SHORT_RUN,
     STALL_SECONDS,
+    _rarest,
     full_bitmap,
     gives_way,
     held,
@@ -88,6 +89,19 @@ def test_rarest_pieces_come_first_and_in_short_runs_while_others_trade():
     for seed in range(20):
         run = run_for(a, [a, b], seed=seed)
         assert set(run) <= rare and len(run) == SHORT_RUN and run[0] % SHORT_RUN == 0
+
+
+def test_the_rarest_candidates_are_those_the_fewest_sources_hold_at_any_rarity():
+    rng = random.Random(0)
+    for _ in range(300):
+        sources = rng.randint(1, 20)
+        density = rng.random()
+        haves = [sum(1 << i for i in range(64) if rng.random() < density) for _ in range(sources)]
+        candidates = rng.getrandbits(64)
+        counts = {i: sum(h >> i & 1 for h in haves) for i in range(64) if candidates >> i & 1}
+        fewest = min(counts.values(), default=0)
+        expected = sum(1 << i for i, n in counts.items() if n == fewest)
+        assert _rarest(candidates, haves) == expected
 
 
 def test_pieces_in_flight_or_held_are_not_asked_for_again():
