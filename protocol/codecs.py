@@ -239,7 +239,12 @@ class BlockScaledCodec(ValueCodec):
         """(nblocks, block) values, zero past ``count`` -> (nblocks,) float32 scales."""
         absmax = np.abs(blocks).max(axis=1)
         scales = np.where(absmax < self.tiny, np.float32(0), absmax / np.float32(self.LEVELS))
-        return scales.astype(np.float32)
+        scales = scales.astype(np.float32)
+        # Near the largest float32, LEVELS * fl(absmax / LEVELS) can round past it and decode
+        # to Inf: one step down keeps the top code's value finite (its code clips to LEVELS).
+        with np.errstate(over="ignore"):
+            over = np.isinf(scales * np.float32(self.LEVELS))
+        return np.where(over, np.nextafter(scales, np.float32(0)), scales)
 
     def _codes(self, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """(nblocks, block) values and their (nblocks,) scales -> (nblocks, block) int8 codes."""

@@ -65,6 +65,16 @@ def test_int8_error_is_within_half_a_step_of_the_block_scale(x, block):
     assert np.all(np.abs(y.astype(np.float64) - x) <= bound)
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_block_holding_the_largest_float32_decodes_to_finite_values_near_it(name):
+    top = np.finfo(np.float32).max
+    x = np.array([top, -top / 3, 1.0, 0.0], np.float32)
+    y = roundtrip(name, x, block_size=8)
+    assert np.isfinite(y).all()
+    step = top / get_codec(name).LEVELS
+    assert np.all(np.abs(y.astype(np.float64) - x) <= step / 2 * (1 + 2.0**-14))
+
+
 any32 = st.floats(allow_nan=False, allow_infinity=False, width=32)  # subnormals to 3.4e38
 
 
