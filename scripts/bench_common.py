@@ -1,12 +1,15 @@
-"""Shared by the benchmarks (bench_*.py): synthetic Llama-shaped models, peak RSS."""
+"""Shared by the benchmarks (bench_*.py): synthetic Llama-shaped models, peak RSS, the swarm's
+rounds in one process."""
 
 from __future__ import annotations
 
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,3 +104,52 @@ def start_daemon(data_dir: Path, command: str, *args: str) -> tuple[subprocess.P
     except PeerStartError as exc:
         raise SystemExit(f"{command} in {data_dir} did not start: {exc}") from None
     return peer.proc, peer.maddrs
+
+
+def swarm_rounds(
+    genesis: Path,
+    datasets: dict,
+    options,
+    rounds: int,
+    steps: int,
+    work: Path,
+    *,
+    make_delta: Callable[[Path, dict, Path, str, int], None],
+    merge: Callable[[int, Path, list[Path], Path], None],
+    after_round: Callable[[int, Path], None] | None = None,
+) -> Path:
+    """The swarm's rounds in one process, without the network; the last head.
+
+    Each round every volunteer (a domain of ``datasets``) trains ``steps`` steps on the head,
+    its AdamW moments and data position carried across heads as the node carries them;
+    ``make_delta(head, trained_weights, out, domain, seed)`` writes its delta to ``out``,
+    ``merge(round, head, deltas, child)`` writes the next head, ``after_round(round, child)``
+    sees it. Everything lives under ``work``; earlier heads are removed as the rounds go.
+    """
+    from node.training.trainer import Trainer
+
+    work.mkdir(parents=True, exist_ok=True)
+    head = genesis
+    for r in range(1, rounds + 1):
+        deltas = []
+        for i, (domain, dataset) in enumerate(datasets.items()):
+            trainer = Trainer(head, dataset, options)
+            state = work / f"state-{domain}"
+            if Trainer.latest(state) is not None:
+                trainer.load(Trainer.latest(state), weights=False)
+            trainer.train_round(max_steps=steps, max_seconds=None)
+            trainer.save(state, {})
+            out = work / f"delta-{r}-{domain}.msd"
+            make_delta(head, trainer.trained_weights(), out, domain, 1000 * r + i)
+            deltas.append(out)
+            del trainer
+        child = work / f"head-{r}"
+        merge(r, head, deltas, child)
+        if after_round is not None:
+            after_round(r, child)
+        for p in deltas:
+            p.unlink()
+        if head != genesis:
+            shutil.rmtree(head)
+        head = child
+    return head

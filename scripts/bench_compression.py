@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when imported
 
 from node.demo.domains import DOMAINS  # noqa: E402
 from node.demo.local_swarm import (  # noqa: E402
@@ -208,42 +209,29 @@ def single(genesis, data, options, steps, rows, work, evals) -> dict[str, dict]:
 
 
 def swarm(genesis, data, options, rounds, steps, row: Row, work, evals) -> tuple[Losses, float]:
-    """The swarm's rounds with ``row``'s deltas: (final held-out losses, mean bytes/param)."""
+    """The swarm's rounds with ``row``'s deltas (bench_common.swarm_rounds, merged by plain
+    averaging): (final held-out losses, mean bytes/param)."""
+    from bench_common import swarm_rounds
     from transformers import AutoTokenizer
 
     from aggregator.engine import MergeInput, merge_models
     from aggregator.methods import Recipe
     from node.training.data import load_dataset
-    from node.training.trainer import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(genesis)
     datasets = {d: load_dataset([p], tokenizer, seq_len=options.seq_len) for d, p in data.items()}
-    work.mkdir(parents=True, exist_ok=True)
-    head, sizes = genesis, []
-    carried: dict[str, dict | None] = dict.fromkeys(data)
-    for r in range(1, rounds + 1):
-        deltas = []
-        for i, (d, dataset) in enumerate(datasets.items()):
-            trainer = Trainer(head, dataset, options)
-            state = work / f"state-{d}"
-            if Trainer.latest(state) is not None:  # moments and data position, as the node
-                trainer.load(Trainer.latest(state), weights=False)
-            trainer.train_round(max_steps=steps, max_seconds=None)
-            trainer.save(state, {})
-            out = work / f"delta-{r}-{d}.msd"
-            size, left = make_delta(head, trainer.trained_weights(), out, row, 1000 * r + i,
-                                    carried[d])  # fmt: skip
-            carried[d] = left
-            sizes.append(size)
-            deltas.append(out)
-            del trainer
-        child = work / f"head-{r}"
+    sizes: list[int] = []
+    carried: dict[str, dict | None] = dict.fromkeys(data)  # what error feedback carries
+
+    def delta(head, weights, out, domain, seed):
+        size, carried[domain] = make_delta(head, weights, out, row, seed, carried[domain])
+        sizes.append(size)
+
+    def merge(r, head, deltas, child):
         merge_models(head, [MergeInput(p) for p in deltas], Recipe("linear"), child)
-        for p in deltas:
-            p.unlink()
-        if head != genesis:
-            shutil.rmtree(head)
-        head = child
+
+    head = swarm_rounds(genesis, datasets, options, rounds, steps, work, make_delta=delta,
+                        merge=merge)  # fmt: skip
     losses = domain_losses(head, evals)
     shutil.rmtree(work)
     return losses, sum(sizes) / len(sizes) / params_of(genesis)

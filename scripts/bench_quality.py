@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when imported
 
 from node.config import TrainOptions  # noqa: E402
 from node.demo.domains import DOMAINS  # noqa: E402
@@ -197,51 +198,40 @@ def offline_merges(genesis, data, work, evals) -> dict[str, Losses]:
 
 
 def simulate(genesis, data, options, row: SwarmRow, drop_rate, rounds, steps, work, evals):
-    """The swarm's rounds in one process: each volunteer trains H steps on the head (AdamW
-    moments and data position carried across heads, as the node does), makes a real delta,
-    and the deltas go through the aggregator's merge engine and outer step."""
+    """The swarm's rounds in one process (bench_common.swarm_rounds): real deltas, the
+    aggregator's merge engine and outer step; the held-out losses after each round."""
+    from bench_common import swarm_rounds
     from transformers import AutoTokenizer
 
     from aggregator.engine import MergeInput, merge_models
     from aggregator.methods import Recipe
     from aggregator.outer import OuterStep, outer_lr
     from node.training.data import load_dataset
-    from node.training.trainer import Trainer
     from protocol.delta import TensorMap, create_delta
     from protocol.identity import Identity
 
     tokenizer = AutoTokenizer.from_pretrained(genesis)
     datasets = {d: load_dataset([p], tokenizer, seq_len=options.seq_len) for d, p in data.items()}
     identity = Identity.generate()
-    head, momentum, curve = genesis, None, []
     drop, codec = (0.0, "fp32") if row.dense else (drop_rate, DEFAULT_CODEC)
-    for r in range(1, rounds + 1):
-        deltas = []
-        for i, (d, dataset) in enumerate(datasets.items()):
-            trainer = Trainer(head, dataset, options)
-            state = work / f"state-{d}"
-            if Trainer.latest(state) is not None:
-                trainer.load(Trainer.latest(state), weights=False)
-            trainer.train_round(max_steps=steps, max_seconds=None)
-            trainer.save(state, {})
-            out = work / f"delta-{r}-{d}.msd"
-            create_delta(head, TensorMap(trainer.trained_weights()), out, identity=identity,
-                         drop_rate=drop, codec=codec, seed=1000 * r + i)  # fmt: skip
-            deltas.append(out)
-            del trainer
-        child = work / f"head-{r}"
+    momentum, curve = None, []
+
+    def make_delta(head, weights, out, domain, seed):
+        create_delta(head, TensorMap(weights), out, identity=identity, drop_rate=drop,
+                     codec=codec, seed=seed)  # fmt: skip
+
+    def merge(r, head, deltas, child):
+        nonlocal momentum
         step = None
         if row.outer == "nesterov":
             lr = outer_lr(row.lr, row.warmup, r)
             step = OuterStep(lr, row.momentum, momentum, work / f"momentum-{r}")
         method = Recipe(row.method)
         merge_models(head, [MergeInput(p) for p in deltas], method, child, density=0.5, outer=step)
-        curve.append(domain_losses(child, evals))
-        for p in deltas:
-            p.unlink()
-        if head != genesis:
-            shutil.rmtree(head)
-        head, momentum = child, step.out if step else None
+        momentum = step.out if step else None
+
+    swarm_rounds(genesis, datasets, options, rounds, steps, work, make_delta=make_delta,
+                 merge=merge, after_round=lambda r, child: curve.append(domain_losses(child, evals)))  # fmt: skip
     shutil.rmtree(work)
     return curve
 

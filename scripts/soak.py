@@ -103,21 +103,27 @@ def free_port() -> int:
 
 
 def tree_stats(pid: int) -> dict[str, float]:
-    """RSS (MB), open fds, threads and child processes of a process and its descendants."""
+    """RSS (MB), open fds, threads and child processes of a process and its descendants, and
+    the RSS and threads of the process alone (``own_``: the Python daemon, without its p2pd
+    and DHT processes, to tell whose growth it is)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return {}
     rss = fds = threads = 0
+    own = {"own_rss_mb": 0.0, "own_threads": 0}
     for p in procs:
         try:
             rss += p.memory_info().rss
             fds += p.num_fds()
             threads += p.num_threads()
+            if p is root:
+                own = {"own_rss_mb": p.memory_info().rss / 2**20, "own_threads": p.num_threads()}
         except psutil.NoSuchProcess:
             continue
-    return {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "children": len(procs) - 1}
+    tree = {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "children": len(procs) - 1}
+    return tree | own
 
 
 class Soak:
@@ -435,22 +441,26 @@ class Soak:
         last = self.samples[-1]
         out = {}
         for role in ROLES:
-            rss, fds, threads = [], [], []
+            rss, own_rss, fds, threads, own_threads = [], [], [], [], []
             for name, d in self.daemons.items():
                 if d.role != role or any(first.t - 30 <= t <= last.t for t in d.starts[1:]):
                     continue
                 a, b = first.per_daemon.get(name), last.per_daemon.get(name)
                 if a and b:
                     rss.append(100 * (b["rss_mb"] - a["rss_mb"]) / a["rss_mb"])
+                    own_rss.append(100 * (b["own_rss_mb"] - a["own_rss_mb"]) / a["own_rss_mb"])
                     fds.append(b["fds"] - a["fds"])
                     threads.append(b["threads"] - a["threads"])
+                    own_threads.append(b["own_threads"] - a["own_threads"])
             if rss:
                 out[role] = {
                     "daemons": len(rss),
                     "rss_growth_pct": round(statistics.median(rss), 2),
                     "rss_growth_pct_max": round(max(rss), 2),
+                    "own_rss_growth_pct_max": round(max(own_rss), 2),
                     "fd_growth_max": max(fds),
                     "thread_growth_max": max(threads),
+                    "own_thread_growth_max": max(own_threads),
                 }
         return out
 
@@ -509,7 +519,9 @@ def print_table(r: dict) -> None:
         ok = "ok" if g["rss_growth_pct"] < RSS_TARGET else "OVER"
         print(f"{role + ' RSS growth':<28}{g['rss_growth_pct']:+.1f}% median, "
               f"{g['rss_growth_pct_max']:+.1f}% max over {g['daemons']} daemons ({ok}); "
-              f"fds {g['fd_growth_max']:+d}, threads {g['thread_growth_max']:+d} at most")  # fmt: skip
+              f"fds {g['fd_growth_max']:+d}, threads {g['thread_growth_max']:+d} at most; "
+              f"the Python process alone {g['own_rss_growth_pct_max']:+.1f}%, "
+              f"threads {g['own_thread_growth_max']:+d}")  # fmt: skip
     print(f"status --json answered      {r['status_answered']} of {r['samples']} samples")
     print(f"processes left behind       {r['processes_left_behind']}   (target 0)")
     killed = ", ".join(r["killed_at_stop"]) or "none"

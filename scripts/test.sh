@@ -12,7 +12,8 @@ paths=(tests)  # everything, unless the arguments name tests themselves
 for arg in "$@"; do
     if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then paths=(); fi
 done
-.venv/bin/python -m pytest "${paths[@]}" "$@"
+# --durations: CI's log names the slowest tests, where the suite's time goes
+.venv/bin/python -m pytest --durations=25 "${paths[@]}" "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure" >&2
