@@ -109,17 +109,15 @@ def tree_stats(pid: int) -> dict[str, float]:
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
+        own = {"own_rss_mb": root.memory_info().rss / 2**20, "own_threads": root.num_threads()}
     except psutil.NoSuchProcess:
         return {}
     rss = fds = threads = 0
-    own = {"own_rss_mb": 0.0, "own_threads": 0}
     for p in procs:
         try:
             rss += p.memory_info().rss
             fds += p.num_fds()
             threads += p.num_threads()
-            if p is root:
-                own = {"own_rss_mb": p.memory_info().rss / 2**20, "own_threads": p.num_threads()}
         except psutil.NoSuchProcess:
             continue
     tree = {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "children": len(procs) - 1}
