@@ -36,7 +36,7 @@ and two seeds fetch them all; the aggregator merges (``--merge-seconds`` a + b*K
 scripts/bench_aggregate.py); the patch then spreads from the aggregator to every peer.
 
     .venv/bin/python scripts/simulate_swarm.py --peers 8 100 1000 --json small.json  # ~4 min
-    .venv/bin/python scripts/simulate_swarm.py --peers 10000 --json 10k.json   # ~40 min
+    .venv/bin/python scripts/simulate_swarm.py --peers 10000 --json 10k.json   # over 74 CPU-min (unfinished)
     .venv/bin/python scripts/simulate_swarm.py --load small.json 10k.json --plot docs/scale.png
     .venv/bin/python scripts/simulate_swarm.py --calibrate           # against bench_transfer
 
