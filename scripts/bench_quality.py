@@ -230,8 +230,11 @@ def simulate(genesis, data, options, row: SwarmRow, drop_rate, rounds, steps, wo
         merge_models(head, [MergeInput(p) for p in deltas], method, child, density=0.5, outer=step)
         momentum = step.out if step else None
 
+    def after_round(r, child):
+        curve.append(domain_losses(child, evals))
+
     swarm_rounds(genesis, datasets, options, rounds, steps, work, make_delta=make_delta,
-                 merge=merge, after_round=lambda r, child: curve.append(domain_losses(child, evals)))  # fmt: skip
+                 merge=merge, after_round=after_round)  # fmt: skip
     shutil.rmtree(work)
     return curve
 
