@@ -295,6 +295,7 @@ class Fetch:
         """Runs from one source on one stream, the next asked for at half of this one."""
         clock, s, blob, me = self.sim.clock, src.peer, self.blob, self.peer
         stream = False
+        idle = 0  # answers in a row that offered nothing wanted
         while self.going and src.bad_until <= clock.now and self.sources.get(s) is src:
             if ahead:
                 run = ahead.copy()
@@ -311,8 +312,10 @@ class Fetch:
                     self._ask_have(src)
                 run = self._pick(src)
             if not run:
-                yield 0.2
+                idle += 1
+                yield policy.idle_wait(idle)
                 continue
+            idle = 0
             if not stream:  # a stream opened, the run asked for
                 yield self.sim.rtt(me, s)
                 stream = True

@@ -19,6 +19,10 @@ LONG_RUN = 64  # pieces per request otherwise: fewer round trips
 # ones and had the origin send what they were delivering (scripts/simulate_swarm.py).
 STALL_SECONDS = 10.0
 IDLE_SOURCE_SECONDS = 15.0  # a source that sent nothing this long makes way for another
+# A source that offers nothing wanted is asked again after IDLE_POLL_SECONDS, then twice as
+# long each time it still has nothing, up to IDLE_POLL_MAX_SECONDS.
+IDLE_POLL_SECONDS = 0.2
+IDLE_POLL_MAX_SECONDS = 1.6
 
 
 class Source(Protocol):
@@ -220,3 +224,17 @@ def may_ask_ahead(source: Source, sources: Sequence[Source]) -> bool:
     Providers that have not answered yet are not traders: a flood of made-up records would
     otherwise cut the origin down to short runs, each on a fresh stream."""
     return not source.complete or not any(trades(s) for s in sources)
+
+
+def idle_wait(polls: int) -> float:
+    """Seconds a fetch's worker waits before asking its source for an offer again, after
+    ``polls`` answers in a row (1 or more) that offered nothing it wants.
+
+    A worker learns of a source's new pieces only by asking again. Asking every
+    IDLE_POLL_SECONDS for good made every provider of a large swarm answer a Have request
+    from each of its idle fetchers five times a second; backing off keeps a worker quick
+    after a piece it just missed and quiet while its source has nothing for it. In
+    scripts/simulate_swarm.py it also had the origin send fewer copies (at 300 peers 1.79
+    against 1.99, at 1,000 2.21 against 2.28): an idle worker whose wait has grown asks
+    its complete sources less often too."""
+    return min(IDLE_POLL_SECONDS * 2 ** min(max(polls, 1) - 1, 16), IDLE_POLL_MAX_SECONDS)

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 
 from node.net.pieces import (
+    IDLE_POLL_MAX_SECONDS,
+    IDLE_POLL_SECONDS,
     IDLE_SOURCE_SECONDS,
     LONG_RUN,
     SHORT_RUN,
@@ -14,6 +16,7 @@ from node.net.pieces import (
     full_bitmap,
     gives_way,
     held,
+    idle_wait,
     keep_sending,
     may_ask_ahead,
     pick_run,
@@ -156,6 +159,14 @@ def test_a_source_that_sent_nothing_for_a_while_makes_way_for_an_untried_provide
     source = Src(bitmap([1]), useful_at=100.0)  # taken on, or its last piece, at 100 s
     assert not gives_way(source, now=100.0 + IDLE_SOURCE_SECONDS - 0.1)
     assert gives_way(source, now=100.0 + IDLE_SOURCE_SECONDS)
+
+
+def test_a_source_with_nothing_wanted_is_asked_again_ever_later_up_to_a_cap():
+    waits = [idle_wait(polls) for polls in range(1, 40)]
+    assert waits[0] == IDLE_POLL_SECONDS  # quick after a piece just missed
+    assert waits[1] == 2 * IDLE_POLL_SECONDS
+    assert waits == sorted(waits)
+    assert waits[-1] == IDLE_POLL_MAX_SECONDS > IDLE_POLL_SECONDS
 
 
 def test_the_origin_is_asked_only_while_nothing_is_on_its_way_from_traders():

@@ -41,6 +41,7 @@ from node.net.framing import (
     write_frame,
 )
 from node.net.pieces import (
+    idle_wait,
     making_way,
     may_ask_ahead,
     pick_run,
@@ -380,6 +381,7 @@ class Fetcher:
         """
         writer = stream = None
         ahead: list[int] = []  # the next run, already asked for on ``stream``
+        idle = 0  # answers in a row that offered nothing wanted
         try:
             while (
                 not self.partial.complete
@@ -391,8 +393,10 @@ class Fetcher:
                 if run is None:
                     return
                 if not run:
-                    await asyncio.sleep(0.2)
+                    idle += 1
+                    await asyncio.sleep(idle_wait(idle))
                     continue
+                idle = 0
                 whole = False
                 try:
                     if stream is None:
