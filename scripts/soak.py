@@ -44,7 +44,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.daemon.launch import PeerProcess, PeerStartError, kill_group, launch_peer  # noqa: E402
+from node.daemon.launch import (  # noqa: E402
+    SHARED_CORES_ENV,
+    PeerProcess,
+    PeerStartError,
+    kill_group,
+    launch_peer,
+)
 from node.demo.lab import log_records  # noqa: E402
 from node.demo.local_swarm import (  # noqa: E402
     DEMO_MODELS,
@@ -136,11 +142,7 @@ class Soak:
         self.events: list[dict] = []
         self.frozen: dict[str, float] = {}  # name -> when to SIGCONT
         self.status_thread: threading.Thread | None = None
-        self.env = os.environ | {
-            "MERGESWARM_LOG_FORMAT": "json",
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        self.env = os.environ | SHARED_CORES_ENV | {"MERGESWARM_LOG_FORMAT": "json"}
 
     def now(self) -> float:
         return time.monotonic() - self.t0

@@ -17,7 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from node.daemon.launch import LOOPBACK, PeerProcess, PeerStartError, kill_group, launch_peer
+from node.daemon.launch import (
+    LOOPBACK,
+    SHARED_CORES_ENV,
+    PeerProcess,
+    PeerStartError,
+    kill_group,
+    launch_peer,
+)
 
 MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
 T = TypeVar("T")
@@ -75,7 +82,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _env() -> dict[str, str]:
-    return os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    return os.environ | SHARED_CORES_ENV | {"PYTHONUNBUFFERED": "1"}
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from node.daemon.launch import PeerProcess, launch_peer
+from node.daemon.launch import SHARED_CORES_ENV, PeerProcess, launch_peer
 
 PUBLIC_NET, HOME_NET = "10.77.0", "192.168.77"
 MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
@@ -194,7 +194,7 @@ class Lab:
             argv,
             data_dir=data_dir,
             log=data_dir.with_suffix(".log"),
-            env=os.environ | env if env else None,  # added to this process's, not instead
+            env=os.environ | SHARED_CORES_ENV | (env or {}),  # added to this process's
             timeout=120,
             started=started,
         )

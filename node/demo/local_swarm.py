@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import TrainOptions
-from node.daemon.launch import LOOPBACK, PeerStartError, kill_group, launch_peer
+from node.daemon.launch import (
+    LOOPBACK,
+    SHARED_CORES_ENV,
+    PeerStartError,
+    kill_group,
+    launch_peer,
+)
 from node.data_dir import DataDir
 from node.demo.domains import DOMAINS, domain_texts
 from protocol.constants import DEFAULT_DROP_RATE
@@ -173,11 +179,7 @@ class Processes:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.running: list[subprocess.Popen] = []
-        self.env = os.environ | {
-            "MERGESWARM_LOG_FORMAT": "json",
-            "OMP_NUM_THREADS": "1",  # several trainers share a few cores
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        self.env = os.environ | SHARED_CORES_ENV | {"MERGESWARM_LOG_FORMAT": "json"}
 
     def start(self, name: str, *args: str, data_dir: Path) -> list[str]:
         """Start ``mergeswarm ARGS`` and return its multiaddrs once it is up."""
