@@ -82,6 +82,7 @@ WORKER_RESTART_SECONDS = 0.05  # the download loop's tick: a stopped worker is s
 PATCH_BYTES = 270_000_000  # a SmolLM2-135M base in bf16 (a patch as large as a snapshot)
 DELTA_BYTES = 20_000_000  # a SmolLM2-135M delta at 0.149 bytes a parameter (DARE p=0.9)
 AGGREGATORS, SEEDS = 2, 2  # who fetches every delta
+PROGRESS_SECONDS = 30.0  # simulated time between progress lines (runs over a few seconds)
 
 Process = Generator[float, None, None]
 
@@ -105,6 +106,10 @@ class Clock:
         wait = next(process, None)
         if wait is not None:
             self.at(wait, self._resume, process)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue)
 
     def run(self, until: float, done: Callable[[], bool]) -> None:
         while self._queue and not done() and self._queue[0][0] <= until:
@@ -472,8 +477,14 @@ class Simulation:
                 self._start_fetch(peer, blob)
         self.clock.at(self.rng.expovariate(1 / self.session), self._leave, peer)
 
-    def run(self, horizon: float) -> None:
-        self.clock.run(horizon, lambda: self.remaining <= 0)
+    def run(self, horizon: float, progress: Callable[[float], None] = lambda now: None) -> None:
+        """Until every fetch is complete or ``horizon``; ``progress`` is told the simulated
+        time every PROGRESS_SECONDS of it (the events run in the same order either way)."""
+        now = 0.0
+        while now < horizon and self.remaining > 0 and self.clock.pending:
+            now = min(now + PROGRESS_SECONDS, horizon)
+            self.clock.run(now, lambda: self.remaining <= 0)
+            progress(now)
 
 
 def make_peers(n: int, rng: random.Random, datacenter_share: float = 0.01) -> list[Peer]:
@@ -507,7 +518,19 @@ def simulate_patch(n: int, args, seed: int) -> dict:
     sim.add_blob(blob)
     sim.start_churn()
     started = time.monotonic()
-    sim.run(args.horizon)
+
+    def progress(now: float) -> None:  # a line on stderr now and then: large N take an hour
+        wall = time.monotonic() - started
+        if wall > 10:
+            copies = blob.origin.blob_out[blob.id] / blob.size
+            print(
+                f"  N = {n}: {now:.0f} s simulated, {len(blob.done_at)} of {len(blob.audience)}"
+                f" hold the patch, the origin sent {copies:.2f} copies ({wall / 60:.1f} min)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    sim.run(args.horizon, progress)
     return {
         **percentile_times(blob.done_at, len(blob.audience)),
         "origin_copies": round(blob.origin.blob_out[blob.id] / blob.size, 3),
