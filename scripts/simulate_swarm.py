@@ -4,8 +4,9 @@
 
 Every decision a real fetcher or provider takes about pieces is the real one: the run to ask a
 source for (``pick_run``), whether to ask for the next run before this one is in
-(``may_ask_ahead``), what a complete provider offers (``superseed_offer``, super-seeding) and
-when it cuts a run short (``keep_sending``), all from node/net/pieces.py, which
+(``may_ask_ahead``), how long a worker whose source has nothing for it waits before asking
+again (``idle_wait``), what a complete provider offers (``superseed_offer``, super-seeding)
+and when it cuts a run short (``keep_sending``), all from node/net/pieces.py, which
 node/net/blobs calls too; so do the constants of node.net.blobs.fetch (failures and
 back-offs, how often providers are looked for, sources per fetch), the serving limits
 (``ServeLimits``: runs served at once, per peer), the piece size, and the cap on authors
@@ -36,7 +37,7 @@ and two seeds fetch them all; the aggregator merges (``--merge-seconds`` a + b*K
 scripts/bench_aggregate.py); the patch then spreads from the aggregator to every peer.
 
     .venv/bin/python scripts/simulate_swarm.py --peers 8 100 1000 --json small.json  # ~4 min
-    .venv/bin/python scripts/simulate_swarm.py --peers 10000 --json 10k.json   # over 74 CPU-min (unfinished)
+    .venv/bin/python scripts/simulate_swarm.py --peers 10000 --horizon 900 --json 10k.json  # 75+ CPU-min
     .venv/bin/python scripts/simulate_swarm.py --load small.json 10k.json --plot docs/scale.png
     .venv/bin/python scripts/simulate_swarm.py --calibrate           # against bench_transfer
 
