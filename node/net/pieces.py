@@ -19,10 +19,8 @@ LONG_RUN = 64  # pieces per request otherwise: fewer round trips
 # ones and had the origin send what they were delivering (scripts/simulate_swarm.py).
 STALL_SECONDS = 10.0
 IDLE_SOURCE_SECONDS = 15.0  # a source that sent nothing this long makes way for another
-# A source that offers nothing wanted is asked again after IDLE_POLL_SECONDS, then twice as
-# long each time it still has nothing, up to IDLE_POLL_MAX_SECONDS.
-IDLE_POLL_SECONDS = 0.2
-IDLE_POLL_MAX_SECONDS = 1.6
+IDLE_POLL_SECONDS = 0.2  # idle_wait's first wait ...
+IDLE_POLL_MAX_SECONDS = 1.6  # ... and its longest
 
 
 class Source(Protocol):
