@@ -50,6 +50,15 @@ def identity() -> Identity:
     return Identity.generate()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def zygote():
+    """Stop the zygote (tests/zygote.py) that the session's daemons forked from, if any."""
+    yield
+    from tests.swarm import close_zygote
+
+    close_zygote()
+
+
 @pytest.fixture(autouse=True)
 def reap_peers():
     """Kill every daemon a test started (and its p2pd), even when the test failed."""

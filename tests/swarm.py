@@ -2,6 +2,9 @@
 
 Every process started here is registered and killed (with its p2pd, by
 process group) by the autouse ``reap_peers`` fixture in conftest.
+
+``mergeswarm`` processes fork from a zygote that has done the imports (tests/zygote.py), not
+start from scratch: MERGESWARM_TEST_ZYGOTE=0 starts them as plain processes instead.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from node.daemon.launch import (
     LOOPBACK,
@@ -25,11 +29,13 @@ from node.daemon.launch import (
     kill_group,
     launch_peer,
 )
+from tests.zygote import Child, Zygote
 
 MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
 T = TypeVar("T")
 
-_running: list[subprocess.Popen] = []
+_running: list[subprocess.Popen | Child] = []
+_zygote: Zygote | None = None
 
 
 def start_peer(
@@ -50,6 +56,7 @@ def start_peer(
             env=_env() | (env or {}),
             timeout=timeout,
             started=_running.append,
+            popen=popen,
         )
     except PeerStartError as exc:  # a test's failure, with the daemon's log
         raise AssertionError(str(exc)) from None
@@ -68,17 +75,50 @@ def register_process(proc: subprocess.Popen) -> None:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [MERGESWARM, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=_env(),
-    )
-    _running.append(proc)
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_mergeswarm(args, env=_env(), timeout=timeout)
+
+
+def run_mergeswarm(
+    args: Sequence[object], *, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``subprocess.run([mergeswarm, *args], capture_output=True, text=True, ...)``, the
+    process forked from the zygote (and reaped after the test should it outlive its timeout)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = popen(
+            [MERGESWARM, *map(str, args)],
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            env=os.environ.copy() if env is None else env,
+        )
+        _running.append(proc)
+        proc.wait(timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        text = [f.read().decode(errors="replace") for f in (out, err)]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *text)
+
+
+def popen(
+    argv: list[str], *, stdout: IO, stderr: IO | int, env: dict[str, str], **kwargs: object
+) -> subprocess.Popen | Child:
+    """subprocess.Popen for launch_peer and run_mergeswarm, where a ``mergeswarm`` command
+    forks from the zygote (started at the first)."""
+    global _zygote
+    if argv[0] != MERGESWARM or os.environ.get("MERGESWARM_TEST_ZYGOTE") == "0":
+        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, **kwargs)
+    assert kwargs == {"start_new_session": True}, kwargs  # all that a child can be asked
+    if _zygote is None:
+        _zygote = Zygote(Path(tempfile.mkdtemp(prefix="zygote-")), _env())
+    errors = stdout if stderr == subprocess.STDOUT else stderr
+    return _zygote.spawn(argv[1:], env=env, stdout=stdout.fileno(), stderr=errors.fileno())
+
+
+def close_zygote() -> None:
+    global _zygote
+    if _zygote is not None:
+        _zygote.close()
+        _zygote = None
 
 
 def _env() -> dict[str, str]:

@@ -13,15 +13,13 @@ import torch
 
 from protocol.container import DeltaReader
 from protocol.model_dir import ModelDir
+from tests.swarm import run_mergeswarm
 
 MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
 
 
 def cli(*args: str, ok: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    proc = subprocess.run(
-        [MERGESWARM, *map(str, args)], capture_output=True, text=True, timeout=300, env=env
-    )
+    proc = run_mergeswarm(args, env={**os.environ, **(env_extra or {})}, timeout=300)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc

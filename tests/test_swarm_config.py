@@ -12,6 +12,7 @@ from protocol.identity import Identity
 from protocol.ids import base_id
 from protocol.records import MAX_RECORD_BYTES, open_record, sign_record
 from protocol.swarm_config import SwarmConfig, SwarmConfigError, load_swarm_config, parse_config
+from tests.swarm import run_mergeswarm
 
 MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
 GENESIS = "ab" * 32
@@ -181,9 +182,7 @@ def test_a_value_no_signed_record_could_hold_is_refused():
 
 
 def _init(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [MERGESWARM, "init", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+    return run_mergeswarm(["init", *args], timeout=120)
 
 
 def test_init_writes_a_config_that_loads_with_the_given_flags(tiny_base, tmp_path):

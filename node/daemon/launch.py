@@ -67,16 +67,17 @@ def launch_peer(
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
     started: Callable[[subprocess.Popen], object] = lambda proc: None,
+    popen: Callable[..., subprocess.Popen] = subprocess.Popen,
 ) -> PeerProcess:
     """Start the daemon ``name`` (for messages) as ``argv`` (its whole command line, with
     ``--data-dir data_dir``) and return once it is up; PeerStartError when it exits first or
     takes over ``timeout``. ``started`` is told of the process at once (to reap it, should
-    the wait fail)."""
+    the wait fail); ``popen`` starts it (the tests fork theirs from a pre-imported process)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     maddrs = DataDir(data_dir).multiaddrs
     maddrs.unlink(missing_ok=True)  # a previous run's
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
+        proc = popen(
             list(argv),
             stdout=out,
             stderr=subprocess.STDOUT,
