@@ -397,12 +397,14 @@ class Simulation:
         session: float,
         away: float,
         cap: float = math.inf,
+        provider_cap: int = MAX_AUTHORS_PER_KEY,
     ) -> None:
         self.peers, self.rng = peers, rng
         self.cap = cap  # bytes/s of every transfer together (loopback: the CPUs), if bounded
         self.flight = 0  # pieces in flight anywhere
         self.clock = Clock()
         self.limits = ServeLimits()
+        self.provider_cap = provider_cap  # provider records a blob can have
         self.blobs: list[Blob] = []
         self.fetches: dict[tuple[Peer, str], Fetch] = {}
         self.session, self.away = session, away
@@ -446,7 +448,7 @@ class Simulation:
             self.remaining -= 1
 
     def _provide(self, peer: Peer, blob: Blob) -> None:
-        if peer not in blob.providers and len(blob.providers) < MAX_AUTHORS_PER_KEY:
+        if peer not in blob.providers and len(blob.providers) < self.provider_cap:
             blob.providers.append(peer)
 
     def start_churn(self) -> None:
@@ -514,7 +516,7 @@ def percentile_times(done: Iterable[float], total: int) -> dict[str, float | Non
 def simulate_patch(n: int, args, seed: int) -> dict:
     rng = random.Random(seed)
     peers = make_peers(n, rng)
-    sim = Simulation(peers, rng, args.session * 60, args.away * 60)
+    sim = Simulation(peers, rng, args.session * 60, args.away * 60, provider_cap=args.provider_cap)
     blob = Blob("patch", args.patch_bytes, peers[0], peers[1:])
     sim.add_blob(blob)
     sim.start_churn()
@@ -609,6 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--away", type=float, default=20.0, help="minutes away, mean")
     parser.add_argument("--horizon", type=float, default=3600.0, help="simulated seconds")
     parser.add_argument("--seed", type=int, default=0, help="of every random draw")
+    parser.add_argument(
+        "--provider-cap",
+        type=int,
+        default=MAX_AUTHORS_PER_KEY,
+        help="provider records a blob can have (default: the DHT's cap of authors under one "
+        "key); another value is an experiment on what that cap costs",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="time to 90%% and origin copies against N")
     parser.add_argument(
