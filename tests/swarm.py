@@ -92,7 +92,18 @@ def run_mergeswarm(
             env=os.environ.copy() if env is None else env,
         )
         _running.append(proc)
-        proc.wait(timeout=timeout)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # A forked child dumps its threads' stacks on SIGUSR1 (tests/zygote.py): say
+            # where it hangs, with what it printed.
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-6000:]
+            raise AssertionError(
+                f"{proc.args[:2]} took over {timeout} s; stderr:\n{tail}"
+            ) from None
         out.seek(0)
         err.seek(0)
         text = [f.read().decode(errors="replace") for f in (out, err)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import json
 import os
 import selectors
@@ -182,6 +183,7 @@ def _child(request: dict, fds: list[int], inherited: list[int], settled: int) ->
             os.dup2(fd, target)
         for fd in {devnull, *fds} - {0, 1, 2}:
             os.close(fd)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, for a hang's report
         os.chdir(request["cwd"])
         os.environ.clear()  # in place: settings read os.environ by reference
         os.environ.update(request["env"])
