@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ T = TypeVar("T")
 
 _running: list[subprocess.Popen | Child] = []
 _zygote: Zygote | None = None
+_zygote_lock = threading.Lock()  # start_all's threads may ask for the first fork at once
 
 
 def start_peer(
@@ -119,8 +121,9 @@ def popen(
     if argv[0] != MERGESWARM or os.environ.get("MERGESWARM_TEST_ZYGOTE") == "0":
         return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, **kwargs)
     assert kwargs == {"start_new_session": True}, kwargs  # all that a child can be asked
-    if _zygote is None:
-        _zygote = Zygote(Path(tempfile.mkdtemp(prefix="zygote-")), _env())
+    with _zygote_lock:
+        if _zygote is None:
+            _zygote = Zygote(Path(tempfile.mkdtemp(prefix="zygote-")), _env())
     errors = stdout if stderr == subprocess.STDOUT else stderr
     return _zygote.spawn(argv[1:], env=env, stdout=stdout.fileno(), stderr=errors.fileno())
 

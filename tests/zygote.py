@@ -25,6 +25,7 @@ import faulthandler
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,6 +91,7 @@ class Zygote:
     """The client: starts ``python -m tests.zygote`` and asks it for children."""
 
     def __init__(self, workdir: Path, env: Mapping[str, str], timeout: float = 120) -> None:
+        self.workdir = workdir
         self.path = str(workdir / "zygote.sock")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.zygote", self.path],
@@ -130,7 +132,7 @@ class Zygote:
         return Child(["mergeswarm", *args], int(answer.split()[1]), conn)
 
     def close(self) -> None:
-        """Stop the zygote (its children live on in their own sessions)."""
+        """Stop the zygote (its children live on in their own sessions) and remove its socket."""
         with contextlib.suppress(OSError):
             self._proc.stdin.close()
         try:
@@ -138,6 +140,7 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _read_line(stream, timeout: float) -> str:
