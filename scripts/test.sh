@@ -13,9 +13,10 @@ for arg in "$@"; do
     if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then paths=(); fi
 done
 # MERGESWARM_TEST_WORKERS=2 runs the tests on two pytest-xdist workers side by side: 512-528 s
-# against 744 s in one process on 2 cores, but in 2 of 4 such runs a round stalled (a
-# volunteer's delta that the aggregators could not fetch for minutes) where one process never
-# did, so one process stays the default until that is understood. "-n N" in the arguments wins.
+# against 667-744 s in one process on 2 cores, but three of seven such runs failed (a round
+# stalled on a delta the aggregators could not fetch for minutes, an export hung, an origin
+# sent 2.00 copies), so one process stays the default until that is understood (README).
+# "-n N" in the arguments wins.
 workers=(-n "${MERGESWARM_TEST_WORKERS:-0}" --dist worksteal)
 # --durations: CI's log names the slowest tests, where the suite's time goes
 .venv/bin/python -m pytest --durations=25 "${workers[@]}" "${paths[@]}" "$@"

@@ -54,8 +54,9 @@ def identity() -> Identity:
 @pytest.fixture(autouse=True)
 def one_heavy_test_at_a_time(request: pytest.FixtureRequest, tmp_path_factory):
     """Tests marked ``heavy`` (they train or run a swarm flat out, or count copies or
-    seconds that a loaded machine skews) never run beside one another on the two workers of
-    scripts/test.sh: each holds a lock file shared by the workers (their temp dirs' parent).
+    seconds that a loaded machine skews) never run beside one another on xdist workers
+    (MERGESWARM_TEST_WORKERS=2 bash scripts/test.sh): each holds a lock file the workers
+    share (their temp dirs' parent).
     The soak next to the six-peer exchange had the origin send 2.00 copies, not under 2."""
     if request.node.get_closest_marker("heavy") is None:
         yield
