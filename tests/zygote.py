@@ -194,6 +194,7 @@ def _child(request: dict, fds: list[int], inherited: list[int], settled: int) ->
         import numpy
 
         numpy.random.seed()  # a fresh process draws its own seed (random reseeds at fork)
+        _own_hivemind_locks()
         from node.cli import main
 
         code = main(request["args"])
@@ -210,6 +211,21 @@ def _child(request: dict, fds: list[int], inherited: list[int], settled: int) ->
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _own_hivemind_locks() -> None:
+    """Fresh copies of the process-shared locks hivemind makes at import. Forked, every child
+    would share the zygote's: one killed -9 while holding one (a kill test during a daemon's
+    start) left every later daemon of the session waiting on it in hivemind.DHT()."""
+    import multiprocessing as mp
+
+    from hivemind.utils import asyncio as hm_asyncio
+    from hivemind.utils import mpfuture
+
+    mpfuture.SharedBytes._lock = mp.Lock()
+    mpfuture.MPFuture._initialization_lock = mp.Lock()
+    mpfuture.MPFuture._update_lock = mp.Lock()
+    hm_asyncio._AsyncContextWrapper.EXECUTOR_LOCK = mp.Lock()
 
 
 def serve(path: str) -> None:
