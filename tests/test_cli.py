@@ -6,16 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from protocol.container import DeltaReader
 from protocol.model_dir import ModelDir
-from tests.swarm import run_mergeswarm
-
-MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
+from tests.swarm import MERGESWARM, run_mergeswarm
 
 
 def cli(*args: str, ok: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +12,6 @@ from protocol.records import MAX_RECORD_BYTES, open_record, sign_record
 from protocol.swarm_config import SwarmConfig, SwarmConfigError, load_swarm_config, parse_config
 from tests.swarm import run_mergeswarm
 
-MERGESWARM = str(Path(sys.executable).with_name("mergeswarm"))
 GENESIS = "ab" * 32
 NOW = 1_000_000.0
 
