@@ -13,8 +13,9 @@ from typing import Literal, get_args
 # and admission; 7: heads name the authors they credit, configs have epochs and handovers,
 # provider records carry the peer's binding (protocol.peer_binding); 8: owned topics
 # ``<subject>~<author>`` (records.owned_topic) for heads, bases and leases, config records only
-# from an aggregator they name, handovers carry the config they follow
-PROTOCOL_VERSION = "8"
+# from an aggregator they name, handovers carry the config they follow; 9: a blob's provider
+# records spill over records.PROVIDER_SHARDS more keys once its first is crowded
+PROTOCOL_VERSION = "9"
 
 # the delta value codecs (protocol.codecs.CODECS implements exactly these)
 CodecName = Literal["bf16", "fp16", "fp32", "int4", "int8", "sign"]

@@ -18,6 +18,11 @@ reader needs from known authors therefore stands where a crowd cannot reach it:
 
 All three are checked by every DHT node on store, so a flood there is refused, not kept.
 
+A blob's provider records stand under its first key while that holds few, and then spill
+over PROVIDER_SHARDS more keys, each peer's under the one its peer id picks
+(:func:`provider_topic`): one key would let a reader find only the first
+MAX_AUTHORS_PER_KEY holders of a blob that ten thousand peers hold (README, "Scale").
+
 The stored value is an envelope, canonical JSON (sorted keys, no spaces)::
 
     {"v": 1, "swarm": ..., "kind": ..., "key": <the plain DHT key>,
@@ -32,6 +37,7 @@ expiration its author chose, fails verification.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -59,6 +65,9 @@ MAX_TTL_SECONDS = 24 * 3600  # how far in the future an expiration may lie
 # hid a head before). An author already there may always refresh its entry.
 MAX_AUTHORS_PER_KEY = 1024
 MAX_KEY_BYTES = 2 << 20
+# Keys a blob's provider records spill over once its first key is crowded: 16,384 more holders
+# can be found before they fill, and a reader of two sees an eighth (node.net.blobs.providers)
+PROVIDER_SHARDS = 16
 _KEY_PREFIX = "mergeswarm/"
 
 
@@ -184,7 +193,7 @@ class Kind(Generic[B]):
 
 
 ANNOUNCE = Kind("announce", DeltaAnnouncement)  # under topic <base id>
-PROVIDER = Kind("provider", Provider)  # under topic <blob id>
+PROVIDER = Kind("provider", Provider)  # under topic <blob id>[.<shard>] (provider_topic)
 HEAD = Kind("head", Head)
 BASE = Kind("base", Head)  # under topic <base id>: a past head, for walking the chain back
 HEARTBEAT = Kind("heartbeat", Heartbeat)
@@ -212,6 +221,20 @@ def key_admits(held: Mapping[str, int], author: str, size: int) -> bool:
     if author in held:
         return True
     return len(held) < MAX_AUTHORS_PER_KEY and sum(held.values()) + size <= MAX_KEY_BYTES
+
+
+def provider_shard(peer_id: str) -> int:
+    """Which of a blob's PROVIDER_SHARDS overflow keys may hold ``peer_id``'s provider
+    record: its id picks it, so holders spread evenly and nobody files under a key of their
+    choosing without making up peer ids (each needs a libp2p key that vouches for its
+    author)."""
+    return hashlib.sha256(peer_id.encode()).digest()[0] % PROVIDER_SHARDS
+
+
+def provider_topic(blob_id: str, shard: int | None = None) -> str:
+    """The topic of ``blob_id``'s provider records: its first key (``shard`` None), or
+    overflow shard ``shard``."""
+    return blob_id if shard is None else f"{blob_id}.{shard}"
 
 
 def record_key(swarm_id: str, kind: Kind | str, topic: str = "") -> str:
@@ -335,6 +358,11 @@ def open_record(
         raise RecordError("malformed", f"malformed {kind} record: {one_line(exc)}") from None
     if isinstance(body, Provider) and not bound(body.binding, body.peer_id, env.author):
         raise RecordError("unbound_peer", "a provider record names a peer not bound to its author")
+    if isinstance(body, Provider) and topic not in (
+        provider_topic(body.blob_id),
+        provider_topic(body.blob_id, provider_shard(body.peer_id)),
+    ):
+        raise RecordError("wrong_key", "a provider record filed under another blob or shard")
     if isinstance(body, SwarmConfig):
         _check_config(env, body)
     elif isinstance(body, Handover):

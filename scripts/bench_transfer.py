@@ -196,9 +196,10 @@ def piece_hashing(blob: Path) -> dict[str, float]:
 
 def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
     from node.config import SwarmOptions
+    from node.net.blobs import providers
     from node.net.swarm import Swarm
     from protocol.ids import file_id
-    from protocol.records import HEAD, HEARTBEAT, PROVIDER, Head
+    from protocol.records import HEAD, HEARTBEAT, Head
 
     procs = []
     try:
@@ -221,9 +222,7 @@ def distribute(root: Path, blob: Path, peers: int, upload: bool) -> dict:
         observer = Swarm(SwarmOptions(root / "observer", join=maddrs, host_maddrs=[LOOPBACK]))
         try:
             origin_peer = maddrs[0].rsplit("/p2p/", 1)[1]
-            while not any(
-                r.body.peer_id == origin_peer for r in observer.read(PROVIDER, topic=blob_id)
-            ):
+            while not any(p.peer_id == origin_peer for p in providers(observer, blob_id)):
                 time.sleep(0.2)
             start = time.perf_counter()
             observer.publish(HEAD, Head(base_id="ab" * 32, round=0, deltas=0, snapshot_id=blob_id))

@@ -8,10 +8,11 @@ source for (``pick_run``), whether to ask for the next run before this one is in
 again (``idle_wait``), what a complete provider offers (``superseed_offer``, super-seeding)
 and when it cuts a run short (``keep_sending``), all from node/net/pieces.py, which
 node/net/blobs calls too; so do the constants of node.net.blobs.fetch (failures and
-back-offs, how often providers are looked for, sources per fetch), the serving limits
-(``ServeLimits``: runs served at once, per peer), the piece size, and the cap on authors
-under one DHT key (a blob's provider records: the first ``MAX_AUTHORS_PER_KEY``). What is
-modelled instead of run: links and time.
+back-offs, how often providers are looked for and their records read again, sources per
+fetch), the serving limits (``ServeLimits``: runs served at once, per peer), the piece size,
+where a blob's provider records stand and which of them a reader reads
+(node.net.blobs.providers: a first key, then overflow shards), and the cap on authors under
+one DHT key (the first ``MAX_AUTHORS_PER_KEY`` a key). What is modelled instead of run: links and time.
 
 Model (assumptions, stated once):
 - Uplinks: home peers log-uniform in 5-50 Mbit/s, downlinks 5x their uplink; 1% of the
@@ -21,8 +22,8 @@ Model (assumptions, stated once):
   (a piece keeps its rate); a peer's one-way latency is uniform in 5-50 ms, a round trip
   the sum of both ends' and a Have request one round trip.
 - Peers see a new head within a tick (uniform 0-2 s) and start fetching; they find
-  providers from the records (first come, capped as the DHT caps them) and the manifest
-  from the first that answers.
+  providers from the records (first come, capped as the DHT caps each key) and the
+  manifest from the first that answers. Reading records takes no time.
 - Churn: each peer stays online for an exponential time (mean ``--session`` minutes) and
   comes back after an exponential time (mean ``--away`` minutes), resuming with the pieces
   it had; its provider records age out after PROVIDER_TTL; a dial to a departed peer fails
@@ -69,12 +70,18 @@ from node.net.blobs.fetch import (  # noqa: E402 - after the repository is on th
     MAX_FAILURES,
     MAX_SOURCES,
     PROVIDER_LOOK_SECONDS,
+    RECORDS_REREAD_SECONDS,
     ROTATE_SECONDS,
 )
-from node.net.blobs.providers import PROVIDER_TTL  # noqa: E402
+from node.net.blobs.providers import (  # noqa: E402
+    PROVIDER_TTL,
+    crowded,
+    first_key_share,
+    overflow_shards,
+)
 from node.net.blobs.serve import ServeLimits  # noqa: E402
 from protocol.ids import BLOB_PIECE  # noqa: E402
-from protocol.records import MAX_AUTHORS_PER_KEY  # noqa: E402
+from protocol.records import MAX_AUTHORS_PER_KEY, PROVIDER_SHARDS, provider_shard  # noqa: E402
 
 MBIT = 1e6 / 8  # bytes per second in a Mbit/s
 TICK_SECONDS = 2.0  # a daemon's housekeeping tick: it sees a new head within one
@@ -137,6 +144,9 @@ class Peer:
     out_flight: int = 0  # pieces going out now
     in_flight: int = 0  # pieces coming in now
 
+    def __post_init__(self) -> None:
+        self.shard = provider_shard(f"peer-{self.name}")  # where its provider records stand
+
 
 @dataclass(eq=False)
 class Src:
@@ -159,7 +169,10 @@ class Blob:
     size: int
     origin: Peer
     audience: list[Peer]  # who fetches it
-    providers: list[Peer] = field(default_factory=list)  # records, first come, capped
+    # provider records under the first key and by overflow shard, first come, as many a key
+    # as the DHT keeps under one
+    first: list[Peer] = field(default_factory=list)
+    shards: list[list[Peer]] = field(default_factory=lambda: [[] for _ in range(PROVIDER_SHARDS)])
     done_at: list[float] = field(default_factory=list)  # when each fetcher completed
 
     def __post_init__(self) -> None:
@@ -171,6 +184,33 @@ class Blob:
 
     def piece_size(self, index: int) -> int:
         return min(BLOB_PIECE, self.size - index * BLOB_PIECE)
+
+    def providers(self, reader: Peer, rng: random.Random) -> list[Peer]:
+        """What node.net.blobs.providers.providers gives ``reader``: the first key's, and once
+        it is crowded a random share of them and those of a few overflow keys."""
+        found = self.first
+        if crowded(len(found)):
+            found = rng.sample(found, first_key_share(len(found)))
+            found += [p for shard in overflow_shards(rng) for p in self.shards[shard]]
+        return [p for p in found if p is not reader]
+
+    def provide(self, peer: Peer, cap: int) -> None:
+        """``peer`` announces itself (node.net.blobs.providers.announce): under the first key
+        while it is not crowded, under its overflow key after; each key keeps ``cap``."""
+        shard = self.shards[peer.shard]
+        if peer in self.first or peer in shard:
+            return
+        key = self.first if not crowded(len(self.first)) else shard
+        if len(key) >= cap and key is self.first:
+            key = shard  # the DHT refused it there
+        if len(key) < cap:
+            key.append(peer)
+
+    def unprovide(self, peer: Peer) -> None:
+        """``peer``'s record aged out."""
+        for key in (self.first, self.shards[peer.shard]):
+            if peer in key:
+                key.remove(peer)
 
 
 class Fetch:
@@ -185,6 +225,8 @@ class Fetch:
         self.last_piece = sim.clock.now
         self.alive = True  # until the peer leaves (it starts a new fetch when back)
         self.rotated_at = sim.clock.now
+        self.records: list[Peer] = []  # providers as last read, and when
+        self.records_at = -math.inf
         self.have = peer.have.setdefault(blob.id, bytearray((blob.count + 7) // 8))
 
     @property
@@ -224,9 +266,14 @@ class Fetch:
             self.sim.clock.start(self.work(src))
 
     def _fresh(self) -> list[Peer]:
-        """Providers not among the sources, in random order (records are read shuffled)."""
-        pool = [p for p in self.blob.providers if p not in self.banned and p is not self.peer]
-        pool = [p for p in pool if p not in self.sources]
+        """Providers not among the sources, in random order (records are read shuffled); the
+        records are read again after RECORDS_REREAD_SECONDS, or when none is left unbanned."""
+        now = self.sim.clock.now
+        stale = now - self.records_at >= RECORDS_REREAD_SECONDS
+        if stale or all(p in self.banned for p in self.records):
+            self.records = self.blob.providers(self.peer, self.sim.rng)
+            self.records_at = now
+        pool = [p for p in self.records if p not in self.banned and p not in self.sources]
         return self.sim.rng.sample(pool, min(MAX_SOURCES, len(pool)))
 
     def _refresh(self, fresh: list[Peer] | None = None) -> None:
@@ -276,9 +323,7 @@ class Fetch:
             count=self.blob.count,
             blob_size=self.blob.size,
             wanted=policy.wanted(self.have, self.in_flight),
-            waiting=policy.spare_complete(
-                bool(self.in_flight), len(self.blob.providers), MAX_SOURCES
-            ),
+            waiting=policy.spare_complete(bool(self.in_flight), len(self.records), MAX_SOURCES),
             now=self.sim.clock.now,
             last_piece=self.last_piece,
             rng=self.sim.rng,
@@ -404,7 +449,7 @@ class Simulation:
         self.flight = 0  # pieces in flight anywhere
         self.clock = Clock()
         self.limits = ServeLimits()
-        self.provider_cap = provider_cap  # provider records a blob can have
+        self.provider_cap = provider_cap  # provider records a shard of a blob's can have
         self.blobs: list[Blob] = []
         self.fetches: dict[tuple[Peer, str], Fetch] = {}
         self.session, self.away = session, away
@@ -417,7 +462,7 @@ class Simulation:
         blob.origin.have[blob.id] = bytearray([255] * ((blob.count + 7) // 8))
         blob.origin.pieces[blob.id] = blob.count
         blob.origin.sent[blob.id] = [0] * blob.count
-        blob.providers.append(blob.origin)
+        blob.provide(blob.origin, self.provider_cap)
         self.blobs.append(blob)
         self.remaining += len(blob.audience)
         for peer in blob.audience:
@@ -441,15 +486,11 @@ class Simulation:
         fetch.last_piece = self.clock.now
         peer.pieces[blob.id] += 1
         if peer.pieces[blob.id] == 1:  # a partial holder announces itself
-            self._provide(peer, blob)
+            blob.provide(peer, self.provider_cap)
         if peer.pieces[blob.id] == blob.count:
             peer.sent[blob.id] = [0] * blob.count
             blob.done_at.append(self.clock.now)
             self.remaining -= 1
-
-    def _provide(self, peer: Peer, blob: Blob) -> None:
-        if peer not in blob.providers and len(blob.providers) < self.provider_cap:
-            blob.providers.append(peer)
 
     def start_churn(self) -> None:
         if self.session <= 0:
@@ -468,14 +509,14 @@ class Simulation:
         self.clock.at(self.rng.expovariate(1 / self.away), self._return, peer)
 
     def _expire(self, peer: Peer, blob: Blob) -> None:
-        if not peer.online and peer in blob.providers:
-            blob.providers.remove(peer)
+        if not peer.online:
+            blob.unprovide(peer)
 
     def _return(self, peer: Peer) -> None:
         peer.online = True
         for blob in self.blobs:
             if peer.pieces[blob.id]:
-                self._provide(peer, blob)
+                blob.provide(peer, self.provider_cap)
             if peer in blob.wanted_by:
                 self._start_fetch(peer, blob)
         self.clock.at(self.rng.expovariate(1 / self.session), self._leave, peer)
@@ -615,8 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         "--provider-cap",
         type=int,
         default=MAX_AUTHORS_PER_KEY,
-        help="provider records a blob can have (default: the DHT's cap of authors under one "
-        "key); another value is an experiment on what that cap costs",
+        help="provider records each of a blob's keys (its first and its PROVIDER_SHARDS "
+        "overflow keys) can have (default: the DHT's cap of authors under one key); another "
+        "value is an experiment on what the cap costs",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="time to 90%% and origin copies against N")

@@ -179,3 +179,28 @@ def test_a_dht_node_keeps_at_most_the_cap_of_authors_under_one_key(local_peer):
     assert a.publish(HEARTBEAT, beat, ttl=900)  # a refresh of an author already there lands
     for peer in (a, b):
         assert peer.rejection_counts().get("key_full", 0) >= 50
+
+
+def test_provider_records_under_a_crowded_blobs_overflow_keys_are_read_across_the_dht(
+    local_peer, monkeypatch
+):
+    """Over a real DHT: with the first key taken as crowded, a holder announces under the
+    overflow key its peer id picks, and a reader finds it there in one look-up of them all."""
+    import importlib
+
+    from node.net.blobs import announce, providers
+    from protocol.records import PROVIDER, provider_shard, provider_topic
+
+    module = importlib.import_module("node.net.blobs.providers")
+    monkeypatch.setattr(module, "FIRST_KEY_ROOM", 0)  # every first key is crowded
+    holder = local_peer("holder")
+    reader = local_peer("reader", join=holder.maddrs)
+    blob = "cd" * 32
+    assert announce(holder, blob)
+    mine = holder.peer_id.to_base58()
+    assert holder.publishing(PROVIDER) == [provider_topic(blob, provider_shard(mine))]
+    assert reader.read(PROVIDER, topic=provider_topic(blob)) == []
+    assert [p.peer_id for p in providers(reader, blob, everyone=True)] == [mine]
+    found = reader.read_many(PROVIDER, [provider_topic(blob, s) for s in range(16)])
+    assert [r.body.peer_id for r in found[provider_topic(blob, provider_shard(mine))]] == [mine]
+    assert sum(map(len, found.values())) == 1

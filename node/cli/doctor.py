@@ -110,7 +110,7 @@ def diagnose(swarm) -> list[Check]:
     checks.append(Check("head", "ok", f"round {head.round}, base {head.base_id[:16]}{age}"))
     blob = head.patch_id or head.snapshot_id
     if blob is not None:
-        offered = providers(swarm, blob)
+        offered = providers(swarm, blob, everyone=True)
         if offered:
             checks.append(Check("blobs", "ok", f"the head's newest blob is offered by "
                                 f"{len(offered)} peer(s)"))  # fmt: skip

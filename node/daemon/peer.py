@@ -11,11 +11,12 @@ from importlib.metadata import PackageNotFoundError, version
 from node.config import DaemonSettings
 from node.daemon.metrics import PeerMetrics
 from node.net.blobs import ServeLimits
+from node.net.blobs import withdraw as withdraw_provider
 from node.net.blobstore import BlobStore
 from node.net.member import SwarmMember
 from protocol.container import DeltaReader
 from protocol.errors import DeltaFormatError
-from protocol.records import HEARTBEAT, PROVIDER, Head, Heartbeat
+from protocol.records import HEARTBEAT, Head, Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class PeerDaemon:
             return
         held = set(self.store.ids())
         for gone in self.shared - held:  # garbage-collected: stop offering it
-            self.swarm.withdraw(PROVIDER, topic=gone)
+            withdraw_provider(self.swarm, gone)
             self.shared.discard(gone)
         for blob_id in sorted(held):
             if blob_id in self.shared:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, overload
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
     from node.net.blobstore import BlobStore
 
 logger = logging.getLogger(__name__)
+
+
+def _known(kind: Kind | str) -> str:
+    if str(kind) not in BODIES:
+        raise ValueError(f"unknown record kind {kind!r}")
+    return str(kind)
 
 
 class SwarmError(MergeswarmError):
@@ -87,6 +94,12 @@ class SwarmMember(ABC):
     @abstractmethod
     def _get(self, key: str, what: str) -> dict[object, tuple[object, float]]:
         """Every entry under ``key``: subkey -> (value, expiration), unchecked."""
+
+    def _get_many(
+        self, keys: list[str], what: str
+    ) -> dict[str, dict[object, tuple[object, float]]]:
+        """:meth:`_get` of each of ``keys`` (a backend may look them up together)."""
+        return {key: self._get(key, what) for key in keys}
 
     @abstractmethod
     def _store_rejections(self) -> dict[str, int]:
@@ -144,13 +157,23 @@ class SwarmMember(ABC):
     def read(self, kind: Kind | str, *, topic: str = "") -> list[Record]:
         """Every valid record of ``kind``/``topic``, one per author, verified again here
         (its body is of the kind's schema)."""
-        kind = str(kind)
-        if kind not in BODIES:
-            raise ValueError(f"unknown record kind {kind!r}")
-        key = record_key(self.swarm_id, kind, topic)
+        key = record_key(self.swarm_id, _known(kind), topic)
+        return self._open(str(kind), key, self._get(key, f"reading {kind} records"))
+
+    def read_many(self, kind: Kind[B], topics: Sequence[str]) -> dict[str, list[Record[B]]]:
+        """:meth:`read` of several topics of ``kind`` in one look-up, by topic."""
+        keys = {record_key(self.swarm_id, _known(kind), topic): topic for topic in topics}
+        found = self._get_many(list(keys), f"reading {kind} records")
+        return {
+            topic: self._open(str(kind), key, found.get(key, {})) for key, topic in keys.items()
+        }
+
+    def _open(
+        self, kind: str, key: str, entries: dict[object, tuple[object, float]]
+    ) -> list[Record]:
         now = get_dht_time()
         records = []
-        for subkey, (value, expiration) in self._get(key, f"reading {kind} records").items():
+        for subkey, (value, expiration) in entries.items():
             try:
                 if not isinstance(value, bytes):
                     raise RecordError("malformed", "record value is not an envelope")

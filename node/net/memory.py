@@ -30,7 +30,7 @@ from hivemind.utils import get_dht_time
 from node.config import SwarmOptions
 from node.data_dir import DataDir
 from node.net.blobs.fetch import FetchError
-from node.net.blobs.providers import announce
+from node.net.blobs.providers import announce, providers
 from node.net.blobs.serve import ServeLimits
 from node.net.blobs.wire import TransferStats
 from node.net.blobstore import BlobStore
@@ -38,7 +38,7 @@ from node.net.member import SwarmError, SwarmMember
 from protocol import transfer_pb2 as pb
 from protocol.identity import Identity
 from protocol.peer_binding import load_p2p_key, peer_id_of, write_p2p_key
-from protocol.records import ANNOUNCE, PROVIDER, RecordError, key_admits, open_record
+from protocol.records import ANNOUNCE, RecordError, key_admits, open_record
 
 DEFAULT_SWARM_ID = "memory-swarm"
 
@@ -165,14 +165,14 @@ class MemoryTransfers:
         """Copy ``blob_id`` from a peer that announced it whole; FetchError when none can."""
         if self.store.has(blob_id):
             return
-        me = self.swarm.peer_id.to_base58()
         errors = []
-        for record in self.swarm.read(PROVIDER, topic=blob_id):
-            source = self.swarm.net.holder(record.body.peer_id)
-            if record.body.peer_id == me or source is None or source.transfer is None:
+        offers = providers(self.swarm, blob_id, everyone=True)
+        for offer in sorted(offers, key=lambda p: p.peer_id):  # the same order every run
+            source = self.swarm.net.holder(offer.peer_id)
+            if source is None or source.transfer is None:
                 continue
             if not source.transfer.store.has(blob_id):
-                errors.append(f"{record.body.peer_id[:12]} does not hold it")
+                errors.append(f"{offer.peer_id[:12]} does not hold it")
                 continue
             size = source.transfer.store.size(blob_id)
             if expected_size is not None and size != expected_size:
@@ -181,7 +181,7 @@ class MemoryTransfers:
             got = self.store.add_file(source.transfer.store.path(blob_id))
             if got != blob_id:  # a store's file was changed under it
                 self.store.delete(got)
-                errors.append(f"{record.body.peer_id[:12]} sent blob {got[:16]}")
+                errors.append(f"{offer.peer_id[:12]} sent blob {got[:16]}")
                 continue
             self.stats.bytes_in += size
             source.transfer.stats.bytes_out += size

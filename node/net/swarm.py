@@ -274,6 +274,15 @@ class Swarm(SwarmMember):
             return {}
         return {sub: (item.value, item.expiration_time) for sub, item in found.value.items()}
 
+    def _get_many(
+        self, keys: list[str], what: str
+    ) -> dict[str, dict[object, tuple[object, float]]]:
+        with self._pipe:  # one trip to the DHT process and one traversal for every key
+            future = self.dht.run_coroutine(
+                functools.partial(_latest_many, keys), return_future=True
+            )
+        return self._answer(future, what) or {}
+
     def _store_rejections(self) -> dict[str, int]:
         with self._pipe:
             future = self.dht.run_coroutine(rejection_counts, return_future=True)
@@ -318,6 +327,18 @@ class Swarm(SwarmMember):
                     raise SwarmError(
                         f"{what}: the DHT did not answer in {DHT_TIMEOUT:.0f} s"
                     ) from None
+
+
+async def _latest_many(
+    keys: list[str], _dht: object, node: Any
+) -> dict[str, dict[object, tuple[object, float]]]:
+    """For ``DHT.run_coroutine``: the latest entries under each of ``keys``, as _get gives them."""
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    out: dict[str, dict[object, tuple[object, float]]] = {}
+    for key, item in found.items():
+        if item is not None and isinstance(item.value, dict):
+            out[key] = {sub: (v.value, v.expiration_time) for sub, v in item.value.items()}
+    return out
 
 
 async def _exit_with_host(_dht: object, node: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -23,6 +24,7 @@ from protocol.records import (
     MAX_KEY_BYTES,
     MAX_RECORD_BYTES,
     MAX_TTL_SECONDS,
+    PROVIDER_SHARDS,
     DeltaAnnouncement,
     Head,
     Provider,
@@ -30,6 +32,8 @@ from protocol.records import (
     key_admits,
     open_record,
     owned_topic,
+    provider_shard,
+    provider_topic,
     record_key,
     sign_record,
 )
@@ -139,7 +143,8 @@ def test_a_provider_record_names_only_the_peer_whose_key_vouches_for_its_author(
     mine = bind(libp2p_key, alice.author)
     peer = peer_id_of(mine)
     honest = Provider(blob_id="aa" * 32, peer_id=peer, binding=mine)
-    _, data = _signed(alice, honest, kind="provider")
+    topic = provider_topic("aa" * 32, provider_shard(peer))
+    _, data = _signed(alice, honest, kind="provider", topic=topic)
     assert open_record(data, subkey=alice.author, expiration=NOW + 60, now=NOW)[1] == honest
     other_peer = bind(rsa.generate_private_key(65537, 1024), alice.author)
     forged = [
@@ -151,10 +156,37 @@ def test_a_provider_record_names_only_the_peer_whose_key_vouches_for_its_author(
         ),
     ]
     for author, body in forged:
-        _, data = _signed(author, body, kind="provider")
+        _, data = _signed(author, body, kind="provider", topic=topic)
         with pytest.raises(RecordError) as err:
             open_record(data, subkey=author.author, expiration=NOW + 60, now=NOW)
         assert err.value.reason == "unbound_peer"
+
+
+def test_a_provider_record_stands_only_under_its_blobs_first_key_or_the_shard_its_peer_picks(
+    alice, libp2p_key
+):
+    binding = bind(libp2p_key, alice.author)
+    peer = peer_id_of(binding)
+    body = Provider(blob_id="aa" * 32, peer_id=peer, binding=binding)
+    shard = provider_shard(peer)
+    for topic in (provider_topic("aa" * 32), provider_topic("aa" * 32, shard)):
+        _, data = _signed(alice, body, kind="provider", topic=topic)
+        assert open_record(data, subkey=alice.author, expiration=NOW + 60, now=NOW)[1] == body
+    for topic in (
+        provider_topic("aa" * 32, (shard + 1) % PROVIDER_SHARDS),  # a shard of its choosing
+        provider_topic("bb" * 32, shard),  # another blob's
+        provider_topic("bb" * 32),
+    ):
+        _, data = _signed(alice, body, kind="provider", topic=topic)
+        with pytest.raises(RecordError) as err:
+            open_record(data, subkey=alice.author, expiration=NOW + 60, now=NOW)
+        assert err.value.reason == "wrong_key", topic
+
+
+def test_peer_ids_spread_evenly_over_the_provider_shards():
+    counts = Counter(provider_shard(f"12D3KooW{i:040d}") for i in range(16_000))
+    assert set(counts) == set(range(PROVIDER_SHARDS))
+    assert max(counts.values()) < 1.15 * 16_000 / PROVIDER_SHARDS
 
 
 def _dht_record(key: str, subkey: str, value: bytes, expiration: float) -> DHTRecord:

@@ -13,7 +13,7 @@ every peer pulling from the origin.
 """
 
 from node.net.blobs.fetch import Fetcher, FetchError, fetch
-from node.net.blobs.providers import PROVIDER_TTL, announce, providers
+from node.net.blobs.providers import PROVIDER_TTL, announce, providers, withdraw
 from node.net.blobs.push import push
 from node.net.blobs.serve import BlobService, ServeLimits
 from node.net.blobs.wire import CAPPED, HAVE, PIECES, UPLOAD, TransferStats
@@ -33,4 +33,5 @@ __all__ = [
     "fetch",
     "providers",
     "push",
+    "withdraw",
 ]

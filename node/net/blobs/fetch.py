@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from hivemind.p2p import PeerID
 
-from node.net.blobs.providers import announce, providers
+from node.net.blobs.providers import announce, read_providers, withdraw
 from node.net.blobs.wire import (
     BUSY,
     CAPPED,
@@ -52,7 +52,7 @@ from node.net.pieces import (
 from node.net.swarm import Cancelled, Swarm
 from protocol import transfer_pb2 as pb
 from protocol.ids import is_id
-from protocol.records import PROVIDER, Provider
+from protocol.records import Provider
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class Fetcher:
         self._probes: set[asyncio.Task] = set()  # manifest probes still under way
         self._records: list[Provider] = []  # provider records as last read, and when
         self._records_at = -RECORDS_REREAD_SECONDS
+        self._first_key: int | None = None  # records under the blob's first key, as last read
         self._rotated_at = time.monotonic()
         self.in_flight: set[int] = set()
         self.partial: Partial | None = None
@@ -164,14 +165,17 @@ class Fetcher:
             ", ".join(f"{str(s.peer)[-6:]} {s.received >> 20} MiB" for s in self.sources.values()),
         )
         if self.serve:
-            await loop.run_in_executor(None, announce, self.swarm, self.blob_id, True)
+            await loop.run_in_executor(None, self._announce, True)
+
+    def _announce(self, complete: bool) -> None:
+        announce(self.swarm, self.blob_id, complete, first_key=self._first_key)
 
     def _pause(self) -> None:
         """A failed or cancelled fetch: keep the pieces for a resume, stop offering them."""
         self.partial.save_progress()
         self.store.release_partial(self.partial)
         if self.serve:
-            self.swarm.withdraw(PROVIDER, topic=self.blob_id)
+            withdraw(self.swarm, self.blob_id)
 
     def _ban(self, source: _Source, why: str) -> None:
         self.banned.add(source.peer)
@@ -193,7 +197,9 @@ class Fetcher:
         # pieces' threads need: read them again every few seconds, or when none was left.
         stale = loop.time() - self._records_at >= RECORDS_REREAD_SECONDS
         if stale or not self._unbanned(self._records):
-            self._records = await loop.run_in_executor(None, providers, self.swarm, self.blob_id)
+            self._records, self._first_key = await loop.run_in_executor(
+                None, read_providers, self.swarm, self.blob_id
+            )
             self._records_at = loop.time()
         found = self._records
         try:
@@ -342,7 +348,7 @@ class Fetcher:
                         workers[peer] = asyncio.create_task(self._work(source))
                 if self.serve and self.partial.done and not announced:
                     announced = True
-                    await loop.run_in_executor(None, announce, self.swarm, self.blob_id, False)
+                    await loop.run_in_executor(None, self._announce, False)
                 if self.partial.done - saved_at >= SAVE_EVERY:
                     await loop.run_in_executor(None, self.partial.save_progress)
                     saved_at = self.partial.done
