@@ -12,7 +12,8 @@ back-offs, how often providers are looked for and their records read again, sour
 fetch), the serving limits (``ServeLimits``: runs served at once, per peer), the piece size,
 where a blob's provider records stand and which of them a reader reads
 (node.net.blobs.providers: a first key, then overflow shards), and the cap on authors under
-one DHT key (the first ``MAX_AUTHORS_PER_KEY`` a key). What is modelled instead of run: links and time.
+one DHT key (the first ``MAX_AUTHORS_PER_KEY`` a key). What is modelled instead of run:
+links and time.
 
 Model (assumptions, stated once):
 - Uplinks: home peers log-uniform in 5-50 Mbit/s, downlinks 5x their uplink; 1% of the

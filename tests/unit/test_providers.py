@@ -104,7 +104,8 @@ def test_a_reader_of_a_crowded_first_key_sees_as_large_a_share_of_it_as_of_the_o
     from_first = [p for p in found if p.peer_id.startswith("first-")]
     assert len(from_first) == first_key_share(4 * FIRST_KEY_ROOM) == 4 * FIRST_KEY_ROOM // 8
     assert len(found) - len(from_first) == OVERFLOW_READS * 600
-    assert len(providers(_Crowd(first=30, per_shard=5), BLOB, everyone=True)) == 30 + 5 * 16  # type: ignore[arg-type]
+    small = _Crowd(first=30, per_shard=5)
+    assert len(providers(small, BLOB, everyone=True)) == 30 + 5 * 16  # type: ignore[arg-type]
 
 
 def test_readers_pick_overflow_keys_at_random_so_each_holder_is_read_about_as_often():
@@ -125,7 +126,8 @@ def test_a_record_naming_another_blob_or_this_peer_is_not_a_provider():
                 body = SimpleNamespace(blob_id=BLOB, peer_id=self.peer_id.to_base58(), complete=1)
             return Record(author=f"{where}-{i}", body=body, expires=0.0)  # type: ignore[arg-type]
 
-    assert [p.peer_id for p in providers(_Liar(first=3, per_shard=0), BLOB)] == ["x0"]  # type: ignore[arg-type]
+    liar = _Liar(first=3, per_shard=0)
+    assert [p.peer_id for p in providers(liar, BLOB)] == ["x0"]  # type: ignore[arg-type]
 
 
 def test_a_fetch_that_just_read_an_uncrowded_first_key_announces_without_reading_it_again(
