@@ -104,6 +104,7 @@ FETCH_TIMEOUT = 300.0
 ADMIT_TIMEOUT = 60.0  # seconds a candidate delta has to arrive before its slot goes on
 MANIFEST_TIMEOUT = 5.0  # seconds to find one provider of it (a made-up id has none)
 ADMIT_PARALLEL = 16  # candidates fetched at once (at least; max_deltas when that is more)
+ADMIT_THREADS = 32  # the most a batch can hold: SwarmConfig caps max_deltas at 32
 CLOCK_SLACK = 5.0  # seconds two peers' clocks may differ (hivemind refuses more than 3)
 MAX_ROUND_SECONDS = 6 * 3600.0  # a lease claimed longer ago than this is no live round's
 BACKOFF_MAX = 3600.0  # seconds an unavailable delta is skipped at most before another try
@@ -180,6 +181,9 @@ class Aggregator(PeerDaemon):
         self.rejected: dict[str, int] = {}
         self._counting = threading.Lock()
         self._inspecting = threading.Lock()
+        # one pool for the daemon's life (threads start as a batch needs them): a pool per
+        # batch came and went with every round, and the soak read its threads as growth
+        self._admit_pool = ThreadPoolExecutor(ADMIT_THREADS, thread_name_prefix="admit")
         self.merge_seconds: float | None = None
         if settings.genesis is not None:
             self._adopt_genesis(settings.genesis)
@@ -489,8 +493,7 @@ class Aggregator(PeerDaemon):
         with ModelDir(parent_dir) as parent:
 
             def check(batch: list[Candidate]) -> list[Admitted | None]:
-                with ThreadPoolExecutor(len(batch)) as pool:
-                    norms = list(pool.map(lambda c: self._check(c, parent), batch))
+                norms = list(self._admit_pool.map(lambda c: self._check(c, parent), batch))
                 passed = [(c, n) for c, n in zip(batch, norms, strict=True) if n is not None]
                 gains = self._score(head, [c for c, _ in passed])
 

@@ -17,7 +17,9 @@ At the end, a table (and with --json, the same figures):
   pending (on the last head when the run stopped); or unaccounted for (the target is 0;
   their ids are listed);
 - RSS growth per role over the last two thirds of the run (target under 10%), fd and
-  thread growth, measured on daemons that ran through that stretch unrestarted;
+  thread growth, measured on daemons that ran through that stretch unrestarted: the median
+  of the samples in the sixth after the first third against that of the last sixth (with
+  --json, every sample as well, under "series");
 - processes left behind after the swarm stops (target 0).
 
     .venv/bin/python scripts/soak.py --volunteers 16 --minutes 30 --json soak.json
@@ -64,6 +66,8 @@ ROLES = ("volunteer", "aggregator", "seed")
 STOP_SECONDS = 60.0  # how long a SIGSTOPped daemon stays frozen
 RESTART_AFTER = 5.0  # seconds between a SIGKILL and the restart
 RSS_TARGET = 10.0  # percent over the last two thirds
+GROWTH_FIGURES = ("rss", "own_rss", "peak_rss", "fds", "threads", "own_threads")
+SERIES_FIELDS = ("rss_mb", "own_rss_mb", "fds", "threads", "own_threads")
 
 
 @dataclass
@@ -128,6 +132,61 @@ def tree_stats(pid: int) -> dict[str, float]:
             continue
     tree = {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "children": len(procs) - 1}
     return tree | own
+
+
+def growth(samples: list[Sample], daemons: dict[str, Daemon]) -> dict:
+    """Per role: median RSS growth (%) and fd/thread growth from the window after a third
+    of the run to the window at its end, over daemons not restarted in between.
+
+    Each figure is the median of a window's samples (a sixth of the run each), not one
+    sample: an aggregator's memory and threads swing with its round (sixteen fetches and
+    a merge under way, then idle), and two single samples taken at different points of
+    that swing read as growth or shrinkage that is not there. A leak moves the median;
+    ``rss_peak_growth_pct_max`` compares the windows' highest samples as well.
+    """
+    if len(samples) < 3:
+        return {}
+    end = samples[-1].t
+    start = next(s.t for s in samples if s.t >= end / 3)
+    width = (end - start) / 4
+    early = [s for s in samples if start <= s.t <= start + width]
+    late = [s for s in samples if s.t >= end - width]
+    out = {}
+    for role in ROLES:
+        rows: dict[str, list[float]] = {k: [] for k in GROWTH_FIGURES}
+        for name, d in daemons.items():
+            if d.role != role or any(start - 30 <= t <= end for t in d.starts[1:]):
+                continue
+            a = [s.per_daemon[name] for s in early if s.per_daemon.get(name)]
+            b = [s.per_daemon[name] for s in late if s.per_daemon.get(name)]
+            if not (a and b):
+                continue
+            rows["rss"].append(_pct(_median(a, "rss_mb"), _median(b, "rss_mb")))
+            rows["own_rss"].append(_pct(_median(a, "own_rss_mb"), _median(b, "own_rss_mb")))
+            peaks = [max(x["rss_mb"] for x in window) for window in (a, b)]
+            rows["peak_rss"].append(_pct(*peaks))
+            for key in ("fds", "threads", "own_threads"):
+                rows[key].append(_median(b, key) - _median(a, key))
+        if rows["rss"]:
+            out[role] = {
+                "daemons": len(rows["rss"]),
+                "rss_growth_pct": round(statistics.median(rows["rss"]), 2),
+                "rss_growth_pct_max": round(max(rows["rss"]), 2),
+                "rss_peak_growth_pct_max": round(max(rows["peak_rss"]), 2),
+                "own_rss_growth_pct_max": round(max(rows["own_rss"]), 2),
+                "fd_growth_max": max(rows["fds"]),
+                "thread_growth_max": max(rows["threads"]),
+                "own_thread_growth_max": max(rows["own_threads"]),
+            }
+    return out
+
+
+def _median(window: list[dict[str, float]], key: str) -> float:
+    return statistics.median(x[key] for x in window)
+
+
+def _pct(before: float, after: float) -> float:
+    return 100 * (after - before) / before
 
 
 class Soak:
@@ -433,35 +492,16 @@ class Soak:
         return {"published": len(published)} | counts | {"unaccounted_ids": fate["unaccounted"]}
 
     def growth(self) -> dict:
-        """Per role: median RSS growth (%) and fd/thread growth from the sample at a third of
-        the run to the last, over daemons not restarted in between."""
-        if len(self.samples) < 3:
-            return {}
-        first = next(s for s in self.samples if s.t >= self.samples[-1].t / 3)
-        last = self.samples[-1]
-        out = {}
-        for role in ROLES:
-            rss, own_rss, fds, threads, own_threads = [], [], [], [], []
-            for name, d in self.daemons.items():
-                if d.role != role or any(first.t - 30 <= t <= last.t for t in d.starts[1:]):
-                    continue
-                a, b = first.per_daemon.get(name), last.per_daemon.get(name)
-                if a and b:
-                    rss.append(100 * (b["rss_mb"] - a["rss_mb"]) / a["rss_mb"])
-                    own_rss.append(100 * (b["own_rss_mb"] - a["own_rss_mb"]) / a["own_rss_mb"])
-                    fds.append(b["fds"] - a["fds"])
-                    threads.append(b["threads"] - a["threads"])
-                    own_threads.append(b["own_threads"] - a["own_threads"])
-            if rss:
-                out[role] = {
-                    "daemons": len(rss),
-                    "rss_growth_pct": round(statistics.median(rss), 2),
-                    "rss_growth_pct_max": round(max(rss), 2),
-                    "own_rss_growth_pct_max": round(max(own_rss), 2),
-                    "fd_growth_max": max(fds),
-                    "thread_growth_max": max(threads),
-                    "own_thread_growth_max": max(own_threads),
-                }
+        return growth(self.samples, self.daemons)
+
+    def series(self) -> dict[str, list[list[float]]]:
+        """Every sample of every daemon: [t, rss_mb, own_rss_mb, fds, threads, own_threads]."""
+        out: dict[str, list[list[float]]] = {}
+        for s in self.samples:
+            for name, x in s.per_daemon.items():
+                if x:
+                    row = [s.t, *(x[k] for k in SERIES_FIELDS)]
+                    out.setdefault(name, []).append([round(v, 1) for v in row])
         return out
 
     def report(self, left_behind: int) -> dict:
@@ -486,6 +526,7 @@ class Soak:
             "growth": self.growth(),
             "status_answered": sum(x.status is not None for x in self.samples),
             "samples": len(self.samples),
+            "series": self.series(),
             "processes_left_behind": left_behind,
             "stop_seconds_max": max((v for v in self.stops.values() if v is not None), default=0),
             "killed_at_stop": sorted(n for n, v in self.stops.items() if v is None),
@@ -519,9 +560,10 @@ def print_table(r: dict) -> None:
         ok = "ok" if g["rss_growth_pct"] < RSS_TARGET else "OVER"
         print(f"{role + ' RSS growth':<28}{g['rss_growth_pct']:+.1f}% median, "
               f"{g['rss_growth_pct_max']:+.1f}% max over {g['daemons']} daemons ({ok}); "
-              f"fds {g['fd_growth_max']:+d}, threads {g['thread_growth_max']:+d} at most; "
+              f"peaks {g['rss_peak_growth_pct_max']:+.1f}% at most; "
+              f"fds {g['fd_growth_max']:+g}, threads {g['thread_growth_max']:+g} at most; "
               f"the Python process alone {g['own_rss_growth_pct_max']:+.1f}%, "
-              f"threads {g['own_thread_growth_max']:+d}")  # fmt: skip
+              f"threads {g['own_thread_growth_max']:+g}")  # fmt: skip
     print(f"status --json answered      {r['status_answered']} of {r['samples']} samples")
     print(f"processes left behind       {r['processes_left_behind']}   (target 0)")
     killed = ", ".join(r["killed_at_stop"]) or "none"

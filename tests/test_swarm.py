@@ -204,3 +204,62 @@ def test_provider_records_under_a_crowded_blobs_overflow_keys_are_read_across_th
     found = reader.read_many(PROVIDER, [provider_topic(blob, s) for s in range(16)])
     assert [r.body.peer_id for r in found[provider_topic(blob, provider_shard(mine))]] == [mine]
     assert sum(map(len, found.values())) == 1
+
+
+async def _dht_calls_guarded(_dht, node) -> bool:
+    from node.net.unary_calls import PendingCalls, unary_reader_alive
+
+    control = node.p2p._client.control
+    return isinstance(control._pending_calls, PendingCalls) and unary_reader_alive(node.p2p)
+
+
+def test_both_processes_of_a_peer_guard_their_unary_calls_and_calls_still_get_answers(
+    local_peer,
+):
+    """The peer's own p2pd client and its DHT process's both drop answers to abandoned calls
+    (node.net.unary_calls); answers to live ones still arrive, in both directions."""
+    from node.net.unary_calls import PendingCalls, unary_reader_alive
+
+    a = local_peer("a")
+    b = local_peer("b", join=a.maddrs)
+    for peer in (a, b):
+        assert isinstance(peer.p2p._client.control._pending_calls, PendingCalls)
+        assert peer.dht.run_coroutine(_dht_calls_guarded)
+    info = b.ask_join_peer()  # a unary call out of b's process, answered by a's
+    assert info.swarm_id == a.swarm_id
+    assert b.publish(HEARTBEAT, Heartbeat(role="seed", version="x", peer_id="p"), ttl=60)
+    assert {r.author for r in a.read(HEARTBEAT)} == {b.identity.author}  # DHT RPCs, both ways
+    assert unary_reader_alive(a.p2p) and unary_reader_alive(b.p2p)
+
+
+def test_a_peer_whose_reader_of_answers_ended_is_deaf_and_its_daemon_loop_stops(local_peer):
+    """Should the reader end all the same, the peer says so, and run_until, which outlives
+    any other failing tick, raises it so the daemon exits non-zero for a restart."""
+    import threading
+
+    from node.daemon.peer import run_until
+    from node.net.member import PeerDeaf
+
+    a = local_peer("a")
+    a.check_alive()
+
+    async def end_reader() -> None:
+        a.p2p._client.control._read_task.cancel()
+
+    a.run(end_reader())
+    with pytest.raises(PeerDeaf, match="stopped reading answers from its libp2p daemon"):
+        a.check_alive()
+
+    class Daemon:
+        ticks = 0
+
+        def tick(self) -> None:
+            self.ticks += 1
+            if self.ticks == 1:
+                raise RuntimeError("one bad round of housekeeping")  # logged, not fatal
+            a.check_alive()
+
+    daemon = Daemon()
+    with pytest.raises(PeerDeaf):
+        run_until(daemon, threading.Event(), interval=0.01)
+    assert daemon.ticks == 2

@@ -13,7 +13,7 @@ from node.daemon.metrics import PeerMetrics
 from node.net.blobs import ServeLimits
 from node.net.blobs import withdraw as withdraw_provider
 from node.net.blobstore import BlobStore
-from node.net.member import SwarmMember
+from node.net.member import PeerDeaf, SwarmMember
 from protocol.container import DeltaReader
 from protocol.errors import DeltaFormatError
 from protocol.records import HEARTBEAT, Head, Heartbeat
@@ -80,6 +80,7 @@ class PeerDaemon:
         return PeerMetrics(self.role)
 
     def tick(self) -> None:
+        self.swarm.check_alive()
         self.share_new_blobs()
         self.update_metrics()
         now = time.monotonic()
@@ -188,11 +189,14 @@ class PeerDaemon:
 
 
 def run_until(daemon: PeerDaemon, stop: threading.Event, interval: float = 2.0) -> None:
-    """Tick until ``stop`` is set; a failing tick is logged, never fatal."""
+    """Tick until ``stop`` is set; a failing tick is logged, never fatal, except when the
+    peer has gone deaf (PeerDeaf): then it raises, and the daemon exits non-zero."""
     daemon.stopping = stop  # the daemon's downloads give up when it is set
     while not stop.is_set():
         try:
             daemon.tick()
+        except PeerDeaf:
+            raise
         except Exception:  # noqa: BLE001 - one bad round of housekeeping must not kill the peer
             logger.exception("housekeeping failed; retrying in %.0f s", interval)
         stop.wait(interval)

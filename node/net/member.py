@@ -49,6 +49,11 @@ class SwarmError(MergeswarmError):
     """Joining or talking to the swarm failed; the message says what to try."""
 
 
+class PeerDeaf(SwarmError):
+    """This peer can no longer call or answer other peers, though it still runs: a daemon
+    stops on it (exits non-zero, for its supervisor to restart it) rather than linger."""
+
+
 @dataclass(frozen=True)
 class Record(Generic[B]):
     """A verified record read from the swarm."""
@@ -70,6 +75,9 @@ class SwarmMember(ABC):
     maddrs: list[str]  # where others dial it (empty where nobody can)
 
     p2p_key: rsa.RSAPrivateKey  # the libp2p key the peer id hashes from
+
+    def check_alive(self) -> None:  # noqa: B027 - only a peer on a real p2pd can go deaf
+        """Raise PeerDeaf when this peer has lost its link to the network (see Swarm)."""
 
     @property
     def binding(self) -> PeerBinding:

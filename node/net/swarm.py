@@ -30,8 +30,9 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from node.config import SwarmOptions
 from node.data_dir import DataDir
 from node.net.key_cap import cap_keys
-from node.net.member import Record, SwarmError, SwarmMember
+from node.net.member import PeerDeaf, Record, SwarmError, SwarmMember
 from node.net.reach import MAX_DIAL_BACK, Reachability, dial_back, refused_clock
+from node.net.unary_calls import guard_dht_unary_calls, guard_unary_calls, unary_reader_alive
 from protocol import transfer_pb2 as pb
 from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
@@ -83,13 +84,14 @@ class Swarm(SwarmMember):
         self.dht = self._start_dht()
         self.dht.run_coroutine(cap_keys)
         self.dht.run_coroutine(_exit_with_host)
+        self.dht.run_coroutine(guard_dht_unary_calls)
         if options.join:
             self.dht.run_coroutine(functools.partial(_rejoin_when_alone, list(options.join)))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
         self._thread.start()
         try:
-            self.p2p: P2P = self.run(self.dht.replicate_p2p())
+            self.p2p: P2P = self.run(_replica(self.dht))
             self.peer_id: PeerID = self.dht.peer_id
             self.p2p_key = load_p2p_key(DataDir(self.data_dir).p2p_key)
             if peer_id_of(self.binding) != self.peer_id.to_base58():
@@ -102,6 +104,15 @@ class Swarm(SwarmMember):
         except BaseException:
             self.shutdown()
             raise
+
+    def check_alive(self) -> None:
+        if not unary_reader_alive(self.p2p):
+            task = self.p2p._client.control._read_task
+            why = "cancelled" if task.cancelled() else repr(task.exception())
+            raise PeerDeaf(
+                f"this peer stopped reading answers from its libp2p daemon ({why}): every "
+                "call to and from it would time out. Restart it; its data dir keeps its work"
+            )
 
     def write_multiaddrs(self) -> None:
         """Write this peer's multiaddrs to DATA_DIR/multiaddrs: a daemon does once it is up
@@ -327,6 +338,14 @@ class Swarm(SwarmMember):
                     raise SwarmError(
                         f"{what}: the DHT did not answer in {DHT_TIMEOUT:.0f} s"
                     ) from None
+
+
+async def _replica(dht: DHT) -> P2P:
+    """A client of the DHT's p2pd for this process, with its unary calls guarded (a late
+    answer must not end its reader: node.net.unary_calls); run on the client's loop."""
+    p2p = await dht.replicate_p2p()
+    guard_unary_calls(p2p)
+    return p2p
 
 
 async def _latest_many(
