@@ -135,6 +135,7 @@ def test_sigterm_to_the_whole_process_group_stops_a_peer_cleanly(tmp_path):
     peer = start_peer(tmp_path / "seed")
     os.killpg(peer.proc.pid, signal.SIGTERM)
     assert peer.proc.wait(timeout=60) == 0, peer.log_tail()
+    assert "stopped: work" in peer.log_tail() and "leaving the swarm" in peer.log_tail()
 
     def group_gone() -> bool:
         try:

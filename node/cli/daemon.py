@@ -7,6 +7,7 @@ import argparse
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,7 @@ def run_daemon(
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     closers: list[Callable[[], None]] = []
     failure: list[BaseException] = []
+    stopping: list[float] = []  # when the stop came, once it did
     try:
         daemon = build(swarm, closers)
         server = serve_metrics(daemon, settings, data_dir)
@@ -193,12 +195,20 @@ def run_daemon(
             worker = threading.Thread(target=loop, name=work, daemon=True)
             worker.start()
         run_until(daemon, stop, interval=min(interval, settings.heartbeat_every))
+        stopping.append(time.monotonic())
         if worker is not None:
             worker.join(timeout=join_timeout)
     finally:
+        # how long each step of stopping took: under load some daemons outlast a 30 s grace
+        steps = [("work", time.monotonic() - stopping[0])] if stopping else []
+        began = time.monotonic()
         for close in reversed(closers):
             close()
+        steps.append(("closing", time.monotonic() - began))
+        began = time.monotonic()
         swarm.shutdown()
+        steps.append(("leaving the swarm", time.monotonic() - began))
+        logger.info("stopped: %s", ", ".join(f"{name} {took:.1f} s" for name, took in steps))
     if failure:
         raise failure[0]
     return 0
