@@ -23,8 +23,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     lines = Path(names_file).read_text().splitlines()
     names = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     kept = [item for item in items if item.originalname in names]  # type: ignore[attr-defined]
-    dropped = set(items) - set(kept)
-    config.hook.pytest_deselected(items=[item for item in items if item in dropped])
+    dropped = [item for item in items if item.originalname not in names]  # type: ignore[attr-defined]
+    config.hook.pytest_deselected(items=dropped)
     items[:] = kept
 
 

@@ -174,7 +174,7 @@ def run_daemon(
     stop = stop_event()  # after the DHT process forked: it must not inherit the handler
     closers: list[Callable[[], None]] = []
     failure: list[BaseException] = []
-    stopping: list[float] = []  # when the stop came, once it did
+    stopped_at: float | None = None  # when the stop came, once it did
     try:
         daemon = build(swarm, closers)
         server = serve_metrics(daemon, settings, data_dir)
@@ -195,12 +195,12 @@ def run_daemon(
             worker = threading.Thread(target=loop, name=work, daemon=True)
             worker.start()
         run_until(daemon, stop, interval=min(interval, settings.heartbeat_every))
-        stopping.append(time.monotonic())
+        stopped_at = time.monotonic()
         if worker is not None:
             worker.join(timeout=join_timeout)
     finally:
         # how long each step of stopping took: under load some daemons outlast a 30 s grace
-        steps = [("work", time.monotonic() - stopping[0])] if stopping else []
+        steps = [] if stopped_at is None else [("work", time.monotonic() - stopped_at)]
         began = time.monotonic()
         for close in reversed(closers):
             close()

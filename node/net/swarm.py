@@ -32,7 +32,7 @@ from node.data_dir import DataDir
 from node.net.key_cap import cap_keys
 from node.net.member import PeerDeaf, Record, SwarmError, SwarmMember
 from node.net.reach import MAX_DIAL_BACK, Reachability, dial_back, refused_clock
-from node.net.unary_calls import guard_dht_unary_calls, guard_unary_calls, unary_reader_alive
+from node.net.unary_calls import guard_dht_unary_calls, guard_unary_calls, reader_stopped
 from protocol import transfer_pb2 as pb
 from protocol.constants import PROTOCOL_VERSION
 from protocol.durable import write_atomic
@@ -106,9 +106,8 @@ class Swarm(SwarmMember):
             raise
 
     def check_alive(self) -> None:
-        if not unary_reader_alive(self.p2p):
-            task = self.p2p._client.control._read_task
-            why = "cancelled" if task.cancelled() else repr(task.exception())
+        why = reader_stopped(self.p2p)
+        if why is not None:
             raise PeerDeaf(
                 f"this peer stopped reading answers from its libp2p daemon ({why}): every "
                 "call to and from it would time out. Restart it; its data dir keeps its work"

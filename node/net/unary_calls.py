@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PendingCalls", "guard_dht_unary_calls", "guard_unary_calls", "unary_reader_alive"]
+__all__ = [
+    "PendingCalls",
+    "guard_dht_unary_calls",
+    "guard_unary_calls",
+    "reader_stopped",
+    "unary_reader_alive",
+]
 
 
 class PendingCalls(dict):
@@ -46,7 +52,14 @@ async def guard_dht_unary_calls(_dht: object, node: Any) -> None:
     guard_unary_calls(node.p2p)
 
 
+def reader_stopped(p2p: Any) -> str | None:
+    """Why the client's reader of unary-call answers ended; None while it runs."""
+    task = p2p._client.control._read_task
+    if task is None or not task.done():
+        return None
+    return "cancelled" if task.cancelled() else repr(task.exception())
+
+
 def unary_reader_alive(p2p: Any) -> bool:
     """Whether the client's reader of unary-call answers is still running."""
-    task = p2p._client.control._read_task
-    return task is None or not task.done()
+    return reader_stopped(p2p) is None
